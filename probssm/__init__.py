@@ -1,0 +1,13 @@
+"""probssm: probabilistic state-space models in JAX.
+
+    import probssm as ps
+    model = ps.models.LinearGaussianSSM(...)
+    ps.kalman.smoother(model, y)
+"""
+from probssm import core, models, inference
+from probssm.core import SSM, sample, lagged_inputs
+from probssm.inference import kalman
+
+__version__ = "0.1.0"
+
+__all__ = ["core", "models", "inference", "kalman", "SSM", "sample", "lagged_inputs"]

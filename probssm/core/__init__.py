@@ -1,0 +1,22 @@
+"""Core: the model protocol, exact-structure declarations, results, checks, helpers.
+
+Nothing here imports the rest of probssm.
+"""
+from probssm.core.protocol import (
+    SSM,
+    AbstractLinearGaussianSSM,
+    LinearGaussianParams,
+    sample,
+)
+from probssm.core.lags import lagged_inputs
+from probssm.core import checks, linalg
+
+__all__ = [
+    "SSM",
+    "AbstractLinearGaussianSSM",
+    "LinearGaussianParams",
+    "sample",
+    "lagged_inputs",
+    "checks",
+    "linalg",
+]

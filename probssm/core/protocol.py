@@ -1,0 +1,146 @@
+"""The one model protocol every engine consumes, and the exact structures a model may declare.
+
+A state-space model over latent states z_1..z_T and observations y_1..y_T, with
+optional inputs u_t, is an immutable pytree (`equinox.Module`) with three
+methods that return numpyro distributions:
+
+    initial(inputs)              p(z_1)
+    transition(z_prev, t, inputs) p(z_t | z_{t-1})       (t is the index of z_t, 1..T-1)
+    emission(z, t, inputs)       p(y_t | z_t)            (t is 0..T-1)
+
+Time indices are zero-based: the state at index 0 is drawn from `initial`.
+That is all a particle engine needs. A model that also subclasses one of the
+`Abstract*SSM` classes below declares an exact structure, which unlocks the
+exact engines (Kalman, forward-backward). Capabilities are declared by
+subclassing, never detected with ``hasattr``.
+"""
+from __future__ import annotations
+
+import abc
+from typing import NamedTuple, Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+class SSM(eqx.Module):
+    """Abstract state-space model: the protocol."""
+
+    @abc.abstractmethod
+    def initial(self, inputs=None):
+        """Distribution of the first state z_0 given the first input row."""
+
+    @abc.abstractmethod
+    def transition(self, z_prev, t, inputs=None):
+        """Distribution of z_t given z_{t-1}; ``t`` is the index of the new state."""
+
+    @abc.abstractmethod
+    def emission(self, z, t, inputs=None):
+        """Distribution of y_t given z_t."""
+
+
+class LinearGaussianParams(NamedTuple):
+    """Per-step arrays of a linear-Gaussian system.
+
+    z_0 ~ N(initial_mean, initial_cov)
+    z_t = F_t z_{t-1} + b_t + N(0, Q_t)          t = 1..T-1
+    y_t = H_t z_t + d_t + N(0, R_t)              t = 0..T-1
+
+    Each of F, Q, H, R is either one matrix (time-invariant) or a stack with a
+    leading time axis of length T; the offsets b, d always carry the time axis
+    (T, .) once control inputs are folded in, or no time axis when fixed.
+    Entry t = 0 of a time-varying F, b or Q is never used.
+    """
+
+    initial_mean: jax.Array
+    initial_cov: jax.Array
+    transition_matrix: jax.Array
+    transition_offset: jax.Array
+    transition_cov: jax.Array
+    emission_matrix: jax.Array
+    emission_offset: jax.Array
+    emission_cov: jax.Array
+
+
+class AbstractLinearGaussianSSM(SSM):
+    """A model whose joint law is linear-Gaussian: unlocks `ps.kalman`."""
+
+    @abc.abstractmethod
+    def linear_gaussian_params(self, num_timesteps: int, inputs=None) -> LinearGaussianParams:
+        """Return the system matrices for a sequence of ``num_timesteps`` steps."""
+
+    @property
+    @abc.abstractmethod
+    def state_dim(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def emission_dim(self) -> int: ...
+
+
+def _row(inputs, t):
+    return None if inputs is None else jax.tree_util.tree_map(lambda a: a[t], inputs)
+
+
+def _sample_impl(key, model: SSM, num_timesteps: int, inputs):
+    key_z0, key_y0, key_scan = jax.random.split(key, 3)
+    z0 = model.initial(_row(inputs, 0)).sample(key_z0)
+    y0 = model.emission(z0, 0, _row(inputs, 0)).sample(key_y0)
+
+    def step(z_prev, xs):
+        t, k = xs
+        kz, ky = jax.random.split(k)
+        u = _row(inputs, t)
+        z = model.transition(z_prev, t, u).sample(kz)
+        y = model.emission(z, t, u).sample(ky)
+        return z, (z, y)
+
+    ts = jnp.arange(1, num_timesteps)
+    keys = jax.random.split(key_scan, num_timesteps - 1)
+    _, (zs, ys) = lax.scan(step, z0, (ts, keys))
+    states = jnp.concatenate([z0[None], zs], axis=0)
+    emissions = jnp.concatenate([y0[None], ys], axis=0)
+    return states, emissions
+
+
+_sample_jit = eqx.filter_jit(_sample_impl)
+
+
+def sample(key, model: SSM, num_timesteps: int, inputs=None):
+    """Draw one joint trajectory (states, emissions) from any model.
+
+    Args:
+        key: a `jax.random` key.
+        model: any `SSM`.
+        num_timesteps: T >= 1.
+        inputs: optional array (or pytree of arrays) with leading axis T.
+
+    Returns:
+        ``(states, emissions)``, each with leading axis T.
+
+    The loop this scan implements::
+
+        z[0] ~ model.initial(u[0]);  y[0] ~ model.emission(z[0], 0, u[0])
+        for t in 1..T-1:
+            z[t] ~ model.transition(z[t-1], t, u[t]);  y[t] ~ model.emission(z[t], t, u[t])
+    """
+    from probssm.core import checks
+
+    if not isinstance(model, SSM):
+        raise ValueError(f"model: expected a probssm SSM, got {type(model).__name__}")
+    num_timesteps = checks.positive_int(num_timesteps, "num_timesteps")
+    if inputs is not None:
+        for leaf in jax.tree_util.tree_leaves(inputs):
+            if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != num_timesteps:
+                raise ValueError(
+                    f"inputs: expected a leading time axis of length {num_timesteps}, "
+                    f"got shape {jnp.shape(leaf)}"
+                )
+    if num_timesteps == 1:
+        key_z0, key_y0, _ = jax.random.split(key, 3)
+        z0 = model.initial(_row(inputs, 0)).sample(key_z0)
+        y0 = model.emission(z0, 0, _row(inputs, 0)).sample(key_y0)
+        return z0[None], y0[None]
+    return _sample_jit(key, model, num_timesteps, inputs)

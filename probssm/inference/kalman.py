@@ -1,0 +1,523 @@
+"""Exact inference for linear-Gaussian models: Kalman filter, RTS smoother,
+forward-filter backward-sample and forecasting, sequential or parallel in time.
+
+Sequential filter (the loop `lax.scan` runs)::
+
+    m, P = m1, P1                                   # predicted moments of z_0
+    for t in 0..T-1:
+        if t > 0:  m, P = F_t m + b_t, F_t P F_t^T + Q_t           # predict
+        S = H_t P H_t^T + R_t;  L = chol(S)                           # update
+        W = L^{-1} H_t P;  v = L^{-1} (y_t - H_t m - d_t)
+        m, P = m + W^T v, P - W^T W
+        loglik += log N(v; 0, I) - sum(log diag L)
+
+Missing values (NaN) are dropped exactly: the observed rows of H, d, R are kept
+and each missing row is replaced by an uninformative unit-variance row whose
+residual is zero, then its log(2 pi) term is removed. Whole or partial rows.
+
+Parallel forms (Särkkä & García-Fernández, 2021) write each step as an element
+of an associative operator and combine them with `lax.associative_scan`; the
+filtering element of step t is the affine-Gaussian map z_{t-1} -> z_t given
+y_t, (A, b, C), with the information (eta, J) that y_t carries about z_{t-1}:
+
+    (A, b, C, eta, J)_i  o  (A, b, C, eta, J)_j     (i before j)
+      M   = (I + C_i J_j)^{-1}
+      A   = A_j M A_i
+      b   = A_j M (b_i + C_i eta_j) + b_j
+      C   = A_j M C_i A_j^T + C_j
+      eta = A_i^T M^T (eta_j - J_j b_i) + eta_i
+      J   = A_i^T M^T J_j A_i + J_i
+
+The smoothing element of step t is the backward map z_{t+1} -> z_t,
+z_t = E_t z_{t+1} + g_t + N(0, L_t); composing two is composing affine maps.
+The sequential smoother runs the same backward recursion with `lax.scan`.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple, Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.scipy.linalg import cho_solve, solve_triangular
+
+from probssm.core import checks
+from probssm.core.linalg import symmetrize
+from probssm.core.protocol import AbstractLinearGaussianSSM, LinearGaussianParams
+from probssm.core.scan import chunked_associative_scan
+
+__all__ = ["FilterResult", "SmootherResult", "ForecastResult", "filter", "smoother", "sample", "forecast",
+           "log_likelihood"]
+
+_LOG_2PI = 1.8378770664093453
+
+# Number of dimensions of one time step's value of each LinearGaussianParams field.
+_BASE_NDIM = LinearGaussianParams(1, 2, 2, 1, 2, 2, 1, 2)
+
+
+class FilterResult(NamedTuple):
+    """Kalman filter output; a leading batch axis B is added for batched emissions."""
+
+    log_likelihood: jax.Array  # ()
+    filtered_means: jax.Array  # (T, d)   E[z_t | y_{0:t}]
+    filtered_covs: jax.Array  # (T, d, d)
+
+
+class SmootherResult(NamedTuple):
+    log_likelihood: jax.Array  # ()
+    filtered_means: jax.Array  # (T, d)
+    filtered_covs: jax.Array  # (T, d, d)
+    smoothed_means: jax.Array  # (T, d)   E[z_t | y_{0:T-1}]
+    smoothed_covs: jax.Array  # (T, d, d)
+    smoothed_cross_covs: jax.Array  # (T-1, d, d)  Cov[z_{t+1}, z_t | y_{0:T-1}]
+
+
+class ForecastResult(NamedTuple):
+    means: jax.Array  # (k, d)  E[z_{T-1+j} | y_{0:T-1}], j = 1..k
+    covs: jax.Array  # (k, d, d)
+    emission_means: jax.Array  # (k, p)
+    emission_covs: jax.Array  # (k, p, p)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter helpers
+# ----------------------------------------------------------------------------------------------
+def _is_time_varying(params: LinearGaussianParams):
+    return LinearGaussianParams(*(jnp.ndim(a) > n for a, n in zip(params, _BASE_NDIM)))
+
+
+def _at(params: LinearGaussianParams, t):
+    """Parameters of step t (t may be traced)."""
+    return LinearGaussianParams(*(a[t] if jnp.ndim(a) > n else a for a, n in zip(params, _BASE_NDIM)))
+
+
+def _slice_time(params: LinearGaussianParams, start, stop):
+    return LinearGaussianParams(*(a[start:stop] if jnp.ndim(a) > n else a for a, n in zip(params, _BASE_NDIM)))
+
+
+def _broadcast_time(params: LinearGaussianParams, num_timesteps: int):
+    """Give every per-step field a leading time axis (for the vmapped parallel forms)."""
+    return LinearGaussianParams(
+        *(a if (jnp.ndim(a) > n or i < 2) else jnp.broadcast_to(a, (num_timesteps,) + jnp.shape(a))
+          for i, (a, n) in enumerate(zip(params, _BASE_NDIM)))
+    )
+
+
+def _mask_observation(H, d, R, y, mask):
+    """Drop missing entries of y_t exactly: zero their rows of H and d, give them unit variance."""
+    if mask is None:
+        return H, d, R, y, jnp.asarray(y.shape[-1], y.dtype)
+    obs = mask.astype(y.dtype)
+    H = H * obs[:, None]
+    d = d * obs
+    R = R * obs[:, None] * obs[None, :] + jnp.diag(1.0 - obs)
+    y = jnp.where(mask, y, 0.0)
+    return H, d, R, y, jnp.sum(obs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sequential filter
+# ----------------------------------------------------------------------------------------------
+def _update(m, P, H, d, R, y, mask):
+    H, d, R, y, num_obs = _mask_observation(H, d, R, y, mask)
+    S = H @ P @ H.T + R
+    L = jnp.linalg.cholesky(S)
+    W = solve_triangular(L, H @ P, lower=True)
+    v = solve_triangular(L, y - H @ m - d, lower=True)
+    m = m + W.T @ v
+    P = symmetrize(P - W.T @ W)
+    ll = -0.5 * (v @ v) - jnp.sum(jnp.log(jnp.diagonal(L))) - 0.5 * num_obs * _LOG_2PI
+    return m, P, ll
+
+
+def _predict(m, P, F, b, Q):
+    return F @ m + b, symmetrize(F @ P @ F.T + Q)
+
+
+def _filter_sequential(params: LinearGaussianParams, ys, masks):
+    p0 = _at(params, 0)
+    m0, P0, ll0 = _update(p0.initial_mean, p0.initial_cov, p0.emission_matrix, p0.emission_offset,
+                          p0.emission_cov, ys[0], None if masks is None else masks[0])
+    tv = _is_time_varying(params)
+    xs_params = _slice_time(params, 1, None)
+    varying = {i: a for i, (a, v) in enumerate(zip(xs_params, tv)) if v}
+
+    def step(carry, xs):
+        m, P, ll = carry
+        y, mask, var = xs
+        p = LinearGaussianParams(*(var.get(i, a) for i, a in enumerate(xs_params)))
+        m, P = _predict(m, P, p.transition_matrix, p.transition_offset, p.transition_cov)
+        m, P, ll_t = _update(m, P, p.emission_matrix, p.emission_offset, p.emission_cov, y, mask)
+        return (m, P, ll + ll_t), (m, P)
+
+    xs = (ys[1:], None if masks is None else masks[1:], varying)
+    (_, _, ll), (ms, Ps) = lax.scan(step, (m0, P0, ll0), xs)
+    return FilterResult(ll, jnp.concatenate([m0[None], ms]), jnp.concatenate([P0[None], Ps]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Parallel filter
+# ----------------------------------------------------------------------------------------------
+class _FilterElement(NamedTuple):
+    A: jax.Array
+    b: jax.Array
+    C: jax.Array
+    eta: jax.Array
+    J: jax.Array
+
+
+def _filter_element(F, b, Q, H, d, R, y, mask):
+    """Element of step t >= 1: z_{t-1} -> z_t given y_t."""
+    H, d, R, y, _ = _mask_observation(H, d, R, y, mask)
+    S = H @ Q @ H.T + R
+    L = jnp.linalg.cholesky(S)
+    KT = cho_solve((L, True), H @ Q)  # (p, d) = S^{-1} H Q
+    resid = y - H @ b - d
+    A = F - KT.T @ (H @ F)
+    bb = b + KT.T @ resid
+    C = symmetrize(Q - KT.T @ (H @ Q))
+    HF = solve_triangular(L, H @ F, lower=True)
+    eta = HF.T @ solve_triangular(L, resid, lower=True)
+    J = symmetrize(HF.T @ HF)
+    return _FilterElement(A, bb, C, eta, J)
+
+
+def _first_filter_element(m1, P1, H, d, R, y, mask):
+    H, d, R, y, _ = _mask_observation(H, d, R, y, mask)
+    S = H @ P1 @ H.T + R
+    L = jnp.linalg.cholesky(S)
+    KT = cho_solve((L, True), H @ P1)
+    dim = m1.shape[0]
+    zeros = jnp.zeros((dim, dim), m1.dtype)
+    return _FilterElement(zeros, m1 + KT.T @ (y - H @ m1 - d), symmetrize(P1 - KT.T @ (H @ P1)),
+                          jnp.zeros_like(m1), zeros)
+
+
+def _filter_combine(ei: _FilterElement, ej: _FilterElement):
+    eye = jnp.eye(ei.A.shape[-1], dtype=ei.A.dtype)
+    M = jnp.linalg.inv(eye + ei.C @ ej.J)
+    AjM = ej.A @ M
+    MtAi = (M @ ei.A).T  # A_i^T M^T
+    A = AjM @ ei.A
+    b = AjM @ (ei.b + ei.C @ ej.eta) + ej.b
+    C = symmetrize(AjM @ ei.C @ ej.A.T + ej.C)
+    eta = MtAi @ (ej.eta - ej.J @ ei.b) + ei.eta
+    J = symmetrize(MtAi @ ej.J @ ei.A + ei.J)
+    return _FilterElement(A, b, C, eta, J)
+
+
+def _filter_identity(dim, dtype):
+    eye = jnp.eye(dim, dtype=dtype)
+    zeros = jnp.zeros((dim, dim), dtype)
+    return _FilterElement(eye, jnp.zeros(dim, dtype), zeros, jnp.zeros(dim, dtype), zeros)
+
+
+def _predictive_log_likelihood(params_tv, ms, Ps, ys, masks):
+    """sum_t log p(y_t | y_{0:t-1}) from the filtered moments, all steps at once."""
+    p = params_tv
+    m_prev = jnp.concatenate([p.initial_mean[None], ms[:-1]])
+    P_prev = jnp.concatenate([p.initial_cov[None], Ps[:-1]])
+
+    def one(t, m, P, F, b, Q, H, d, R, y, mask):
+        m_pred, P_pred = _predict(m, P, F, b, Q)
+        m_pred = jnp.where(t == 0, m, m_pred)
+        P_pred = jnp.where(t == 0, P, P_pred)
+        _, _, ll = _update(m_pred, P_pred, H, d, R, y, mask)
+        return ll
+
+    ts = jnp.arange(ys.shape[0])
+    lls = jax.vmap(one)(ts, m_prev, P_prev, p.transition_matrix, p.transition_offset, p.transition_cov,
+                        p.emission_matrix, p.emission_offset, p.emission_cov, ys, masks)
+    return jnp.sum(lls)
+
+
+def _filter_parallel(params: LinearGaussianParams, ys, masks, chunk_size):
+    num_timesteps = ys.shape[0]
+    p = _broadcast_time(params, num_timesteps)
+    first = _first_filter_element(p.initial_mean, p.initial_cov, p.emission_matrix[0], p.emission_offset[0],
+                                  p.emission_cov[0], ys[0], None if masks is None else masks[0])
+    rest = jax.vmap(_filter_element)(
+        p.transition_matrix[1:], p.transition_offset[1:], p.transition_cov[1:], p.emission_matrix[1:],
+        p.emission_offset[1:], p.emission_cov[1:], ys[1:], None if masks is None else masks[1:])
+    elems = jax.tree_util.tree_map(lambda a, r: jnp.concatenate([a[None], r]), first, rest)
+    identity = _filter_identity(params.initial_mean.shape[0], ys.dtype)
+    out = chunked_associative_scan(_filter_combine, elems, identity, chunk_size)
+    ll = _predictive_log_likelihood(p, out.b, out.C, ys, masks)
+    return FilterResult(ll, out.b, out.C)
+
+
+# ----------------------------------------------------------------------------------------------
+# Smoother (backward elements shared by the sequential and parallel forms)
+# ----------------------------------------------------------------------------------------------
+class _SmootherElement(NamedTuple):
+    E: jax.Array
+    g: jax.Array
+    L: jax.Array
+
+
+def _smoother_element(m, P, F, b, Q):
+    """Backward map of step t: z_t = E z_{t+1} + g + N(0, L), using the transition into t+1."""
+    m_pred, P_pred = _predict(m, P, F, b, Q)
+    chol = jnp.linalg.cholesky(P_pred)
+    E = cho_solve((chol, True), F @ P).T
+    g = m - E @ m_pred
+    L = symmetrize(P - E @ F @ P)
+    return _SmootherElement(E, g, L)
+
+
+def _smoother_elements(params, filtered: FilterResult):
+    num_timesteps = filtered.filtered_means.shape[0]
+    p = _broadcast_time(params, num_timesteps)
+    ms, Ps = filtered.filtered_means, filtered.filtered_covs
+    body = jax.vmap(_smoother_element)(ms[:-1], Ps[:-1], p.transition_matrix[1:], p.transition_offset[1:],
+                                       p.transition_cov[1:])
+    dim = ms.shape[-1]
+    last = _SmootherElement(jnp.zeros((dim, dim), ms.dtype), ms[-1], Ps[-1])
+    return body, last
+
+
+def _smoother_combine(later: _SmootherElement, earlier: _SmootherElement):
+    E = earlier.E @ later.E
+    g = earlier.E @ later.g + earlier.g
+    L = symmetrize(earlier.E @ later.L @ earlier.E.T + earlier.L)
+    return _SmootherElement(E, g, L)
+
+
+def _smooth(params, ys, masks, parallel, chunk_size):
+    filtered = _filter(params, ys, masks, parallel, chunk_size)
+    body, last = _smoother_elements(params, filtered)
+    if parallel:
+        elems = jax.tree_util.tree_map(lambda a, l: jnp.concatenate([a, l[None]]), body, last)
+        dim = last.g.shape[0]
+        identity = _SmootherElement(jnp.eye(dim, dtype=last.g.dtype), jnp.zeros(dim, last.g.dtype),
+                                    jnp.zeros((dim, dim), last.g.dtype))
+        out = chunked_associative_scan(_smoother_combine, elems, identity, chunk_size, reverse=True)
+        means, covs = out.g, out.L
+    else:
+        def step(carry, e):
+            m_next, P_next = carry
+            m = e.E @ m_next + e.g
+            P = symmetrize(e.E @ P_next @ e.E.T + e.L)
+            return (m, P), (m, P)
+
+        _, (ms, Ps) = lax.scan(step, (last.g, last.L), body, reverse=True)
+        means = jnp.concatenate([ms, last.g[None]])
+        covs = jnp.concatenate([Ps, last.L[None]])
+    cross = jnp.einsum("tij,tkj->tik", covs[1:], body.E)  # Cov[z_{t+1}, z_t] = P^s_{t+1} E_t^T
+    return SmootherResult(filtered.log_likelihood, filtered.filtered_means, filtered.filtered_covs,
+                          means, covs, cross)
+
+
+def _filter(params, ys, masks, parallel, chunk_size):
+    if parallel:
+        return _filter_parallel(params, ys, masks, chunk_size)
+    return _filter_sequential(params, ys, masks)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward sampling and forecasting
+# ----------------------------------------------------------------------------------------------
+def _sample_paths(key, params, ys, masks, num_samples, parallel, chunk_size):
+    filtered = _filter(params, ys, masks, parallel, chunk_size)
+    body, last = _smoother_elements(params, filtered)
+    num_timesteps, dim = filtered.filtered_means.shape
+    chols = jax.vmap(lambda L: jnp.linalg.cholesky(L + 1e-12 * jnp.trace(L) / dim * jnp.eye(dim, dtype=L.dtype)))(
+        jnp.concatenate([body.L, last.L[None]]))
+    eps = jax.random.normal(key, (num_samples, num_timesteps, dim), ys.dtype)
+    # realised offsets h_t = g_t + chol(L_t) eps_t; then z_t = E_t z_{t+1} + h_t
+    g_all = jnp.concatenate([body.g, last.g[None]])
+    h = g_all[None] + jnp.einsum("tij,stj->sti", chols, eps)
+    E_all = jnp.concatenate([body.E, last.E[None]])
+    if parallel:
+        def combine(later, earlier):
+            return (earlier[0] @ later[0], earlier[0] @ later[1] + earlier[1])
+
+        identity = (jnp.eye(dim, dtype=ys.dtype), jnp.zeros(dim, ys.dtype))
+        scan_one = lambda hs: chunked_associative_scan(combine, (E_all, hs), identity, chunk_size, reverse=True)[1]
+        return jax.vmap(scan_one)(h)
+
+    def step(z_next, xs):
+        E, h_t = xs
+        z = z_next @ E.T + h_t
+        return z, z
+
+    h_t_first = jnp.swapaxes(h, 0, 1)  # (T, S, d)
+    _, zs = lax.scan(step, h_t_first[-1], (body.E, h_t_first[:-1]), reverse=True)
+    return jnp.swapaxes(jnp.concatenate([zs, h_t_first[-1][None]]), 0, 1)
+
+
+def _forecast(params, ys, masks, num_steps, parallel, chunk_size):
+    num_timesteps = ys.shape[0]
+    filtered = _filter(_slice_time(params, 0, num_timesteps), ys, masks, parallel, chunk_size)
+    future = _broadcast_time(_slice_time(params, num_timesteps, num_timesteps + num_steps), num_steps)
+
+    def step(carry, p):
+        m, P = _predict(*carry, p.transition_matrix, p.transition_offset, p.transition_cov)
+        ym = p.emission_matrix @ m + p.emission_offset
+        yP = symmetrize(p.emission_matrix @ P @ p.emission_matrix.T + p.emission_cov)
+        return (m, P), (m, P, ym, yP)
+
+    start = (filtered.filtered_means[-1], filtered.filtered_covs[-1])
+    _, out = lax.scan(step, start, future)
+    return ForecastResult(*out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Jitted cores (one compile per shape and flag set) and the public functions
+# ----------------------------------------------------------------------------------------------
+def _masks_of(ys, has_missing):
+    return ~jnp.isnan(ys) if has_missing else None
+
+
+def _batched(fn, batched_y, batched_u):
+    """vmap `fn(ys, inputs)` over the batch axis of emissions (and inputs when batched)."""
+    if not batched_y:
+        return fn
+    return jax.vmap(fn, in_axes=(0, 0 if batched_u else None))
+
+
+@partial(jax.jit, static_argnames=("has_missing", "parallel", "chunk_size", "batched", "batched_u", "smooth"))
+def _run(model, ys, inputs, *, has_missing, parallel, chunk_size, batched, batched_u, smooth):
+    def one(y, u):
+        params = model.linear_gaussian_params(y.shape[0], u)
+        masks = _masks_of(y, has_missing)
+        if smooth:
+            return _smooth(params, y, masks, parallel, chunk_size)
+        return _filter(params, y, masks, parallel, chunk_size)
+
+    return _batched(one, batched, batched_u)(ys, inputs)
+
+
+@partial(jax.jit, static_argnames=("num_samples", "has_missing", "parallel", "chunk_size", "batched", "batched_u"))
+def _run_sample(key, model, ys, inputs, *, num_samples, has_missing, parallel, chunk_size, batched, batched_u):
+    def one(k, y, u):
+        params = model.linear_gaussian_params(y.shape[0], u)
+        return _sample_paths(k, params, y, _masks_of(y, has_missing), num_samples, parallel, chunk_size)
+
+    if not batched:
+        return one(key, ys, inputs)
+    keys = jax.random.split(key, ys.shape[0])
+    return jax.vmap(one, in_axes=(0, 0, 0 if batched_u else None))(keys, ys, inputs)
+
+
+@partial(jax.jit, static_argnames=("num_steps", "has_missing", "parallel", "chunk_size", "batched", "batched_u"))
+def _run_forecast(model, ys, inputs, *, num_steps, has_missing, parallel, chunk_size, batched, batched_u):
+    def one(y, u):
+        params = model.linear_gaussian_params(y.shape[0] + num_steps, u)
+        return _forecast(params, y, _masks_of(y, has_missing), num_steps, parallel, chunk_size)
+
+    return _batched(one, batched, batched_u)(ys, inputs)
+
+
+def _prepare(model, emissions, inputs, extra_steps: int = 0):
+    """Validate arguments once, outside jit. Returns (ys, inputs, static flags)."""
+    if not isinstance(model, AbstractLinearGaussianSSM):
+        raise ValueError(
+            f"model: expected a linear-Gaussian model (AbstractLinearGaussianSSM), got {type(model).__name__}"
+        )
+    ys, batched = checks.emissions_batch(emissions, model.emission_dim)
+    num_timesteps = ys.shape[-2]
+    needed = num_timesteps + extra_steps
+    model_len = getattr(model, "num_timesteps", None)
+    if model_len is not None and model_len != needed:
+        raise ValueError(
+            f"model: its time-varying parameters have length {model_len}, expected {needed} "
+            f"(the number of time steps{' plus num_steps' if extra_steps else ''})"
+        )
+    input_dim = getattr(model, "input_dim", 0)
+    if input_dim and inputs is None:
+        raise ValueError(f"inputs: the model has input matrices, expected shape ({needed}, {input_dim}), got None")
+    if inputs is not None and not input_dim:
+        raise ValueError("inputs: the model has no input matrices, expected None")
+    u, batched_u = checks.inputs_batch(inputs, needed, ys.shape[0] if batched else None)
+    if u is not None and u.shape[-1] != input_dim:
+        raise ValueError(f"inputs: expected {input_dim} columns, got shape {tuple(u.shape)}")
+    if u is not None:
+        checks.finite(u, "inputs")
+    has_missing = (not checks.is_concrete(ys)) or bool(jnp.any(jnp.isnan(ys)))
+    return ys, u, dict(has_missing=has_missing, batched=batched, batched_u=batched_u)
+
+
+def _chunk(chunk_size):
+    if chunk_size is None:
+        return None
+    return checks.positive_int(chunk_size, "chunk_size")
+
+
+def filter(model, emissions, *, inputs=None, parallel: bool = False, chunk_size: Optional[int] = None) -> FilterResult:
+    """Kalman filter: log p(y_{0:T-1}) and the filtered moments of every z_t.
+
+    Args:
+        model: a linear-Gaussian model (e.g. `ps.models.LinearGaussianSSM`).
+        emissions: (T, p) or a batch (B, T, p); NaN marks a missing value.
+        inputs: (T, U) or (B, T, U) control inputs, when the model has input matrices.
+        parallel: False for the sequential scan, True for the associative scan (O(log T) span).
+        chunk_size: parallel only; combine elements in chunks of this length, sequentially
+            across chunks (bounds compile time and memory). None: one chunk.
+
+    Returns:
+        `FilterResult` (with a leading B axis for batches).
+
+    Example:
+        >>> f = ps.kalman.filter(model, y)
+        >>> f.log_likelihood, f.filtered_means.shape
+    """
+    ys, u, flags = _prepare(model, emissions, inputs)
+    return _run(model, ys, u, parallel=bool(parallel), chunk_size=_chunk(chunk_size), smooth=False, **flags)
+
+
+def smoother(model, emissions, *, inputs=None, parallel: bool = False,
+             chunk_size: Optional[int] = None) -> SmootherResult:
+    """Rauch-Tung-Striebel smoother: smoothed moments and lag-one cross-covariances.
+
+    Same arguments as `filter`. Returns a `SmootherResult`; ``smoothed_cross_covs[t]``
+    is Cov[z_{t+1}, z_t | all y], which EM uses.
+    """
+    ys, u, flags = _prepare(model, emissions, inputs)
+    return _run(model, ys, u, parallel=bool(parallel), chunk_size=_chunk(chunk_size), smooth=True, **flags)
+
+
+def sample(key, model, emissions, num_samples: int = 1, *, inputs=None, parallel: bool = False,
+           chunk_size: Optional[int] = None):
+    """Forward-filter backward-sample: draws of z_{0:T-1} from p(z | y).
+
+    Returns:
+        (num_samples, T, d), or (B, num_samples, T, d) for a batch.
+    """
+    num_samples = checks.positive_int(num_samples, "num_samples")
+    ys, u, flags = _prepare(model, emissions, inputs)
+    return _run_sample(key, model, ys, u, num_samples=num_samples, parallel=bool(parallel),
+                       chunk_size=_chunk(chunk_size), **flags)
+
+
+def forecast(model, emissions, num_steps: int, *, inputs=None, parallel: bool = False,
+             chunk_size: Optional[int] = None) -> ForecastResult:
+    """Predict the states and observations ``num_steps`` ahead of the last observation.
+
+    A time-varying model must carry parameters (and ``inputs`` rows) for T + num_steps
+    steps; the last num_steps of them drive the forecast.
+    """
+    num_steps = checks.positive_int(num_steps, "num_steps")
+    ys, u, flags = _prepare(model, emissions, inputs, extra_steps=num_steps)
+    return _run_forecast(model, ys, u, num_steps=num_steps, parallel=bool(parallel),
+                         chunk_size=_chunk(chunk_size), **flags)
+
+
+def log_likelihood(model, emissions, *, inputs=None):
+    """log p(y) for one sequence, summed over a batch; traceable (for gradients and samplers).
+
+    No input checks beyond shapes; the learners call this inside their own jit.
+    """
+    ys = jnp.asarray(emissions)
+    masks = ~jnp.isnan(ys)
+
+    def one(y, m, u):
+        params = model.linear_gaussian_params(y.shape[0], u)
+        return _filter_sequential(params, y, m).log_likelihood
+
+    if ys.ndim == 3:
+        in_u = None if inputs is None or jnp.ndim(inputs) == 2 else 0
+        return jnp.sum(jax.vmap(one, in_axes=(0, 0, in_u))(ys, masks, inputs))
+    return one(ys, masks, inputs)
