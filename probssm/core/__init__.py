@@ -5,6 +5,8 @@ Nothing here imports the rest of probssm.
 from probssm.core.protocol import (
     SSM,
     AbstractLinearGaussianSSM,
+    AbstractDiscreteSSM,
+    DiscreteParams,
     LinearGaussianParams,
     sample,
 )
@@ -14,6 +16,8 @@ from probssm.core import checks, linalg
 __all__ = [
     "SSM",
     "AbstractLinearGaussianSSM",
+    "AbstractDiscreteSSM",
+    "DiscreteParams",
     "LinearGaussianParams",
     "sample",
     "lagged_inputs",

@@ -80,6 +80,31 @@ class AbstractLinearGaussianSSM(SSM):
     def emission_dim(self) -> int: ...
 
 
+class DiscreteParams(NamedTuple):
+    """Per-step quantities of a finite-state model (K states, T steps).
+
+    initial_probs: (K,) p(z_0 = k).
+    transition_matrices: (K, K) or (T, K, K); entry t maps z_{t-1} -> z_t (t = 0 unused).
+    log_likelihoods: (T, K) log p(y_t | z_t = k); 0 where y_t is missing.
+    """
+
+    initial_probs: jax.Array
+    transition_matrices: jax.Array
+    log_likelihoods: jax.Array
+
+
+class AbstractDiscreteSSM(SSM):
+    """A model with a finite latent state: unlocks `ps.hmm` (forward-backward, Viterbi)."""
+
+    @property
+    @abc.abstractmethod
+    def num_states(self) -> int: ...
+
+    @abc.abstractmethod
+    def discrete_params(self, emissions, inputs=None) -> DiscreteParams:
+        """Initial and transition probabilities and per-step emission log-likelihoods."""
+
+
 def _row(inputs, t):
     return None if inputs is None else jax.tree_util.tree_map(lambda a: a[t], inputs)
 
