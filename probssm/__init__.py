@@ -7,7 +7,8 @@
 from probssm import core, models, inference
 from probssm.core import SSM, sample, lagged_inputs
 from probssm.inference import kalman
+from probssm import learn
 
 __version__ = "0.1.0"
 
-__all__ = ["core", "models", "inference", "kalman", "SSM", "sample", "lagged_inputs"]
+__all__ = ["core", "models", "inference", "kalman", "learn", "SSM", "sample", "lagged_inputs"]
