@@ -41,10 +41,9 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.scipy.linalg import cho_solve, solve_triangular
 
 from probssm.core import checks
-from probssm.core.linalg import symmetrize
+from probssm.core.linalg import cho_solve_lower, cholesky, mm, solve_lower, symmetrize
 from probssm.core.protocol import AbstractLinearGaussianSSM, LinearGaussianParams
 from probssm.core.scan import chunked_associative_scan
 
@@ -122,18 +121,18 @@ def _mask_observation(H, d, R, y, mask):
 # ----------------------------------------------------------------------------------------------
 def _update(m, P, H, d, R, y, mask):
     H, d, R, y, num_obs = _mask_observation(H, d, R, y, mask)
-    S = H @ P @ H.T + R
-    L = jnp.linalg.cholesky(S)
-    W = solve_triangular(L, H @ P, lower=True)
-    v = solve_triangular(L, y - H @ m - d, lower=True)
-    m = m + W.T @ v
-    P = symmetrize(P - W.T @ W)
+    HP = mm(H, P)
+    L = cholesky(mm(HP, H.T) + R)
+    W = solve_lower(L, HP)
+    v = solve_lower(L, y - mm(H, m) - d)
+    m = m + mm(W.T, v)
+    P = symmetrize(P - mm(W.T, W))
     ll = -0.5 * (v @ v) - jnp.sum(jnp.log(jnp.diagonal(L))) - 0.5 * num_obs * _LOG_2PI
     return m, P, ll
 
 
 def _predict(m, P, F, b, Q):
-    return F @ m + b, symmetrize(F @ P @ F.T + Q)
+    return mm(F, m) + b, symmetrize(mm(mm(F, P), F.T) + Q)
 
 
 def _filter_sequential(params: LinearGaussianParams, ys, masks):
@@ -171,24 +170,24 @@ class _FilterElement(NamedTuple):
 def _filter_element(F, b, Q, H, d, R, y, mask):
     """Element of step t >= 1: z_{t-1} -> z_t given y_t."""
     H, d, R, y, _ = _mask_observation(H, d, R, y, mask)
-    S = H @ Q @ H.T + R
-    L = jnp.linalg.cholesky(S)
-    KT = cho_solve((L, True), H @ Q)  # (p, d) = S^{-1} H Q
-    resid = y - H @ b - d
-    A = F - KT.T @ (H @ F)
-    bb = b + KT.T @ resid
-    C = symmetrize(Q - KT.T @ (H @ Q))
-    HF = solve_triangular(L, H @ F, lower=True)
-    eta = HF.T @ solve_triangular(L, resid, lower=True)
-    J = symmetrize(HF.T @ HF)
+    HQ, HF = mm(H, Q), mm(H, F)
+    L = cholesky(mm(HQ, H.T) + R)
+    KT = cho_solve_lower(L, HQ)  # (p, d) = S^{-1} H Q
+    resid = y - mm(H, b) - d
+    A = F - mm(KT.T, HF)
+    bb = b + mm(KT.T, resid)
+    C = symmetrize(Q - mm(KT.T, HQ))
+    HF = solve_lower(L, HF)
+    eta = mm(HF.T, solve_lower(L, resid))
+    J = symmetrize(mm(HF.T, HF))
     return _FilterElement(A, bb, C, eta, J)
 
 
 def _first_filter_element(m1, P1, H, d, R, y, mask):
     H, d, R, y, _ = _mask_observation(H, d, R, y, mask)
     S = H @ P1 @ H.T + R
-    L = jnp.linalg.cholesky(S)
-    KT = cho_solve((L, True), H @ P1)
+    L = cholesky(S)
+    KT = cho_solve_lower(L, H @ P1)
     dim = m1.shape[0]
     zeros = jnp.zeros((dim, dim), m1.dtype)
     return _FilterElement(zeros, m1 + KT.T @ (y - H @ m1 - d), symmetrize(P1 - KT.T @ (H @ P1)),
@@ -197,14 +196,14 @@ def _first_filter_element(m1, P1, H, d, R, y, mask):
 
 def _filter_combine(ei: _FilterElement, ej: _FilterElement):
     eye = jnp.eye(ei.A.shape[-1], dtype=ei.A.dtype)
-    M = jnp.linalg.inv(eye + ei.C @ ej.J)
-    AjM = ej.A @ M
-    MtAi = (M @ ei.A).T  # A_i^T M^T
-    A = AjM @ ei.A
-    b = AjM @ (ei.b + ei.C @ ej.eta) + ej.b
-    C = symmetrize(AjM @ ei.C @ ej.A.T + ej.C)
-    eta = MtAi @ (ej.eta - ej.J @ ei.b) + ei.eta
-    J = symmetrize(MtAi @ ej.J @ ei.A + ei.J)
+    M = jnp.linalg.inv(eye + mm(ei.C, ej.J))
+    AjM = mm(ej.A, M)
+    MtAi = mm(M, ei.A).T  # A_i^T M^T
+    A = mm(AjM, ei.A)
+    b = mm(AjM, ei.b + mm(ei.C, ej.eta)) + ej.b
+    C = symmetrize(mm(mm(AjM, ei.C), ej.A.T) + ej.C)
+    eta = mm(MtAi, ej.eta - mm(ej.J, ei.b)) + ei.eta
+    J = symmetrize(mm(mm(MtAi, ej.J), ei.A) + ei.J)
     return _FilterElement(A, b, C, eta, J)
 
 
@@ -260,10 +259,11 @@ class _SmootherElement(NamedTuple):
 def _smoother_element(m, P, F, b, Q):
     """Backward map of step t: z_t = E z_{t+1} + g + N(0, L), using the transition into t+1."""
     m_pred, P_pred = _predict(m, P, F, b, Q)
-    chol = jnp.linalg.cholesky(P_pred)
-    E = cho_solve((chol, True), F @ P).T
-    g = m - E @ m_pred
-    L = symmetrize(P - E @ F @ P)
+    chol = cholesky(P_pred)
+    FP = mm(F, P)
+    E = cho_solve_lower(chol, FP).T
+    g = m - mm(E, m_pred)
+    L = symmetrize(P - mm(E, FP))
     return _SmootherElement(E, g, L)
 
 
@@ -279,9 +279,9 @@ def _smoother_elements(params, filtered: FilterResult):
 
 
 def _smoother_combine(later: _SmootherElement, earlier: _SmootherElement):
-    E = earlier.E @ later.E
-    g = earlier.E @ later.g + earlier.g
-    L = symmetrize(earlier.E @ later.L @ earlier.E.T + earlier.L)
+    E = mm(earlier.E, later.E)
+    g = mm(earlier.E, later.g) + earlier.g
+    L = symmetrize(mm(mm(earlier.E, later.L), earlier.E.T) + earlier.L)
     return _SmootherElement(E, g, L)
 
 
@@ -298,8 +298,8 @@ def _smooth(params, ys, masks, parallel, chunk_size):
     else:
         def step(carry, e):
             m_next, P_next = carry
-            m = e.E @ m_next + e.g
-            P = symmetrize(e.E @ P_next @ e.E.T + e.L)
+            m = mm(e.E, m_next) + e.g
+            P = symmetrize(mm(mm(e.E, P_next), e.E.T) + e.L)
             return (m, P), (m, P)
 
         _, (ms, Ps) = lax.scan(step, (last.g, last.L), body, reverse=True)
@@ -323,7 +323,7 @@ def _sample_paths(key, params, ys, masks, num_samples, parallel, chunk_size):
     filtered = _filter(params, ys, masks, parallel, chunk_size)
     body, last = _smoother_elements(params, filtered)
     num_timesteps, dim = filtered.filtered_means.shape
-    chols = jax.vmap(lambda L: jnp.linalg.cholesky(L + 1e-12 * jnp.trace(L) / dim * jnp.eye(dim, dtype=L.dtype)))(
+    chols = jax.vmap(lambda L: cholesky(L + 1e-12 * jnp.trace(L) / dim * jnp.eye(dim, dtype=L.dtype)))(
         jnp.concatenate([body.L, last.L[None]]))
     eps = jax.random.normal(key, (num_samples, num_timesteps, dim), ys.dtype)
     # realised offsets h_t = g_t + chol(L_t) eps_t; then z_t = E_t z_{t+1} + h_t
@@ -354,13 +354,12 @@ def _forecast(params, ys, masks, num_steps, parallel, chunk_size):
     future = _broadcast_time(_slice_time(params, num_timesteps, num_timesteps + num_steps), num_steps)
 
     def step(carry, p):
-        m, P = _predict(*carry, p.transition_matrix, p.transition_offset, p.transition_cov)
-        ym = p.emission_matrix @ m + p.emission_offset
-        yP = symmetrize(p.emission_matrix @ P @ p.emission_matrix.T + p.emission_cov)
-        return (m, P), (m, P, ym, yP)
+        F, b, Q, H, d, R = p
+        m, P = _predict(*carry, F, b, Q)
+        return (m, P), (m, P, H @ m + d, symmetrize(H @ P @ H.T + R))
 
     start = (filtered.filtered_means[-1], filtered.filtered_covs[-1])
-    _, out = lax.scan(step, start, future)
+    _, out = lax.scan(step, start, tuple(future[2:]))
     return ForecastResult(*out)
 
 
