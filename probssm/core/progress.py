@@ -18,9 +18,8 @@ _ACTIVE = []
 def _tick(i, value):
     if _ACTIVE:
         bar = _ACTIVE[-1]
-        bar.n = int(i) + 1
         bar.set_postfix_str(f"objective={float(value):.6g}", refresh=False)
-        bar.refresh()
+        bar.update(int(i) + 1 - bar.n)  # tqdm throttles the redraws (mininterval)
 
 
 def report(i, value, every: int = 1):
@@ -39,7 +38,7 @@ def progress_bar(total: int, desc: str, enabled: bool):
         return
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc=desc, leave=False)
+    bar = tqdm(total=total, desc=desc, leave=False, mininterval=0.5)
     _ACTIVE.append(bar)
     try:
         yield bar

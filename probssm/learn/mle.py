@@ -74,12 +74,12 @@ def _fit(model, ys, inputs, params, *, names, optimizer, num_iters, show):
     def loss(params):
         return -exact_log_likelihood(from_unconstrained(model, fields, params), ys, inputs) / num_obs
 
-    value_and_grad = optax.value_and_grad_from_state(loss)
+    value_and_grad = jax.value_and_grad(loss)
     every = prog.report_every(num_iters)
 
     def step(carry, i):
         params, state = carry
-        value, grad = value_and_grad(params, state=state)
+        value, grad = value_and_grad(params)
         updates, state = optimizer.update(grad, state, params, value=value, grad=grad, value_fn=loss)
         params = optax.apply_updates(params, updates)
         if show:

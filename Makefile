@@ -1,0 +1,35 @@
+# Quick start: `make demo` then `make test`. Each target creates .venv when missing.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+export MPLBACKEND := Agg
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo test test-all bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.runtime: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[demo]"
+	touch $@
+
+$(VENV)/.test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[demo,test]"
+	touch $@ $(VENV)/.runtime
+
+demo: $(VENV)/.runtime
+	$(BIN)/python examples/nile.py
+
+test: $(VENV)/.test
+	$(BIN)/python -m pytest -m "not slow" -q -n 2 --dist loadfile
+
+test-all: $(VENV)/.test
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+bench: $(VENV)/.test
+	$(BIN)/python benchmarks/kalman.py
+
+clean:
+	rm -rf $(VENV) figures .pytest_cache
