@@ -1,0 +1,254 @@
+"""Bayesian inference over parameters: numpyro integration and NUTS with exact likelihoods.
+
+Two ways in:
+
+* `MarginalLikelihood(model, num_timesteps)` is a numpyro distribution over whole
+  sequences whose ``log_prob`` is the exact marginal likelihood (Kalman or
+  forward-backward). Put priors in an ordinary numpyro model and run numpyro's
+  NUTS or SVI::
+
+      def bayes(y):
+          q = numpyro.sample("q", dist.HalfNormal(1e4))
+          r = numpyro.sample("r", dist.HalfNormal(1e5))
+          ssm = ps.models.LinearGaussianSSM(..., transition_cov=q * jnp.eye(1), emission_cov=r * jnp.eye(1))
+          numpyro.sample("y", ps.mcmc.MarginalLikelihood(ssm, y.shape[0]), obs=y)
+
+* `nuts(key, build, priors, emissions, ...)` does that for you from a model builder
+  ``build(params: dict) -> SSM`` and a dict of numpyro priors, then draws the latent
+  states given each parameter draw, and returns an `MCMCResult` that `to_arviz`
+  turns into `arviz.InferenceData`. `log_density(build, priors, emissions)` gives the
+  same target on the unconstrained space for blackjax.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from numpyro.distributions import constraints
+from numpyro.distributions.transforms import biject_to
+
+from probssm.core import checks
+from probssm.core.protocol import SSM, AbstractDiscreteSSM, AbstractLinearGaussianSSM, sample as ssm_sample
+
+
+class MarginalLikelihood(dist.Distribution):
+    """p(y_{0:T-1}) of a model with an exact structure, as a numpyro distribution.
+
+    ``log_prob(y)`` marginalises the latent states exactly (NaN entries of y are
+    missing); ``sample`` draws emissions from the model.
+    """
+
+    support = constraints.real_matrix  # NaN entries mark missing values
+    pytree_data_fields = ("ssm", "inputs")
+    pytree_aux_fields = ("num_timesteps",)
+
+    def __init__(self, ssm, num_timesteps: int, inputs=None, *, validate_args=None):
+        if not isinstance(ssm, (AbstractLinearGaussianSSM, AbstractDiscreteSSM)):
+            raise ValueError(
+                f"ssm: expected a model with an exact structure (linear-Gaussian or discrete), got {type(ssm).__name__}"
+            )
+        self.ssm = ssm
+        self.num_timesteps = int(num_timesteps)
+        self.inputs = inputs
+        emission_dim = _emission_dim(ssm)
+        super().__init__(batch_shape=(), event_shape=(self.num_timesteps, emission_dim),
+                         validate_args=validate_args)
+
+    def sample(self, key, sample_shape=()):
+        n = int(np.prod(sample_shape)) if sample_shape else 1
+        keys = jax.random.split(key, n)
+        ys = jax.vmap(lambda k: ssm_sample(k, self.ssm, self.num_timesteps, self.inputs)[1])(keys)
+        return ys.reshape(tuple(sample_shape) + ys.shape[1:])
+
+    def log_prob(self, value):
+        from probssm.learn.mle import exact_log_likelihood
+
+        return exact_log_likelihood(self.ssm, value, self.inputs)
+
+
+def _emission_dim(ssm) -> int:
+    if isinstance(ssm, AbstractLinearGaussianSSM):
+        return ssm.emission_dim
+    return int(getattr(ssm, "emission_dim"))
+
+
+def _check_priors(priors: dict):
+    if not isinstance(priors, dict) or not priors:
+        raise ValueError("priors: expected a non-empty dict {name: numpyro distribution}")
+    for name, prior in priors.items():
+        if not isinstance(prior, dist.Distribution):
+            raise ValueError(f"priors: {name!r} is a {type(prior).__name__}, expected a numpyro distribution")
+
+
+def numpyro_model(build: Callable[[dict], SSM], priors: dict, emissions, inputs=None):
+    """A numpyro model: parameters from ``priors``, likelihood by `MarginalLikelihood`."""
+    _check_priors(priors)
+    ys = jnp.asarray(emissions)
+
+    def model():
+        params = {name: numpyro.sample(name, prior) for name, prior in priors.items()}
+        ssm = build(params)
+        if ys.ndim == 3:
+            with numpyro.plate("sequences", ys.shape[0]):
+                numpyro.sample("y", _Batched(ssm, ys.shape[1], inputs), obs=ys)
+        else:
+            numpyro.sample("y", MarginalLikelihood(ssm, ys.shape[0], inputs), obs=ys)
+
+    return model
+
+
+class _Batched(MarginalLikelihood):
+    """One MarginalLikelihood per sequence of a batch (batch shape B)."""
+
+    def __init__(self, ssm, num_timesteps, inputs=None):
+        super().__init__(ssm, num_timesteps, inputs)
+
+    def log_prob(self, value):
+        from probssm.learn.mle import exact_log_likelihood
+
+        u = self.inputs
+        in_u = None if u is None or jnp.ndim(u) == 2 else 0
+        return jax.vmap(lambda y, uu: exact_log_likelihood(self.ssm, y, uu), in_axes=(0, in_u))(value, u)
+
+
+def log_density(build: Callable[[dict], SSM], priors: dict, emissions, inputs=None):
+    """Log joint density on the unconstrained space, for blackjax.
+
+    Returns ``(logdensity_fn, to_constrained)``: ``logdensity_fn(u: dict)`` is
+    log p(theta(u), y) + log |d theta / d u|; ``to_constrained(u)`` maps back.
+    """
+    _check_priors(priors)
+    ys = jnp.asarray(emissions)
+    from probssm.learn.mle import exact_log_likelihood
+
+    bijectors = {k: biject_to(p.support) for k, p in priors.items()}
+
+    def to_constrained(u):
+        return {k: bijectors[k](u[k]) for k in priors}
+
+    def logdensity_fn(u):
+        total = 0.0
+        theta = {}
+        for k, prior in priors.items():
+            theta[k] = bijectors[k](u[k])
+            total = total + jnp.sum(prior.log_prob(theta[k]))
+            total = total + jnp.sum(bijectors[k].log_abs_det_jacobian(u[k], theta[k]))
+        return total + exact_log_likelihood(build(theta), ys, inputs)
+
+    return logdensity_fn, to_constrained
+
+
+class MCMCResult(NamedTuple):
+    samples: dict  # name -> (chains, draws, *shape)
+    states: Optional[jax.Array]  # (chains, draws, T, d) latent-state draws, or None
+    log_likelihood: jax.Array  # (chains, draws)
+    diverging: jax.Array  # (chains, draws)
+
+
+def nuts(key, build: Callable[[dict], SSM], priors: dict, emissions, *, num_warmup: int = 500,
+         num_samples: int = 500, num_chains: int = 2, inputs=None, draw_states: bool = True, init_params=None,
+         progress: bool = False) -> MCMCResult:
+    """NUTS over parameters with the exact marginal likelihood, then p(states | y, theta) draws.
+
+    Args:
+        key: `jax.random` key.
+        build: ``build(params) -> SSM`` with an exact structure; ``params`` holds one
+            value per prior.
+        priors: ``{name: numpyro distribution}``.
+        emissions: (T, D) or (B, T, D).
+        num_chains: run one after another on CPU (``chain_method="sequential"``) unless
+            several devices are visible.
+        draw_states: also draw one latent path per parameter draw (Kalman FFBS or
+            forward-filter backward-sample for discrete models), for one sequence (T, D).
+        init_params: optional ``{name: value}`` starting point (constrained space).
+
+    Returns:
+        `MCMCResult`; `to_arviz(result)` gives `arviz.InferenceData`.
+    """
+    from numpyro.infer import MCMC, NUTS, init_to_value, init_to_median
+
+    _check_priors(priors)
+    num_warmup = checks.positive_int(num_warmup, "num_warmup", minimum=0)
+    num_samples = checks.positive_int(num_samples, "num_samples")
+    num_chains = checks.positive_int(num_chains, "num_chains")
+    ys = jnp.asarray(emissions)
+    if ys.ndim not in (2, 3):
+        raise ValueError(f"emissions: expected shape (T, D) or (B, T, D), got shape {tuple(ys.shape)}")
+    if init_params is not None:
+        for name, value in init_params.items():
+            if name not in priors:
+                raise ValueError(f"init_params: {name!r} has no prior")
+            if not np.all(np.isfinite(np.asarray(value))):
+                raise ValueError(f"init_params: {name!r} is not finite")
+            if not bool(jnp.all(priors[name].support(jnp.asarray(value)))):
+                raise ValueError(f"init_params: {name!r} = {value} is outside the support of its prior")
+    for name, prior in priors.items():
+        # A prior must give finite density somewhere: check at its median-like initial point.
+        probe = prior.sample(jax.random.PRNGKey(0))
+        if not bool(jnp.all(jnp.isfinite(prior.log_prob(probe)))):
+            raise ValueError(f"priors: {name!r} gives a non-finite log density at its own draws")
+    model = numpyro_model(build, priors, ys, inputs)
+    strategy = init_to_value(values=init_params) if init_params is not None else init_to_median()
+    kernel = NUTS(model, init_strategy=strategy)
+    chain_method = "parallel" if jax.local_device_count() >= num_chains else "sequential"
+    mcmc = MCMC(kernel, num_warmup=num_warmup, num_samples=num_samples, num_chains=num_chains,
+                chain_method=chain_method, progress_bar=progress)
+    key_mcmc, key_states = jax.random.split(key)
+    mcmc.run(key_mcmc, extra_fields=("diverging",))
+    samples = mcmc.get_samples(group_by_chain=True)
+    diverging = mcmc.get_extra_fields(group_by_chain=True)["diverging"]
+    flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in samples.items()}
+
+    from probssm.learn.mle import exact_log_likelihood
+
+    lls = jax.vmap(lambda p: exact_log_likelihood(build(p), ys, inputs))(flat).reshape(num_chains, num_samples)
+    states = None
+    if draw_states and ys.ndim == 2:
+        states = _draw_states(key_states, build, flat, ys, inputs)
+        states = states.reshape((num_chains, num_samples) + states.shape[1:])
+    return MCMCResult(samples, states, lls, diverging)
+
+
+def _draw_states(key, build, flat_params, ys, inputs):
+    num = jax.tree_util.tree_leaves(flat_params)[0].shape[0]
+    keys = jax.random.split(key, num)
+    probe = build(jax.tree_util.tree_map(lambda a: a[0], flat_params))
+    if isinstance(probe, AbstractLinearGaussianSSM):
+        from probssm.inference import kalman
+
+        def one(k, p):
+            ssm = build(p)
+            params = ssm.linear_gaussian_params(ys.shape[0], inputs)
+            return kalman._sample_paths(k, params, ys, ~jnp.isnan(ys), 1, False, None)[0]
+    else:
+        from probssm.inference import hmm
+
+        def one(k, p):
+            return hmm.sample(k, build(p), ys, 1)[0]
+
+    return jax.jit(jax.vmap(one))(keys, flat_params)
+
+
+def to_arviz(result: MCMCResult, *, time_coords=None, state_names=None):
+    """`arviz.InferenceData` with chains, draws and named dimensions.
+
+    Parameters get dims ``<name>_dim_i``; latent states ``("time", "state")``;
+    the log-likelihood goes to ``sample_stats.log_likelihood``.
+    """
+    import arviz as az
+
+    posterior = {k: np.asarray(v) for k, v in result.samples.items()}
+    dims, coords = {}, {}
+    if result.states is not None:
+        states = np.asarray(result.states)
+        posterior["states"] = states
+        T, d = states.shape[2], states.shape[3]
+        coords["time"] = np.arange(T) if time_coords is None else np.asarray(time_coords)
+        coords["state"] = np.arange(d) if state_names is None else list(state_names)
+        dims["states"] = ["time", "state"]
+    sample_stats = {"log_likelihood": np.asarray(result.log_likelihood), "diverging": np.asarray(result.diverging)}
+    return az.from_dict(posterior=posterior, sample_stats=sample_stats, coords=coords, dims=dims)
