@@ -8,7 +8,8 @@ from probssm import core, models, inference
 from probssm.core import SSM, sample, lagged_inputs
 from probssm.inference import kalman
 from probssm import learn
+from probssm.io import load, save
 
 __version__ = "0.1.0"
 
-__all__ = ["core", "models", "inference", "kalman", "learn", "SSM", "sample", "lagged_inputs"]
+__all__ = ["core", "models", "inference", "kalman", "learn", "save", "load", "SSM", "sample", "lagged_inputs"]
