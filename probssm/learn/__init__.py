@@ -1,5 +1,6 @@
 """Learning: every learner returns ``(fitted_model, history)`` and leaves its input untouched."""
 from probssm.learn.em import em
 from probssm.learn.mle import mle
+from probssm.learn.baum_welch import HMMPrior, baum_welch
 
-__all__ = ["em", "mle"]
+__all__ = ["em", "mle", "baum_welch", "HMMPrior"]

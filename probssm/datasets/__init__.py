@@ -1,0 +1,5 @@
+"""Loaders for the real data the package ships or reads from disk (edge of the package:
+nothing inside probssm imports this)."""
+from probssm.datasets.cmapss import CMAPSS, load_cmapss, split_units
+
+__all__ = ["CMAPSS", "load_cmapss", "split_units"]
