@@ -1,0 +1,199 @@
+"""Backward kernels and backward simulation (forward-filter backward-sample for particles).
+
+The backward kernel of step t draws, for a target state z_t, an index j with
+probability proportional to W_{t-1}^j f_t(z_t | z_{t-1}^j). Two ways:
+
+* exact: evaluate all N transition densities for each target, O(N) per draw;
+* accept-reject (when the model declares a bound B_t >= f_t, see
+  `probssm.core.bounded.AbstractBoundedTransitionSSM`): propose j ~ W_{t-1},
+  accept with probability f_t(z_t | z_{t-1}^j) / B_t; O(1) expected per draw.
+  Proposals come from a guide table (Chen & Asau), so a draw from W costs one
+  gather and a short forward walk, not a binary search. The first round runs on
+  every target; later rounds run on a compacted buffer of the targets not yet
+  accepted; after ``max_rounds`` the remaining targets fall back to the exact draw.
+
+Backward simulation of whole paths (the reference loop)::
+
+    j_{T-1} ~ W_{T-1}
+    for t in T-1..1:   j_{t-1} ~ backward kernel of step t with target z_t^{j_t}
+    path = (z_0^{j_0}, ..., z_{T-1}^{j_{T-1}})
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from probssm.inference.smc import _common as C
+from probssm.inference.smc.resampling import _ancestors_from_counts
+
+__all__ = ["backward_indices", "backward_sample", "draw_from_weights"]
+
+
+def _guide_table(c):
+    num = c.shape[0]
+    return _ancestors_from_counts(jnp.ceil(num * c), num)
+
+
+def draw_from_weights(key, normed_log_weights, shape, table=None):
+    """Independent draws of indices from the weights (guide-table inversion, O(1) expected each)."""
+    num = normed_log_weights.shape[0]
+    c = C.cumulative(jnp.exp(normed_log_weights))
+    g = _guide_table(c) if table is None else table
+    u = jax.random.uniform(key, shape, c.dtype)
+    i = g[jnp.clip(jnp.floor(u * num).astype(jnp.int32), 0, num - 1)]
+
+    def cond(i):
+        return jnp.any(c[i] <= u)
+
+    def body(i):
+        return jnp.minimum(jnp.where(c[i] <= u, i + 1, i), num - 1)
+
+    return lax.while_loop(cond, body, jnp.minimum(i, num - 1))
+
+
+def _exact_one(key, model, lw_prev, z_prev, target, t, u):
+    logf = jax.vmap(lambda zp: model.transition(zp, t, u).log_prob(target))(z_prev)
+    lw, _ = C.normalise(lw_prev + logf)
+    c = C.cumulative(jnp.exp(lw))
+    v = jax.random.uniform(key, (), c.dtype)
+    return jnp.minimum(jnp.sum(c <= v), lw.shape[0] - 1).astype(jnp.int32)
+
+
+def backward_indices(key, model, lw_prev, z_prev, targets, t, u, *, log_bound=None, max_rounds: int = 32):
+    """For each target z_t^m (M of them), an index j ~ W_{t-1}^j f_t(z_t^m | z_{t-1}^j).
+
+    Args:
+        lw_prev: (N,) normalised log-weights at t-1.
+        z_prev: (N, d) particles at t-1.
+        targets: (M, d) states at t.
+        t: index of the target states (the transition into t is used).
+        log_bound: None for exact draws, or a scalar >= log f_t for accept-reject.
+    Returns:
+        (M,) int32 indices.
+    """
+    num_targets = jax.tree_util.tree_leaves(targets)[0].shape[0]
+    if log_bound is None:
+        keys = jax.random.split(key, num_targets)
+        return jax.vmap(lambda k, tg: _exact_one(k, model, lw_prev, z_prev, tg, t, u))(keys, targets)
+
+    num = lw_prev.shape[0]
+    c = C.cumulative(jnp.exp(lw_prev))
+    table = _guide_table(c)
+    k0, k1, k2, k3 = jax.random.split(key, 4)
+
+    def propose_accept(k, tgt):
+        ka, kb = jax.random.split(k)
+        m = jax.tree_util.tree_leaves(tgt)[0].shape[0]
+        j = draw_from_weights(ka, lw_prev, (m,), table)
+        logf = C.transition_log_prob(model, z_prev[j], tgt, t, u)
+        acc = jnp.log(jax.random.uniform(kb, (m,), logf.dtype)) < logf - log_bound
+        return j, acc
+
+    # round 0: every target
+    idx, accepted = propose_accept(k0, targets)
+    # later rounds: a compacted buffer of the targets still waiting
+    buf = max(8, min(num_targets, num_targets // 4))
+
+    def cond(s):
+        idx, accepted, r, _ = s
+        return jnp.logical_and(r < max_rounds, ~jnp.all(accepted))
+
+    def body(s):
+        idx, accepted, r, k = s
+        k, kr = jax.random.split(k)
+        waiting = jnp.nonzero(~accepted, size=buf, fill_value=num_targets)[0]
+        valid = waiting < num_targets
+        safe = jnp.minimum(waiting, num_targets - 1)
+        j, acc = propose_accept(kr, targets[safe])
+        acc = acc & valid
+        idx = idx.at[jnp.where(acc, safe, num_targets)].set(j, mode="drop")
+        accepted = accepted.at[jnp.where(acc, safe, num_targets)].set(True, mode="drop")
+        return idx, accepted, r + 1, k
+
+    idx, accepted, _, _ = lax.while_loop(cond, body, (idx, accepted, jnp.asarray(0), k1))
+
+    # fallback: exact draws for whatever is left, one target at a time
+    def fb_cond(s):
+        return ~jnp.all(s[1])
+
+    def fb_body(s):
+        idx, accepted, k = s
+        k, kr = jax.random.split(k)
+        m = jnp.argmin(accepted)  # first waiting target
+        j = _exact_one(kr, model, lw_prev, z_prev, targets[m], t, u)
+        return idx.at[m].set(j), accepted.at[m].set(True), k
+
+    idx, _, _ = lax.while_loop(fb_cond, fb_body, (idx, accepted, k2))
+    return idx.astype(jnp.int32)
+
+
+def _backward_paths(key, model, particles, log_weights, inputs, num_samples, use_bound, max_rounds):
+    num_timesteps = particles.shape[0]
+    k_last, k_rest = jax.random.split(key)
+    j_last = draw_from_weights(k_last, log_weights[-1], (num_samples,))
+    z_last = particles[-1][j_last]
+
+    def body(carry, xs):
+        z_next = carry
+        t_next, z_prev, lw_prev, k = xs
+        u = C.row(inputs, t_next)
+        bound = C.transition_log_bound(model, t_next, u) if use_bound else None
+        j = backward_indices(k, model, lw_prev, z_prev, z_next, t_next, u, log_bound=bound, max_rounds=max_rounds)
+        z = z_prev[j]
+        return z, z
+
+    keys = jax.random.split(k_rest, max(num_timesteps - 1, 1))[: num_timesteps - 1]
+    xs = (jnp.arange(1, num_timesteps), particles[:-1], log_weights[:-1], keys)
+    _, zs = lax.scan(body, z_last, xs, reverse=True)
+    paths = jnp.concatenate([zs, z_last[None]])  # (T, M, d)
+    return jnp.swapaxes(paths, 0, 1)
+
+
+@eqx.filter_jit
+def _run(key, model, particles, log_weights, inputs, *, num_samples, use_bound, max_rounds, batched):
+    fn = lambda k, p, lw: _backward_paths(k, model, p, lw, inputs, num_samples, use_bound, max_rounds)
+    if not batched:
+        return fn(key, particles, log_weights)
+    keys = jax.random.split(key, particles.shape[0])
+    return jax.vmap(fn)(keys, particles, log_weights)
+
+
+def backward_sample(key, model, filter_result, num_samples: int = 1, *, method: str = "auto", inputs=None,
+                    max_rounds: int = 32):
+    """Draw smoothed trajectories from the output of `particle_filter` (with ``history=True``).
+
+    Args:
+        key: a `jax.random` key.
+        model: the model the filter ran on.
+        filter_result: a `ParticleFilterResult` with history (particles (T, N, d)).
+        num_samples: number of trajectories M.
+        method: "exact" (O(N) per draw), "rejection" (needs a model that declares a transition
+            bound) or "auto" (rejection when the model declares a bound).
+        inputs: the inputs the filter was given.
+
+    Returns:
+        (M, T, d) trajectories, or (B, M, T, d) for a batched filter result.
+    """
+    from probssm.core import checks
+
+    C.check_model(model)
+    num_samples = checks.positive_int(num_samples, "num_samples")
+    max_rounds = checks.positive_int(max_rounds, "max_rounds", minimum=0)
+    bounded = C.transition_log_bound(model, 1, None) is not None if inputs is None else isinstance(
+        model, C.AbstractBoundedTransitionSSM)
+    if method not in ("auto", "exact", "rejection"):
+        raise ValueError(f"method: expected 'auto', 'exact' or 'rejection', got {method!r}")
+    if method == "rejection" and not bounded:
+        raise ValueError("method: 'rejection' needs a model that declares a transition bound "
+                         "(subclass AbstractBoundedTransitionSSM)")
+    use_bound = bounded and method != "exact"
+    particles, lws = filter_result.particles, filter_result.log_weights
+    if filter_result.ancestors is None or lws.ndim not in (2, 3):
+        raise ValueError("filter_result: expected a result of particle_filter(..., history=True)")
+    batched = lws.ndim == 3
+    return _run(key, model, particles, lws, inputs, num_samples=num_samples, use_bound=use_bound,
+                max_rounds=max_rounds, batched=batched)

@@ -1,0 +1,257 @@
+"""Particle filters: bootstrap, guided (user proposal) and auxiliary, with ESS-triggered resampling.
+
+The loop the `lax.scan` runs (W are normalised weights, eta the auxiliary
+look-ahead log-weights, zero for the bootstrap and guided filters)::
+
+    z_0^i ~ q_0;  w_0^i = p(z_0^i) g(y_0 | z_0^i) / q_0(z_0^i);  log Z = log mean_i w_0^i
+    for t in 1..T-1:
+        V^i = W_{t-1}^i exp(eta(z_{t-1}^i, y_t));  log Z += log sum_i V^i;  normalise V
+        if ESS(V) <= ess_threshold * N:  a ~ resample(V);  V = 1/N       # else a^i = i
+        z_t^i ~ q(. | z_{t-1}^{a_i}, y_t)
+        w^i = f(z_t^i | z_{t-1}^{a_i}) g(y_t | z_t^i) / (q(z_t^i | ...) exp(eta(z_{t-1}^{a_i})))
+        log Z += log sum_i V^{a_i} w^i;  W_t = normalise(V^{a_i} w^i)
+
+exp(log Z) is an unbiased estimate of p(y_{0:T-1}). Weights live in log space and
+are normalised every step; when every weight underflows (all -inf) the weights
+fall back to uniform and log Z becomes -inf, never NaN. A time step whose
+observation holds a NaN is missing: every particle gets weight one.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from probssm.inference.smc import _common as C
+from probssm.inference.smc.resampling import SCHEMES, multinomial
+
+__all__ = ["ParticleFilterResult", "PFState", "particle_filter", "init", "step"]
+
+
+class ParticleFilterResult(NamedTuple):
+    """Output of `particle_filter` (a leading axis B is added for a batch of sequences).
+
+    With ``history=False`` the particles and log-weights of the last step only are kept
+    (shapes (N, d) and (N,)) and ``ancestors`` is None.
+    """
+
+    log_likelihood: jax.Array  # ()        log of an unbiased estimate of p(y_{0:T-1})
+    filtered_means: jax.Array  # (T, d)    sum_i W_t^i z_t^i
+    particles: jax.Array  # (T, N, d)      z_t^i
+    log_weights: jax.Array  # (T, N)       normalised filtering log-weights log W_t^i
+    ess: jax.Array  # (T,)                 effective sample size of W_t
+    ancestors: Optional[jax.Array] = None  # (T, N) int32; row 0 is 0..N-1
+    resampled: Optional[jax.Array] = None  # (T,) bool; whether step t resampled
+
+
+class PFState(NamedTuple):
+    particles: jax.Array  # (N, d)
+    log_weights: jax.Array  # (N,) normalised
+    log_likelihood: jax.Array  # ()
+
+
+class StepInfo(NamedTuple):
+    ancestors: jax.Array  # (N,)
+    resampled: jax.Array  # ()
+    ess: jax.Array  # () of the new weights
+
+
+def init(key, model, y0, u0, num_particles: int, proposal=None, reference=None) -> PFState:
+    """Particles at time 0 (``reference``, when given, is frozen in slot 0)."""
+    d0 = model.initial(u0)
+    if proposal is None:
+        z = d0.sample(key, (num_particles,))
+    else:
+        q0 = proposal(None, 0, y0, u0)
+        z = q0.sample(key, (num_particles,))
+    if reference is not None:
+        z = z.at[0].set(reference.astype(z.dtype))
+    incr = C.emission_log_prob(model, z, 0, y0, u0)
+    if proposal is not None:
+        incr = incr + d0.log_prob(z) - q0.log_prob(z)
+    lw, log_sum = C.normalise(incr)
+    return PFState(z, lw, log_sum - math.log(num_particles))
+
+
+def _ancestor_sample(key, model, state, t, u, ref_t):
+    """Index j of the reference's ancestor, drawn with probability prop. to W_{t-1}^j f(ref_t | z_{t-1}^j)."""
+    logf = jax.vmap(lambda zp: model.transition(zp, t, u).log_prob(ref_t))(state.particles)
+    lw, _ = C.normalise(state.log_weights + logf)
+    c = C.cumulative(jnp.exp(lw))
+    v = jax.random.uniform(key, (), c.dtype)
+    return jnp.minimum(jnp.sum(c <= v), lw.shape[0] - 1).astype(jnp.int32)
+
+
+def step(key, model, state: PFState, t, y, u, *, resampling="systematic", ess_threshold=0.5, proposal=None,
+         auxiliary=None, reference=None, ancestor_sampling=False):
+    """One step of the filter (see the module docstring); returns ``(new_state, StepInfo)``.
+
+    With a ``reference`` state (conditional SMC) the step always resamples (multinomially),
+    slot 0 keeps the reference, and its ancestor is 0 or, with ``ancestor_sampling``, drawn
+    from the backward kernel.
+    """
+    k_res, k_move, k_as = jax.random.split(key, 3)
+    num = state.log_weights.shape[0]
+    zp, lw, ll = state
+    eta = None
+    if auxiliary is not None:
+        y_safe, observed = C.observation(y)
+        eta = jax.vmap(lambda z: auxiliary(z, t, y_safe, u))(zp)
+        eta = jnp.where(observed, eta, 0.0)
+        lw, c = C.normalise(lw + eta)
+        ll = ll + c
+    uniform = jnp.full((num,), -math.log(num), lw.dtype)
+    if reference is None:
+        do = C.ess(lw) <= ess_threshold * num
+        scheme = SCHEMES[resampling]
+        a, lw_carry = lax.cond(do, lambda: (scheme(k_res, jnp.exp(lw)), uniform),
+                               lambda: (jnp.arange(num, dtype=jnp.int32), lw))
+    else:
+        do = jnp.asarray(True)
+        a = multinomial(k_res, jnp.exp(lw))
+        a0 = _ancestor_sample(k_as, model, state, t, u, reference) if ancestor_sampling else 0
+        a = a.at[0].set(a0)
+        lw_carry = uniform
+    zp_a = zp[a]
+    if proposal is None:
+        z = C.sample_per_particle(k_move, lambda zz: model.transition(zz, t, u), zp_a)
+    else:
+        z = C.sample_per_particle(k_move, lambda zz: proposal(zz, t, y, u), zp_a)
+    if reference is not None:
+        z = z.at[0].set(reference.astype(z.dtype))
+    incr = C.emission_log_prob(model, z, t, y, u)
+    if proposal is not None:
+        incr = incr + C.transition_log_prob(model, zp_a, z, t, u) - jax.vmap(
+            lambda zz, zi: proposal(zz, t, y, u).log_prob(zi))(zp_a, z)
+    if eta is not None:
+        incr = incr - eta[a]
+    lw_new, c2 = C.normalise(lw_carry + incr)
+    return PFState(z, lw_new, ll + c2), StepInfo(a, do, C.ess(lw_new))
+
+
+def _filter_one(key, model, ys, inputs, ess_threshold, *, num_particles, resampling, proposal, auxiliary, history):
+    num_timesteps = ys.shape[0]
+    keys = jax.random.split(key, num_timesteps)
+    state = init(keys[0], model, ys[0], C.row(inputs, 0), num_particles, proposal)
+    mean0 = C.weighted_mean(state.log_weights, state.particles)
+
+    def body(state, xs):
+        t, y, u, k = xs
+        new, info = step(k, model, state, t, y, u, resampling=resampling, ess_threshold=ess_threshold,
+                         proposal=proposal, auxiliary=auxiliary)
+        mean = C.weighted_mean(new.log_weights, new.particles)
+        if history:
+            out = (mean, info.ess, new.particles, new.log_weights, info.ancestors, info.resampled)
+        else:
+            out = (mean, info.ess)
+        return new, out
+
+    u_rest = None if inputs is None else jax.tree_util.tree_map(lambda a: a[1:], inputs)
+    xs = (jnp.arange(1, num_timesteps), ys[1:], u_rest, keys[1:])
+    final, out = lax.scan(body, state, xs)
+    means = jnp.concatenate([mean0[None], out[0]])
+    ess = jnp.concatenate([C.ess(state.log_weights)[None], out[1]])
+    if history:
+        parts = jnp.concatenate([state.particles[None], out[2]])
+        lws = jnp.concatenate([state.log_weights[None], out[3]])
+        anc = jnp.concatenate([jnp.arange(num_particles, dtype=jnp.int32)[None], out[4]])
+        res = jnp.concatenate([jnp.zeros((1,), bool), out[5]])
+        return ParticleFilterResult(final.log_likelihood, means, parts, lws, ess, anc, res)
+    return ParticleFilterResult(final.log_likelihood, means, final.particles, final.log_weights, ess)
+
+
+@eqx.filter_jit
+def _run(key, model, ys, inputs, ess_threshold, *, num_particles, resampling, proposal, auxiliary, history,
+         batched, batched_u):
+    fn = lambda k, y, u: _filter_one(k, model, y, u, ess_threshold, num_particles=num_particles,
+                                     resampling=resampling, proposal=proposal, auxiliary=auxiliary,
+                                     history=history)
+    if not batched:
+        return fn(key, ys, inputs)
+    keys = jax.random.split(key, ys.shape[0])
+    return jax.vmap(fn, in_axes=(0, 0, 0 if batched_u else None))(keys, ys, inputs)
+
+
+def check_proposal(key, model, ys, inputs, proposal, batched, batched_u):
+    """Call the proposal once at t = 0 and t = 1 and check it returns a state of the right event shape."""
+    if proposal is None:
+        return
+    if not callable(proposal):
+        raise ValueError("proposal: expected a callable proposal(z_prev, t, y_t, inputs) -> distribution")
+    y = ys[0] if batched else ys
+    u = inputs
+    if u is not None and batched_u:
+        u = C.row(u, 0)
+    shape, d0 = C.state_shape(model, C.row(u, 0))
+    q0 = proposal(None, 0, y[0], C.row(u, 0))
+    for tt, q in ((0, q0),) + (((1, proposal(d0.sample(key), 1, y[1], C.row(u, 1))),) if y.shape[0] > 1 else ()):
+        if not hasattr(q, "event_shape") or tuple(q.event_shape) != shape or tuple(q.batch_shape) != ():
+            got = getattr(q, "event_shape", type(q).__name__)
+            raise ValueError(
+                f"proposal: at t={tt} expected a distribution with event shape {shape} and no batch shape, "
+                f"got event shape {got}" + (f" and batch shape {tuple(q.batch_shape)}" if hasattr(q, "batch_shape") else "")
+            )
+
+
+def check_auxiliary(key, model, ys, inputs, auxiliary, batched, batched_u):
+    if auxiliary is None:
+        return
+    if not callable(auxiliary):
+        raise ValueError("auxiliary: expected a callable auxiliary(z_prev, t, y_t, inputs) -> scalar log-weight")
+    y = ys[0] if batched else ys
+    u = inputs
+    if u is not None and batched_u:
+        u = C.row(u, 0)
+    shape, d0 = C.state_shape(model, C.row(u, 0))
+    if y.shape[0] > 1:
+        out = jax.eval_shape(lambda z: auxiliary(z, 1, y[1], C.row(u, 1)), jax.ShapeDtypeStruct(shape, y.dtype))
+        if tuple(out.shape) != ():
+            raise ValueError(f"auxiliary: expected a scalar log-weight, got shape {tuple(out.shape)}")
+
+
+def particle_filter(key, model, emissions, num_particles: int, *, resampling: str = "systematic",
+                    ess_threshold: float = 0.5, proposal: Optional[Callable] = None,
+                    auxiliary: Optional[Callable] = None, inputs=None, history: bool = True) -> ParticleFilterResult:
+    """Bootstrap, guided or auxiliary particle filter for any `SSM`.
+
+    Args:
+        key: a `jax.random` key.
+        model: any `ps.SSM` (its ``initial`` / ``transition`` / ``emission`` are vmapped over particles).
+        emissions: (T, D) or a batch (B, T, D); a NaN anywhere in y_t marks step t missing (weight one).
+        num_particles: N >= 2.
+        resampling: "systematic" (default), "stratified", "multinomial" or "residual".
+        ess_threshold: resample when ESS <= ess_threshold * N; in (0, 1] (1: every step).
+        proposal: guided filter: ``proposal(z_prev, t, y_t, inputs)`` returns a numpyro distribution
+            over z_t with the state's event shape (``z_prev`` is None at t = 0). None: bootstrap.
+        auxiliary: auxiliary filter: ``auxiliary(z_prev, t, y_t, inputs)`` returns a scalar
+            look-ahead log-weight (e.g. log g(y_t | mean of f(z_prev))).
+        inputs: optional (T, U) (or (B, T, U)) inputs, row t passed to the model at step t.
+        history: keep the particles, weights and ancestors of every step (needed by
+            `backward_sample`); False keeps only the last step (memory independent of T).
+
+    Returns:
+        `ParticleFilterResult`.
+
+    Example:
+        >>> model = ps.models.StochasticVolatility()
+        >>> _, y = ps.sample(jax.random.key(0), model, 500)
+        >>> pf = ps.smc.particle_filter(jax.random.key(1), model, y, 1000)
+        >>> pf.log_likelihood, pf.filtered_means.shape     # (), (500, 1)
+
+    Models holding plain Python functions are fine (the engine is compiled with
+    `equinox.filter_jit`); pass the same function objects again to reuse the compiled code.
+    """
+    C.check_model(model)
+    num_particles = C.check_num_particles(num_particles)
+    resampling = C.check_resampling(resampling)
+    thr = C.check_ess_threshold(ess_threshold)
+    ys, inputs, batched, batched_u = C.prepare_emissions(model, emissions, inputs)
+    check_proposal(key, model, ys, inputs, proposal, batched, batched_u)
+    check_auxiliary(key, model, ys, inputs, auxiliary, batched, batched_u)
+    return _run(key, model, ys, inputs, jnp.asarray(thr, ys.dtype), num_particles=num_particles,
+                resampling=resampling, proposal=proposal, auxiliary=auxiliary, history=bool(history),
+                batched=batched, batched_u=batched_u)

@@ -1,0 +1,210 @@
+"""PaRIS: online smoothing of additive functionals (Olsson & Westerborn, 2017).
+
+Target: E[ sum_{t=0}^{T-1} h_t(z_{t-1}, z_t, y_t) | y_{0:T-1} ] (the t = 0 term is
+h_0(z_0, y_0)). Each particle carries a statistic tau_t^i; with J^{i,1..Ñ} drawn
+from the backward kernel (prob. prop. to W_{t-1}^j f_t(z_t^i | z_{t-1}^j))::
+
+    tau_0^i = h_0(z_0^i, y_0)
+    for t in 1..T-1:
+        (run one particle-filter step: z_t, W_t)
+        tau_t^i = (1 / Ñ) sum_k [ tau_{t-1}^{J^{i,k}} + h_t(z_{t-1}^{J^{i,k}}, z_t^i, y_t) ]
+    estimate = sum_i W_{T-1}^i tau_{T-1}^i
+
+One pass, memory independent of T. Backward draws are accept-reject when the
+model declares a transition bound (`AbstractBoundedTransitionSSM`), exact O(N)
+per draw otherwise. The same step, driven by conditional SMC, is PPG (`ppg.py`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from probssm.core import checks
+from probssm.inference.smc import _common as C
+from probssm.inference.smc import filter as F
+from probssm.inference.smc.backward import backward_indices
+
+__all__ = ["AdditiveFunctional", "PaRISResult", "PaRISState", "paris", "init", "step"]
+
+
+class AdditiveFunctional(NamedTuple):
+    """h_0(z_0, y_0, inputs_0) and h_t(z_{t-1}, z_t, t, y_t, inputs_t), each returning a pytree of arrays.
+
+    A plain callable ``h(z_prev, z, t, y, inputs)`` passed to `paris` / `ppg` stands for
+    ``AdditiveFunctional(initial=None, step=h)``: the t = 0 term is then zero.
+    """
+
+    initial: Optional[Callable]
+    step: Callable
+
+
+def as_functional(fn) -> AdditiveFunctional:
+    if isinstance(fn, AdditiveFunctional):
+        if not callable(fn.step) or (fn.initial is not None and not callable(fn.initial)):
+            raise ValueError("additive_functional: expected callables initial(z, y, inputs) and "
+                             "step(z_prev, z, t, y, inputs)")
+        return fn
+    if callable(fn):
+        return AdditiveFunctional(None, fn)
+    raise ValueError("additive_functional: expected AdditiveFunctional(initial, step) or a callable "
+                     f"h(z_prev, z, t, y, inputs), got {type(fn).__name__}")
+
+
+class PaRISState(NamedTuple):
+    filter: F.PFState
+    tau: object  # pytree, leading axis N
+
+
+class PaRISResult(NamedTuple):
+    estimate: object  # pytree like h's output: the smoothed additive functional
+    log_likelihood: jax.Array  # ()  from the same particle filter
+    state: PaRISState  # final state (continue online with `step`)
+
+
+def _initial_tau(functional, model, z, y, u):
+    zero_like = jax.eval_shape(lambda zp, zz: functional.step(zp, zz, 1, y, u), z[0], z[0])
+    if functional.initial is None:
+        return jax.tree_util.tree_map(lambda s: jnp.zeros((z.shape[0],) + s.shape, s.dtype), zero_like)
+    return jax.vmap(lambda zz: functional.initial(zz, y, u))(z)
+
+
+def init(key, model, y0, u0, functional, num_particles, proposal=None, reference=None) -> PaRISState:
+    functional = as_functional(functional)
+    state = F.init(key, model, y0, u0, num_particles, proposal, reference)
+    return PaRISState(state, _initial_tau(functional, model, state.particles, y0, u0))
+
+
+def backward_update(key, model, functional, prev: F.PFState, tau_prev, z_new, t, y, u, num_backward,
+                    use_bound, max_rounds=32):
+    """tau_t for every new particle, and the (N, Ñ) backward indices used."""
+    num = z_new.shape[0]
+    targets = jnp.repeat(z_new, num_backward, axis=0)
+    bound = C.transition_log_bound(model, t, u) if use_bound else None
+    j = backward_indices(key, model, prev.log_weights, prev.particles, targets, t, u, log_bound=bound,
+                         max_rounds=max_rounds)
+    h = jax.vmap(lambda zp, zz: functional.step(zp, zz, t, y, u))(prev.particles[j], targets)
+    summed = jax.tree_util.tree_map(lambda a, b: a[j] + b, tau_prev, h)
+    tau = jax.tree_util.tree_map(lambda s: jnp.mean(s.reshape((num, num_backward) + s.shape[1:]), axis=1), summed)
+    return tau, j.reshape(num, num_backward)
+
+
+def step(key, model, state: PaRISState, t, y, u, functional, *, num_backward=2, use_bound=True, resampling="systematic",
+         ess_threshold=0.5, proposal=None, auxiliary=None, reference=None, ancestor_sampling=False):
+    """One PaRIS step; returns ``(new_state, backward_indices (N, Ñ))``."""
+    functional = as_functional(functional)
+    k_f, k_b = jax.random.split(key)
+    new, _ = F.step(k_f, model, state.filter, t, y, u, resampling=resampling, ess_threshold=ess_threshold,
+                    proposal=proposal, auxiliary=auxiliary, reference=reference,
+                    ancestor_sampling=ancestor_sampling)
+    tau, j = backward_update(k_b, model, functional, state.filter, state.tau, new.particles, t, y, u,
+                             num_backward, use_bound)
+    return PaRISState(new, tau), j
+
+
+def estimate(state: PaRISState):
+    return C.weighted_mean(state.filter.log_weights, state.tau)
+
+
+def _paris_one(key, model, ys, inputs, ess_threshold, functional, *, num_particles, num_backward, resampling,
+               proposal, auxiliary, use_bound):
+    num_timesteps = ys.shape[0]
+    keys = jax.random.split(key, num_timesteps)
+    state = init(keys[0], model, ys[0], C.row(inputs, 0), functional, num_particles, proposal)
+
+    def body(state, xs):
+        t, y, u, k = xs
+        new, _ = step(k, model, state, t, y, u, functional, num_backward=num_backward, use_bound=use_bound,
+                      resampling=resampling, ess_threshold=ess_threshold, proposal=proposal, auxiliary=auxiliary)
+        return new, None
+
+    u_rest = None if inputs is None else jax.tree_util.tree_map(lambda a: a[1:], inputs)
+    final, _ = lax.scan(body, state, (jnp.arange(1, num_timesteps), ys[1:], u_rest, keys[1:]))
+    return PaRISResult(estimate(final), final.filter.log_likelihood, final)
+
+
+@eqx.filter_jit
+def _run(key, model, ys, inputs, ess_threshold, functional, *, num_particles, num_backward, resampling, proposal,
+         auxiliary, use_bound, batched, batched_u):
+    fn = lambda k, y, u: _paris_one(k, model, y, u, ess_threshold, functional, num_particles=num_particles,
+                                    num_backward=num_backward, resampling=resampling, proposal=proposal,
+                                    auxiliary=auxiliary, use_bound=use_bound)
+    if not batched:
+        return fn(key, ys, inputs)
+    keys = jax.random.split(key, ys.shape[0])
+    return jax.vmap(fn, in_axes=(0, 0, 0 if batched_u else None))(keys, ys, inputs)
+
+
+def check_functional(model, ys, inputs, functional, batched, batched_u):
+    functional = as_functional(functional)
+    y = ys[0] if batched else ys
+    u = inputs
+    if u is not None and batched_u:
+        u = C.row(u, 0)
+    shape, _ = C.state_shape(model, C.row(u, 0))
+    zs = jax.ShapeDtypeStruct(shape, y.dtype)
+    try:
+        out = jax.eval_shape(lambda zp, z: functional.step(zp, z, 1, y[0], C.row(u, 0)), zs, zs)
+        if functional.initial is not None:
+            out0 = jax.eval_shape(lambda z: functional.initial(z, y[0], C.row(u, 0)), zs)
+            if jax.tree_util.tree_structure(out0) != jax.tree_util.tree_structure(out) or any(
+                    a.shape != b.shape for a, b in zip(jax.tree_util.tree_leaves(out0), jax.tree_util.tree_leaves(out))):
+                raise ValueError("additive_functional: initial and step must return the same shapes")
+    except ValueError:
+        raise
+    except Exception as e:  # a shape error inside the user's function
+        raise ValueError(f"additive_functional: failed on a state of shape {shape}: {e}") from e
+    return functional
+
+
+def resolve_backward(model, backward):
+    if backward not in ("auto", "exact", "rejection"):
+        raise ValueError(f"backward: expected 'auto', 'exact' or 'rejection', got {backward!r}")
+    bounded = isinstance(model, C.AbstractBoundedTransitionSSM)
+    if backward == "rejection" and not bounded:
+        raise ValueError("backward: 'rejection' needs a model that declares a transition bound "
+                         "(subclass AbstractBoundedTransitionSSM)")
+    return bounded and backward != "exact"
+
+
+def paris(key, model, emissions, additive_functional, num_particles: int, num_backward: int = 2, *,
+          resampling: str = "systematic", ess_threshold: float = 0.5, proposal=None, auxiliary=None,
+          backward: str = "auto", inputs=None) -> PaRISResult:
+    """Smoothed expectation of an additive functional by PaRIS, in one forward pass.
+
+    Args:
+        key: a `jax.random` key.
+        model: any `SSM`; accept-reject backward draws when it declares a transition bound.
+        emissions: (T, D) or (B, T, D).
+        additive_functional: `AdditiveFunctional(initial, step)` or a callable
+            ``h(z_prev, z, t, y, inputs)`` (then the t = 0 term is zero); outputs any pytree.
+        num_particles: N >= 2.
+        num_backward: Ñ >= 1 backward draws per particle (2 is enough for O(1/N) bias... see
+            Olsson & Westerborn).
+        resampling, ess_threshold, proposal, auxiliary, inputs: as for `particle_filter`.
+        backward: "auto", "exact" (O(N^2) per step) or "rejection".
+
+    Returns:
+        `PaRISResult`: ``estimate`` (same pytree as h's output), ``log_likelihood``, final ``state``.
+
+    Example:
+        >>> f = ps.smc.AdditiveFunctional(initial=lambda z, y, u: z, step=lambda zp, z, t, y, u: z)
+        >>> ps.smc.paris(key, model, y, f, 1000).estimate     # ~ sum_t E[z_t | y]
+    """
+    C.check_model(model)
+    num_particles = C.check_num_particles(num_particles)
+    num_backward = checks.positive_int(num_backward, "num_backward")
+    resampling = C.check_resampling(resampling)
+    thr = C.check_ess_threshold(ess_threshold)
+    use_bound = resolve_backward(model, backward)
+    ys, inputs, batched, batched_u = C.prepare_emissions(model, emissions, inputs)
+    F.check_proposal(key, model, ys, inputs, proposal, batched, batched_u)
+    F.check_auxiliary(key, model, ys, inputs, auxiliary, batched, batched_u)
+    functional = check_functional(model, ys, inputs, additive_functional, batched, batched_u)
+    return _run(key, model, ys, inputs, jnp.asarray(thr, ys.dtype), functional, num_particles=num_particles,
+                num_backward=num_backward, resampling=resampling, proposal=proposal, auxiliary=auxiliary,
+                use_bound=use_bound, batched=batched, batched_u=batched_u)

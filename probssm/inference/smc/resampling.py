@@ -1,0 +1,125 @@
+"""Resampling schemes: draw N ancestor indices so that particle i gets N * w_i offspring in expectation.
+
+All four schemes run in O(N) without a sort or a binary search on the systematic,
+stratified and residual paths. Each scheme computes, for every particle i, the
+number of the N ordered sampling points that fall below its cumulative weight
+C_i (the inclusive cumulative offspring count n_i); the ancestors are then read
+off by one scatter-add and one cumulative sum::
+
+    n_i = #{k : u_k < C_i}                     (non-decreasing, n_{N-1} = N)
+    ancestors[k] = #{i : n_i <= k}             (= hist(n) cumsummed)
+
+The cumulative sums are normalised by their last entry, so float32 weights whose
+running sum falls short of one (or exceeds it) still give n_{N-1} = N exactly.
+Zero weights give no offspring. Weights need not be normalised.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["systematic", "stratified", "multinomial", "residual", "resample", "SCHEMES"]
+
+
+def _cumulative(weights):
+    """Normalised inclusive cumulative weights, with the last entry exactly one."""
+    c = jnp.cumsum(weights)
+    total = c[-1]
+    c = c / jnp.where(total > 0, total, 1.0)
+    return c.at[-1].set(1.0)
+
+
+def _ancestors_from_counts(n, num_particles):
+    """ancestors[k] = #{i : n_i <= k} for non-decreasing cumulative counts n with n[-1] = N."""
+    n = jnp.clip(n, 0, num_particles).astype(jnp.int32).at[-1].set(num_particles)
+    hist = jnp.zeros(num_particles + 1, jnp.int32).at[n].add(1)
+    return jnp.minimum(jnp.cumsum(hist[:num_particles]), num_particles - 1)
+
+
+def systematic(key, weights):
+    """Systematic resampling: points u_k = (k + U) / N with one uniform U.
+
+    n_i = #{k : (k + U) < N C_i} = ceil(N C_i - U).
+    """
+    num = weights.shape[0]
+    c = _cumulative(weights)
+    u = jax.random.uniform(key, (), dtype=c.dtype)
+    n = jnp.ceil(num * c - u)
+    return _ancestors_from_counts(n, num)
+
+
+def stratified(key, weights):
+    """Stratified resampling: points u_k = (k + U_k) / N with N independent uniforms.
+
+    With x = N C_i and m = floor(x): all points k < m lie below x, point m lies
+    below it when U_m < x - m, later points never do, so n_i = m + [U_m < x - m].
+    """
+    num = weights.shape[0]
+    c = _cumulative(weights)
+    u = jax.random.uniform(key, (num,), dtype=c.dtype)
+    x = num * c
+    m = jnp.floor(x)
+    mi = jnp.clip(m.astype(jnp.int32), 0, num - 1)
+    n = m + (u[mi] < x - m)
+    return _ancestors_from_counts(n, num)
+
+
+def multinomial(key, weights):
+    """Multinomial resampling: N independent draws from the weights.
+
+    The sorted uniforms come from normalised cumulative exponential spacings (O(N),
+    no sort); they are merged into the cumulative weights with one search.
+    """
+    num = weights.shape[0]
+    c = _cumulative(weights)
+    e = jax.random.exponential(key, (num + 1,), dtype=c.dtype)
+    s = jnp.cumsum(e)
+    u = s[:-1] / s[-1]
+    a = jnp.searchsorted(c, u, side="right")
+    return jnp.minimum(a, num - 1).astype(jnp.int32)
+
+
+def residual(key, weights):
+    """Residual resampling: floor(N w_i) copies of each particle, the R remaining slots
+    drawn by stratified sampling on the residual weights N w_i - floor(N w_i).
+
+    Expected offspring: floor(N w_i) + R * r_i / R = N w_i.
+    """
+    num = weights.shape[0]
+    c = _cumulative(weights)
+    w = jnp.diff(c, prepend=jnp.zeros((1,), c.dtype))
+    nw = num * jnp.clip(w, 0.0, None)
+    copies = jnp.floor(nw)
+    resid = nw - copies
+    r = num - jnp.sum(copies)  # number of slots left, in [0, N)
+    rc = jnp.cumsum(resid)
+    rc = rc / jnp.where(rc[-1] > 0, rc[-1], 1.0)
+    u = jax.random.uniform(key, (num,), dtype=c.dtype)
+    x = r * rc
+    m = jnp.floor(x)
+    mi = jnp.clip(m.astype(jnp.int32), 0, num - 1)
+    extra_cum = jnp.where(m < r, m + (u[mi] < x - m), r)  # inclusive cumulative extra offspring
+    n = jnp.cumsum(copies) + extra_cum
+    return _ancestors_from_counts(jnp.round(n), num)
+
+
+SCHEMES = {
+    "systematic": systematic,
+    "stratified": stratified,
+    "multinomial": multinomial,
+    "residual": residual,
+}
+
+
+def resample(key, log_weights, scheme: str = "systematic"):
+    """Ancestor indices (N,) int32 from unnormalised log-weights (all -inf: uniform)."""
+    w = _weights(log_weights)
+    return SCHEMES[scheme](key, w)
+
+
+def _weights(log_weights):
+    """exp(log w - max) with NaN as -inf; all -inf gives uniform weights (never NaN)."""
+    lw = jnp.where(jnp.isnan(log_weights), -jnp.inf, log_weights)
+    m = jnp.max(lw)
+    w = jnp.exp(lw - jnp.where(jnp.isfinite(m), m, 0.0))
+    return jnp.where(jnp.isfinite(m), w, jnp.ones_like(w))
