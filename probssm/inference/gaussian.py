@@ -1,0 +1,328 @@
+"""Gaussian filters and smoothers for nonlinear models with additive Gaussian noise:
+extended (EKF), iterated extended (IEKF), unscented (UKF) and cubature (CKF).
+
+Every method is one Kalman recursion run on a *linearisation* of the model around
+the current Gaussian belief N(m, P). A linearisation of a function g is an affine
+map with an extra noise term,
+
+    g(z) ~= A z + b + N(0, Omega),
+
+after which the step is exactly a Kalman predict (F = A, b, Q + Omega) or update
+(H = A, d = b, R + Omega). The methods differ only in how (A, b, Omega) are made:
+
+    ekf       A = dg/dz at m (``jax.jacfwd``), b = g(m) - A m, Omega = 0
+    iekf      the update is relinearised at the posterior mean ``num_iter`` times
+              (Gauss-Newton on the MAP of z_t); prediction as in the EKF
+    ukf       statistical linear regression on unscented sigma points:
+              A = C^T P^{-1}, b = ybar - A m, Omega = S - A P A^T, with ybar, S, C the
+              sigma-point mean, covariance and cross-covariance of g(z), z ~ N(m, P)
+    cubature  the same on the 2d spherical-radial cubature points (UKF with
+              alpha = 1, beta = 0, kappa = 0)
+
+Written this way the sigma-point filters are algebraically the textbook UKF/CKF and
+the RTS-type smoothers are the extended and unscented RTS smoothers: the backward
+gain is E_t = P_t A_t^T (A_t P_t A_t^T + Omega_t + Q)^{-1} = C_t P_pred^{-1}, with the
+transition linearised at the filtered belief of step t, exactly the linearisation
+the filter used for its prediction. On a linear model every linearisation is exact
+and each filter equals `ps.kalman` (to rounding).
+
+Loop run by `lax.scan` (t indexes states and observations from 0)::
+
+    m, P = m1, P1
+    for t in 0..T-1:
+        if t > 0:
+            A, b, Om = linearise(z -> f(z, t, u_t), m, P);  m, P = A m + b, A P A^T + Q + Om
+        A, b, Om = linearise(z -> h(z, t, u_t), m, P)      # IEKF: repeat at the new mean
+        m, P, ll_t = kalman_update(m, P, A, b, R + Om, y_t) # NaN rows dropped exactly
+
+Missing values (NaN) are handled exactly as in `ps.kalman` (its row-dropping update is
+reused), so a step with every entry missing is a pure prediction.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from probssm.core import checks
+from probssm.core.linalg import cho_solve_lower, cholesky, mm, symmetrize
+from probssm.inference.kalman import (
+    FilterResult,
+    SmootherResult,
+    _predict,
+    _smoother_element,
+    _update,
+)
+from probssm.models.nonlinear import NonlinearGaussianSSM
+
+__all__ = ["METHODS", "FilterResult", "SmootherResult", "filter", "smoother", "sigma_points"]
+
+METHODS = ("ekf", "iekf", "ukf", "cubature")
+
+
+# ----------------------------------------------------------------------------------------------
+# Linearisations: (fn, m, P) -> (A, b, Omega)
+# ----------------------------------------------------------------------------------------------
+def sigma_points(mean, cov, method: str = "ukf", alpha: float = 1.0, beta: float = 2.0,
+                 kappa: Optional[float] = None):
+    """Sigma points and weights of N(mean, cov).
+
+    Args:
+        mean: (d,).
+        cov: (d, d), positive definite.
+        method: "ukf" (2d + 1 scaled unscented points) or "cubature" (2d points).
+        alpha, beta, kappa: unscented scaling; lambda = alpha^2 (d + kappa) - d. ``kappa=None``
+            uses max(3 - d, 0) (for d = 1 the three points are Gauss-Hermite's).
+
+    Returns:
+        ``(points (n, d), mean_weights (n,), cov_weights (n,))``.
+    """
+    d = mean.shape[0]
+    L = cholesky(cov)
+    dtype = mean.dtype
+    if method == "cubature":
+        scaled = math.sqrt(d) * L.T  # row i = sqrt(d) * column i of L
+        points = jnp.concatenate([mean + scaled, mean - scaled])
+        w = jnp.full((2 * d,), 1.0 / (2 * d), dtype)
+        return points, w, w
+    k = max(3.0 - d, 0.0) if kappa is None else float(kappa)
+    lam = alpha ** 2 * (d + k) - d
+    scaled = math.sqrt(d + lam) * L.T
+    points = jnp.concatenate([mean[None], mean + scaled, mean - scaled])
+    wi = 1.0 / (2.0 * (d + lam))
+    wm = jnp.concatenate([jnp.full((1,), lam / (d + lam), dtype), jnp.full((2 * d,), wi, dtype)])
+    wc = wm.at[0].add(1.0 - alpha ** 2 + beta)
+    return points, wm, wc
+
+
+def _slr(fn, m, P, cfg):
+    """Statistical linear regression of fn on sigma points of N(m, P)."""
+    points, wm, wc = sigma_points(m, P, cfg.method, cfg.alpha, cfg.beta, cfg.kappa)
+    Y = jax.vmap(fn)(points)
+    ybar = wm @ Y
+    dX = points - m
+    dY = Y - ybar
+    C = (wc[:, None] * dX).T @ dY  # (d, p) Cov[z, g(z)]
+    S = (wc[:, None] * dY).T @ dY  # (p, p) Cov[g(z)]
+    A = cho_solve_lower(cholesky(P), C).T  # C^T P^{-1}
+    b = ybar - mm(A, m)
+    Omega = symmetrize(S - mm(mm(A, P), A.T))
+    return A, b, Omega
+
+
+def _taylor(fn, jac, m):
+    A = jac(m)
+    out = fn(m)
+    return A, out - mm(A, m)
+
+
+class _Config(eqx.Module):
+    """Static settings of one run (hashable: all Python values)."""
+
+    method: str = eqx.field(static=True)
+    num_iter: int = eqx.field(static=True)
+    alpha: float = eqx.field(static=True)
+    beta: float = eqx.field(static=True)
+    kappa: Optional[float] = eqx.field(static=True)
+    transition_jacobian: Optional[Callable] = eqx.field(static=True)
+    emission_jacobian: Optional[Callable] = eqx.field(static=True)
+
+
+def _row(inputs, t):
+    return None if inputs is None else jax.tree_util.tree_map(lambda a: a[t], inputs)
+
+
+def _linearise_transition(model, cfg, m, P, t, u):
+    f = lambda z: model.transition_fn(z, t, u)
+    if cfg.method in ("ekf", "iekf"):
+        jac = jax.jacfwd(f) if cfg.transition_jacobian is None else (
+            lambda z: cfg.transition_jacobian(z, t, u))
+        A, b = _taylor(f, jac, m)
+        return A, b, model.transition_cov
+    A, b, Omega = _slr(f, m, P, cfg)
+    return A, b, symmetrize(model.transition_cov + Omega)
+
+
+def _measure(model, cfg, m, P, t, u, y, mask):
+    h = lambda z: model.emission_fn(z, t, u)
+    R = model.emission_cov
+    if cfg.method in ("ekf", "iekf"):
+        jac = jax.jacfwd(h) if cfg.emission_jacobian is None else (lambda z: cfg.emission_jacobian(z, t, u))
+
+        def at(z):
+            A, b = _taylor(h, jac, z)
+            return _update(m, P, A, b, R, y, mask)
+
+        if cfg.method == "iekf" and cfg.num_iter > 1:
+            z = lax.fori_loop(0, cfg.num_iter - 1, lambda i, z: at(z)[0], m)
+        else:
+            z = m
+        return at(z)
+    A, b, Omega = _slr(h, m, P, cfg)
+    return _update(m, P, A, b, symmetrize(R + Omega), y, mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Filter and smoother cores
+# ----------------------------------------------------------------------------------------------
+def _filter_core(model, cfg, ys, masks, inputs):
+    """Returns the FilterResult and the transition linearisation (A, b, Q_eff) of steps 1..T-1."""
+    mask_at = (lambda t: None) if masks is None else (lambda t: masks[t])
+    m0, P0, ll0 = _measure(model, cfg, model.initial_mean, model.initial_cov, 0, _row(inputs, 0), ys[0],
+                           mask_at(0))
+
+    def step(carry, t):
+        m, P, ll = carry
+        u = _row(inputs, t)
+        A, b, Qe = _linearise_transition(model, cfg, m, P, t, u)
+        m, P = _predict(m, P, A, b, Qe)
+        m, P, ll_t = _measure(model, cfg, m, P, t, u, ys[t], mask_at(t))
+        return (m, P, ll + ll_t), (m, P, A, b, Qe)
+
+    ts = jnp.arange(1, ys.shape[0])
+    (_, _, ll), (ms, Ps, As, bs, Qs) = lax.scan(step, (m0, P0, ll0), ts)
+    result = FilterResult(ll, jnp.concatenate([m0[None], ms]), jnp.concatenate([P0[None], Ps]))
+    return result, (As, bs, Qs)
+
+
+def _smoother_core(model, cfg, ys, masks, inputs):
+    filtered, (As, bs, Qs) = _filter_core(model, cfg, ys, masks, inputs)
+    ms, Ps = filtered.filtered_means, filtered.filtered_covs
+    body = jax.vmap(_smoother_element)(ms[:-1], Ps[:-1], As, bs, Qs)
+
+    def step(carry, e):
+        m_next, P_next = carry
+        m = mm(e.E, m_next) + e.g
+        P = symmetrize(mm(mm(e.E, P_next), e.E.T) + e.L)
+        return (m, P), (m, P)
+
+    _, (sm, sP) = lax.scan(step, (ms[-1], Ps[-1]), body, reverse=True)
+    means = jnp.concatenate([sm, ms[-1][None]])
+    covs = jnp.concatenate([sP, Ps[-1][None]])
+    cross = jnp.einsum("tij,tkj->tik", covs[1:], body.E)  # Cov[z_{t+1}, z_t] = P^s_{t+1} E_t^T
+    return SmootherResult(filtered.log_likelihood, ms, Ps, means, covs, cross)
+
+
+@eqx.filter_jit
+def _run(model, ys, inputs, cfg, has_missing, batched, batched_u, smooth):
+    def one(y, u):
+        masks = ~jnp.isnan(y) if has_missing else None
+        if smooth:
+            return _smoother_core(model, cfg, y, masks, u)
+        return _filter_core(model, cfg, y, masks, u)[0]
+
+    if not batched:
+        return one(ys, inputs)
+    return jax.vmap(one, in_axes=(0, 0 if batched_u else None))(ys, inputs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------
+def _prepare(model, emissions, inputs, method, num_iter, alpha, beta, kappa, transition_jacobian,
+             emission_jacobian):
+    if not isinstance(model, NonlinearGaussianSSM):
+        raise ValueError(f"model: expected a ps.models.NonlinearGaussianSSM, got {type(model).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    num_iter = checks.positive_int(num_iter, "num_iter")
+    for name, v in (("alpha", alpha), ("beta", beta)):
+        if not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{name}: expected a finite number, got {v!r}")
+    if alpha <= 0:
+        raise ValueError(f"alpha: expected a number > 0, got {alpha}")
+    d, p = model.state_dim, model.emission_dim
+    if kappa is not None:
+        if not isinstance(kappa, (int, float)) or not math.isfinite(kappa):
+            raise ValueError(f"kappa: expected a finite number or None, got {kappa!r}")
+        if method == "ukf" and alpha ** 2 * (d + kappa) <= 0:
+            raise ValueError(f"kappa: expected alpha^2 (d + kappa) > 0 (d = {d}), got kappa = {kappa}")
+    # Covariances are re-checked here: a model edited with eqx.tree_at skips its constructor.
+    checks.shape(model.initial_cov, "initial_cov", (d, d))
+    checks.shape(model.transition_cov, "transition_cov", (d, d))
+    checks.shape(model.emission_cov, "emission_cov", (p, p))
+    checks.psd(model.initial_cov, "initial_cov")
+    checks.psd(model.transition_cov, "transition_cov", strict=False)
+    checks.psd(model.emission_cov, "emission_cov", strict=False)
+    checks.finite(model.initial_mean, "initial_mean")
+    ys, batched = checks.emissions_batch(emissions, p)
+    num_timesteps = ys.shape[-2]
+    u, batched_u = None, False
+    if inputs is not None:
+        u, batched_u = checks.inputs_batch(inputs, num_timesteps, ys.shape[0] if batched else None)
+        checks.finite(u, "inputs")
+    u0 = None if u is None else (u[0, 0] if batched_u else u[0])
+    z = jax.ShapeDtypeStruct((d,), model.initial_mean.dtype)
+    for name, jac, expected in (("transition_jacobian", transition_jacobian, (d, d)),
+                                ("emission_jacobian", emission_jacobian, (p, d))):
+        if jac is None:
+            continue
+        if method not in ("ekf", "iekf"):
+            raise ValueError(f"{name}: only used by method 'ekf' or 'iekf', got method {method!r}")
+        if not callable(jac):
+            raise ValueError(f"{name}: expected a callable (z, t, inputs) -> {expected}, got {jac!r}")
+        out = jax.eval_shape(lambda z: jac(z, 1, u0), z)
+        if out.shape != expected:
+            raise ValueError(f"{name}: expected a Jacobian of shape {expected}, got shape {out.shape}")
+    has_missing = (not checks.is_concrete(ys)) or bool(jnp.any(jnp.isnan(ys)))
+    cfg = _Config(method, num_iter, float(alpha), float(beta), None if kappa is None else float(kappa),
+                  transition_jacobian, emission_jacobian)
+    return ys, u, cfg, dict(has_missing=has_missing, batched=batched, batched_u=batched_u)
+
+
+def filter(model, emissions, *, method: str = "ekf", inputs=None, num_iter: int = 5, alpha: float = 1.0,
+           beta: float = 2.0, kappa: Optional[float] = None, transition_jacobian: Optional[Callable] = None,
+           emission_jacobian: Optional[Callable] = None) -> FilterResult:
+    """Gaussian filter (EKF, IEKF, UKF or cubature) for a `NonlinearGaussianSSM`.
+
+    Args:
+        model: a `ps.models.NonlinearGaussianSSM`.
+        emissions: (T, p) or a batch (B, T, p); NaN marks a missing value (dropped exactly).
+        method: "ekf", "iekf", "ukf" or "cubature".
+        inputs: optional (T, U) or (B, T, U); row t is passed to f and h at step t.
+        num_iter: IEKF only; the number of linearisations of each update (1 gives the EKF).
+        alpha, beta, kappa: UKF sigma-point scaling (see `sigma_points`).
+        transition_jacobian: EKF/IEKF only; ``J_f(z, t, inputs) -> (d, d)``; default ``jax.jacfwd``.
+        emission_jacobian: EKF/IEKF only; ``J_h(z, t, inputs) -> (p, d)``; default ``jax.jacfwd``.
+
+    Returns:
+        `ps.kalman.FilterResult` (with a leading B axis for batches); ``log_likelihood`` is the
+        sum of the approximate one-step predictive log-densities.
+
+    Example:
+        >>> model = ps.models.NonlinearGaussianSSM(jnp.zeros(1), jnp.eye(1),
+        ...     lambda z, t, u: jnp.sin(z), 0.1 * jnp.eye(1), lambda z, t, u: z ** 2 / 20, jnp.eye(1))
+        >>> _, y = ps.sample(jax.random.key(0), model, 100)
+        >>> ps.gaussian.filter(model, y, method="ukf").filtered_means.shape     # (100, 1)
+
+    The model's functions are plain Python callables, so the engine is compiled with
+    `equinox.filter_jit`: pass the same function objects again to reuse the compiled code.
+    """
+    ys, u, cfg, flags = _prepare(model, emissions, inputs, method, num_iter, alpha, beta, kappa,
+                                 transition_jacobian, emission_jacobian)
+    return _run(model, ys, u, cfg, smooth=False, **flags)
+
+
+def smoother(model, emissions, *, method: str = "ekf", inputs=None, num_iter: int = 5, alpha: float = 1.0,
+             beta: float = 2.0, kappa: Optional[float] = None, transition_jacobian: Optional[Callable] = None,
+             emission_jacobian: Optional[Callable] = None) -> SmootherResult:
+    """RTS-type smoother on top of `filter` (extended RTS for ekf/iekf, unscented/cubature RTS).
+
+    Same arguments as `filter`. Backward pass (``E_t`` is the gain of the transition
+    linearised at the filtered belief of step t, the one the filter predicted with)::
+
+        ms[T-1], Ps[T-1] = filtered
+        for t in T-2..0:
+            E = P_t A_t^T Pp_{t+1}^{-1}
+            ms[t] = m_t + E (ms[t+1] - mp_{t+1});  Ps[t] = P_t + E (Ps[t+1] - Pp_{t+1}) E^T
+
+    Returns:
+        `ps.kalman.SmootherResult`; ``smoothed_cross_covs[t]`` approximates Cov[z_{t+1}, z_t | y].
+    """
+    ys, u, cfg, flags = _prepare(model, emissions, inputs, method, num_iter, alpha, beta, kappa,
+                                 transition_jacobian, emission_jacobian)
+    return _run(model, ys, u, cfg, smooth=True, **flags)
