@@ -26,10 +26,12 @@ import probssm as ps  # noqa: E402
 
 
 def timed(fn, reps=5):
-    """(first call seconds, median steady-state seconds)."""
+    """(first call seconds, median steady-state seconds); fewer repetitions for slow calls."""
     t0 = time.perf_counter()
     jax.block_until_ready(fn())
     first = time.perf_counter() - t0
+    if first > 5.0:
+        reps = 2
     runs = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -96,24 +98,36 @@ def main():
 
     from dynamax.linear_gaussian_ssm.inference import lgssm_filter as dx_filter, lgssm_smoother as dx_smoother
 
-    rows = []
+    print("| d | p | T | method | compile (s) | run (s) | us/step | dynamax run / this run |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
     for d, p, T in configs:
         model, y = make_problem(d, p, T)
         params = dynamax_params(model)
         dx_f = jax.jit(dx_filter)
         dx_s = jax.jit(dx_smoother)
-        res = {}
-        res["probssm filter"] = timed(lambda: ps.kalman.filter(model, y).log_likelihood)
-        res["dynamax filter"] = timed(lambda: dx_f(params, y).marginal_loglik)
-        res["probssm smoother"] = timed(lambda: ps.kalman.smoother(model, y).smoothed_means)
-        res["dynamax smoother"] = timed(lambda: dx_s(params, y).smoothed_means)
+        base = {}
+
+        def row(name, val):
+            if val is None:
+                print(f"| {d} | {p} | {T} | {name} | did not finish within {args.dynamax_parallel_limit:.0f} s "
+                      f"| – | – | – |", flush=True)
+                return
+            c, r = val
+            kind = "smoother" if "smoother" in name else "filter"
+            base.setdefault(kind, r)
+            print(f"| {d} | {p} | {T} | {name} | {c:.2f} | {r:.4f} | {1e6 * r / T:.2f} | {base[kind] / r:.2f}x |",
+                  flush=True)
+
+        row("dynamax filter", timed(lambda: dx_f(params, y).marginal_loglik))
+        row("probssm filter", timed(lambda: ps.kalman.filter(model, y).log_likelihood))
+        row("dynamax smoother", timed(lambda: dx_s(params, y).smoothed_means))
+        row("probssm smoother", timed(lambda: ps.kalman.smoother(model, y).smoothed_means))
         chunk = None if T <= 4096 else 4096
-        res["probssm parallel filter"] = timed(
-            lambda: ps.kalman.filter(model, y, parallel=True, chunk_size=chunk).log_likelihood)
-        res["probssm parallel smoother"] = timed(
-            lambda: ps.kalman.smoother(model, y, parallel=True, chunk_size=chunk).smoothed_means)
-        dxp = dynamax_parallel(d, p, T, args.dynamax_parallel_limit)
-        res["dynamax parallel filter"] = dxp
+        row("probssm parallel filter", timed(
+            lambda: ps.kalman.filter(model, y, parallel=True, chunk_size=chunk).log_likelihood))
+        row("probssm parallel smoother", timed(
+            lambda: ps.kalman.smoother(model, y, parallel=True, chunk_size=chunk).smoothed_means))
+        row("dynamax parallel filter", dynamax_parallel(d, p, T, args.dynamax_parallel_limit))
         if T <= 1_000:
             from pykalman import KalmanFilter
 
@@ -125,25 +139,10 @@ def main():
                               initial_state_covariance=np.asarray(model.initial_cov))
             t0 = time.perf_counter()
             kf.loglikelihood(y)
-            res["pykalman filter"] = (0.0, time.perf_counter() - t0)
+            row("pykalman filter", (0.0, time.perf_counter() - t0))
             t0 = time.perf_counter()
             kf.smooth(y)
-            res["pykalman smoother"] = (0.0, time.perf_counter() - t0)
-        rows.append(((d, p, T), res))
-
-    print("| d | p | T | method | compile (s) | run (s) | us/step | dynamax run / this run |")
-    print("|---|---|---|---|---|---|---|---|")
-    for (d, p, T), res in rows:
-        base = {"filter": res["dynamax filter"], "smoother": res["dynamax smoother"]}
-        for name, val in res.items():
-            if val is None:
-                print(f"| {d} | {p} | {T} | {name} | did not finish within {args.dynamax_parallel_limit:.0f} s "
-                      f"| – | – | – |")
-                continue
-            c, r = val
-            kind = "smoother" if "smoother" in name else "filter"
-            ratio = base[kind][1] / r
-            print(f"| {d} | {p} | {T} | {name} | {c:.2f} | {r:.4f} | {1e6 * r / T:.2f} | {ratio:.2f}x |")
+            row("pykalman smoother", (0.0, time.perf_counter() - t0))
 
 
 if __name__ == "__main__":

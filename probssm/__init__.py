@@ -7,9 +7,16 @@
 from probssm import core, models, inference
 from probssm.core import SSM, sample, lagged_inputs
 from probssm.inference import kalman
+from probssm.inference import hmm
+from probssm.inference import smc
+from probssm.models import emissions
+from probssm import datasets
 from probssm import learn
 from probssm.io import load, save
 
 __version__ = "0.1.0"
 
-__all__ = ["core", "models", "inference", "kalman", "learn", "save", "load", "SSM", "sample", "lagged_inputs"]
+__all__ = ["core", "models", "inference", "kalman", "learn", "save", "load", "SSM", "sample", "lagged_inputs", "hmm", "emissions", "datasets", "smc"]
+from probssm.inference import gaussian
+
+__all__ += ["gaussian"]

@@ -25,6 +25,7 @@ from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
@@ -145,8 +146,8 @@ def log_density(build: Callable[[dict], SSM], priors: dict, emissions, inputs=No
 class MCMCResult(NamedTuple):
     samples: dict  # name -> (chains, draws, *shape)
     states: Optional[jax.Array]  # (chains, draws, T, d) latent-state draws, or None
-    log_likelihood: jax.Array  # (chains, draws)
-    diverging: jax.Array  # (chains, draws)
+    log_likelihood: jax.Array  # (chains, draws); a particle estimate for PMMH
+    stats: dict  # per-draw sampler statistics, (chains, draws): "diverging" (NUTS), "accepted" (PMMH)
 
 
 def nuts(key, build: Callable[[dict], SSM], priors: dict, emissions, *, num_warmup: int = 500,
@@ -210,7 +211,7 @@ def nuts(key, build: Callable[[dict], SSM], priors: dict, emissions, *, num_warm
     if draw_states and ys.ndim == 2:
         states = _draw_states(key_states, build, flat, ys, inputs)
         states = states.reshape((num_chains, num_samples) + states.shape[1:])
-    return MCMCResult(samples, states, lls, diverging)
+    return MCMCResult(samples, states, lls, {"diverging": diverging})
 
 
 def _draw_states(key, build, flat_params, ys, inputs):
@@ -250,5 +251,140 @@ def to_arviz(result: MCMCResult, *, time_coords=None, state_names=None):
         coords["time"] = np.arange(T) if time_coords is None else np.asarray(time_coords)
         coords["state"] = np.arange(d) if state_names is None else list(state_names)
         dims["states"] = ["time", "state"]
-    sample_stats = {"log_likelihood": np.asarray(result.log_likelihood), "diverging": np.asarray(result.diverging)}
+    sample_stats = {"log_likelihood": np.asarray(result.log_likelihood)}
+    sample_stats.update({k: np.asarray(v) for k, v in result.stats.items()})
     return az.from_dict(posterior=posterior, sample_stats=sample_stats, coords=coords, dims=dims)
+
+
+# ------------------------------------------------------------------------------------------------
+# Particle marginal Metropolis-Hastings
+# ------------------------------------------------------------------------------------------------
+def _initial_unconstrained(key, priors, init_params, num_chains):
+    """Per-chain unconstrained starting points: ``init_params`` or the median of prior draws."""
+    out = {}
+    for name, prior in priors.items():
+        bij = biject_to(prior.support)
+        if init_params is not None and name in init_params:
+            value = jnp.asarray(init_params[name], dtype=jnp.result_type(float))
+        else:
+            key, sub = jax.random.split(key)
+            value = jnp.median(prior.sample(sub, (101,)), axis=0)
+        u = bij.inv(value)
+        out[name] = jnp.broadcast_to(u, (num_chains,) + jnp.shape(u))
+    return out
+
+
+def _pmmh_chain(key, u0, log_target, *, num_warmup, num_samples, target_accept):
+    """Adaptive random-walk Metropolis on a noisy (pseudo-marginal) log target.
+
+    Warm-up: the proposal covariance follows the running covariance of the chain
+    (Haario et al.) and its scale is tuned by Robbins-Monro towards
+    ``target_accept``; afterwards both are frozen so the chain is a valid
+    pseudo-marginal MH chain. The current state's likelihood estimate is kept,
+    never refreshed.
+    """
+    from jax.flatten_util import ravel_pytree
+
+    x0, unravel = ravel_pytree(u0)
+    dim = x0.shape[0]
+    key, k0 = jax.random.split(key)
+    lp0, ll0 = log_target(k0, unravel(x0))
+
+    def mh(carry, k, chol, scale):
+        x, lp, ll = carry
+        k_prop, k_target, k_acc = jax.random.split(k, 3)
+        proposal = x + scale * chol @ jax.random.normal(k_prop, (dim,), x.dtype)
+        lp_new, ll_new = log_target(k_target, unravel(proposal))
+        log_ratio = jnp.where(jnp.isfinite(lp_new), lp_new - lp, -jnp.inf)
+        accept = jnp.log(jax.random.uniform(k_acc, dtype=x.dtype)) < log_ratio
+        x = jnp.where(accept, proposal, x)
+        return (x, jnp.where(accept, lp_new, lp), jnp.where(accept, ll_new, ll)), accept, jnp.minimum(
+            1.0, jnp.exp(jnp.minimum(log_ratio, 0.0)))
+
+    eye = jnp.eye(dim, dtype=x0.dtype)
+
+    def warm(carry, xs):
+        state, mean, cov, log_scale = carry
+        i, k = xs
+        chol = jnp.linalg.cholesky(cov + 1e-8 * eye)
+        state, _, prob = mh(state, k, chol, jnp.exp(log_scale))
+        n = i + 2.0
+        delta = state[0] - mean
+        mean = mean + delta / n
+        cov = cov + (jnp.outer(delta, state[0] - mean) - cov) / n
+        log_scale = log_scale + (prob - target_accept) / (i + 1.0) ** 0.6
+        return (state, mean, cov, log_scale), None
+
+    keys = jax.random.split(key, num_warmup + num_samples)
+    init = ((x0, lp0, ll0), x0, 0.1 * eye, jnp.log(2.38 / jnp.sqrt(dim)))
+    if num_warmup:
+        (state, _, cov, log_scale), _ = lax.scan(warm, init, (jnp.arange(num_warmup, dtype=x0.dtype),
+                                                               keys[:num_warmup]))
+    else:
+        state, _, cov, log_scale = init
+    chol = jnp.linalg.cholesky(cov + 1e-8 * eye)
+
+    def draw(state, k):
+        state, accept, _ = mh(state, k, chol, jnp.exp(log_scale))
+        return state, (unravel(state[0]), state[2], accept)
+
+    _, (us, lls, accepted) = lax.scan(draw, state, keys[num_warmup:])
+    return us, lls, accepted
+
+
+def pmmh(key, build: Callable[[dict], SSM], priors: dict, emissions, *, num_particles: int = 500,
+         num_warmup: int = 1000, num_samples: int = 2000, num_chains: int = 2, inputs=None, init_params=None,
+         resampling: str = "systematic", target_accept: float = 0.15) -> MCMCResult:
+    """Particle marginal Metropolis-Hastings: random-walk MH with a bootstrap-filter likelihood.
+
+    Works for any model (only the protocol is needed). The estimate exp(log Zhat) is
+    unbiased, so the chain targets the exact posterior of the parameters.
+
+    Args:
+        build, priors, emissions, init_params: as in `nuts`; emissions (T, D).
+        num_particles: particles of the bootstrap filter at each proposal.
+        target_accept: warm-up tunes the proposal scale towards this acceptance rate
+            (about 0.07-0.15 is efficient for pseudo-marginal chains).
+
+    Returns:
+        `MCMCResult` with ``stats["accepted"]``; ``log_likelihood`` holds the particle estimates.
+    """
+    from probssm.inference.smc import filter as pf
+
+    _check_priors(priors)
+    num_particles = checks.positive_int(num_particles, "num_particles", minimum=2)
+    num_warmup = checks.positive_int(num_warmup, "num_warmup", minimum=0)
+    num_samples = checks.positive_int(num_samples, "num_samples")
+    num_chains = checks.positive_int(num_chains, "num_chains")
+    if not 0.0 < float(target_accept) < 1.0:
+        raise ValueError(f"target_accept: expected a value in (0, 1), got {target_accept}")
+    ys = jnp.asarray(emissions)
+    if ys.ndim != 2:
+        raise ValueError(f"emissions: expected shape (T, D), got shape {tuple(ys.shape)}")
+    if init_params is not None:
+        for name, value in init_params.items():
+            if name not in priors:
+                raise ValueError(f"init_params: {name!r} has no prior")
+            if not np.all(np.isfinite(np.asarray(value))) or not bool(
+                    jnp.all(priors[name].support(jnp.asarray(value)))):
+                raise ValueError(f"init_params: {name!r} = {value} is not a finite value inside its prior's support")
+    bijectors = {k: biject_to(p.support) for k, p in priors.items()}
+
+    def log_target(k, u):
+        total = 0.0
+        theta = {}
+        for name, prior in priors.items():
+            theta[name] = bijectors[name](u[name])
+            total = total + jnp.sum(prior.log_prob(theta[name]))
+            total = total + jnp.sum(bijectors[name].log_abs_det_jacobian(u[name], theta[name]))
+        ll = pf._filter_one(k, build(theta), ys, inputs, 1.0, num_particles=num_particles, resampling=resampling,
+                            proposal=None, auxiliary=None, history=False).log_likelihood
+        return total + ll, ll
+
+    key_init, key_run = jax.random.split(key)
+    u0 = _initial_unconstrained(key_init, priors, init_params, num_chains)
+    run = jax.jit(jax.vmap(lambda k, u: _pmmh_chain(k, u, log_target, num_warmup=num_warmup,
+                                                      num_samples=num_samples, target_accept=float(target_accept))))
+    us, lls, accepted = run(jax.random.split(key_run, num_chains), u0)
+    samples = {k: bijectors[k](us[k]) for k in priors}
+    return MCMCResult(samples, None, lls, {"accepted": accepted})

@@ -1,5 +1,8 @@
 """Model families: one module each, all implementing `probssm.core.SSM`."""
 from probssm.models.lgssm import LinearGaussianSSM
 from probssm.models.nonlinear import NonlinearGaussianSSM
+from probssm.models import emissions
+from probssm.models.hmm import HMM, ARHMM
+from probssm.models.stochastic_volatility import StochasticVolatility
 
-__all__ = ["LinearGaussianSSM", "NonlinearGaussianSSM"]
+__all__ = ["LinearGaussianSSM", "NonlinearGaussianSSM", "emissions", "HMM", "ARHMM", "StochasticVolatility"]
