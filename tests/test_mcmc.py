@@ -75,3 +75,105 @@ def test_bad_input():
                   init_params={"s": -1.0})
     with pytest.raises(ValueError, match="ssm"):
         mcmc.MarginalLikelihood("not a model", 5)
+
+
+# ---------------------------------------------------------------- particle MCMC
+def small_lgssm():
+    rng = np.random.default_rng(3)
+    A = np.array([[0.9, 0.2], [-0.1, 0.8]])
+    return ps.models.LinearGaussianSSM(np.zeros(2), np.eye(2), A, 0.3 * np.eye(2), rng.normal(size=(1, 2)),
+                                       0.5 * np.eye(1))
+
+
+def test_conditional_smc_leaves_the_smoothing_distribution_invariant():
+    """Start M chains from exact smoothing draws; after one sweep each is still an exact draw."""
+    from probssm.inference.smc import csmc
+
+    model = small_lgssm()
+    T, M, N = 15, 4000, 8
+    _, y = ps.sample(jax.random.PRNGKey(0), model, T)
+    sm = ps.kalman.smoother(model, y)
+    refs = ps.kalman.sample(jax.random.PRNGKey(1), model, y, M)
+    sweep = jax.jit(jax.vmap(lambda k, r: csmc._csmc_one(k, model, y, None, r, num_particles=N, proposal=None,
+                                                         ancestor_sampling=True).reference))
+    out = np.asarray(sweep(jax.random.split(jax.random.PRNGKey(2), M), refs))
+    assert not np.allclose(out, np.asarray(refs))  # the sweep moved the paths
+    sd = np.sqrt(np.diagonal(np.asarray(sm.smoothed_covs), axis1=1, axis2=2))
+    z_mean = (out.mean(0) - np.asarray(sm.smoothed_means)) / (sd / np.sqrt(M))
+    # sample variance of M Gaussian draws: relative standard error sqrt(2 / (M - 1))
+    z_var = (out.var(0, ddof=1) / sd ** 2 - 1) / np.sqrt(2 / (M - 1))
+    # 30 z-scores each: P(max |z| > 4.5) < 3e-4 under invariance
+    assert np.abs(z_mean).max() < 4.5, np.abs(z_mean).max()
+    assert np.abs(z_var).max() < 4.5, np.abs(z_var).max()
+
+
+def nile_setup():
+    from statsmodels.datasets import nile
+
+    y = nile.load_pandas().data["volume"].to_numpy(float)[:, None]
+
+    def build_nile(p):
+        return ps.models.LinearGaussianSSM(jnp.zeros(1), 1e7 * jnp.eye(1), jnp.eye(1), p["q"] * jnp.eye(1),
+                                           jnp.eye(1), p["r"] * jnp.eye(1))
+
+    priors = {"q": dist.HalfNormal(1e4), "r": dist.HalfNormal(5e4)}
+    return y, build_nile, priors, {"q": 1500.0, "r": 15000.0}
+
+
+def _z_between(res_a, res_b, name):
+    import arviz as az
+
+    a = az.summary(mcmc.to_arviz(res_a), var_names=[name])
+    b = az.summary(mcmc.to_arviz(res_b), var_names=[name])
+    return float((a["mean"].iloc[0] - b["mean"].iloc[0]) / np.hypot(a["mcse_mean"].iloc[0], b["mcse_mean"].iloc[0]))
+
+
+@pytest.mark.slow
+def test_pmmh_and_particle_gibbs_agree_with_nuts_on_nile():
+    y, build_nile, priors, init = nile_setup()
+    ref = mcmc.nuts(jax.random.PRNGKey(1), build_nile, priors, y, num_warmup=500, num_samples=2000, num_chains=2,
+                    init_params=init, draw_states=False)
+    pm = mcmc.pmmh(jax.random.PRNGKey(0), build_nile, priors, y, num_particles=200, num_warmup=1000,
+                   num_samples=4000, num_chains=2, init_params=init)
+    pg = mcmc.particle_gibbs(jax.random.PRNGKey(0), build_nile, priors, y, num_particles=50, num_warmup=500,
+                             num_samples=2000, num_chains=2, init_params=init)
+    for name in ("q", "r"):
+        assert abs(_z_between(pm, ref, name)) < 2.0
+        assert abs(_z_between(pg, ref, name)) < 2.0
+
+
+def test_particle_samplers_run_and_convert_to_arviz():
+    import arviz as az
+
+    y, build_nile, priors, init = nile_setup()
+    y = y[:40]
+    pm = mcmc.pmmh(jax.random.PRNGKey(0), build_nile, priors, y, num_particles=50, num_warmup=50, num_samples=100,
+                   num_chains=2, init_params=init)
+    pg = mcmc.particle_gibbs(jax.random.PRNGKey(0), build_nile, priors, y, num_particles=10, num_warmup=20,
+                             num_samples=50, num_chains=2, init_params=init)
+    assert pm.samples["q"].shape == (2, 100) and 0.0 < float(pm.stats["accepted"].mean()) < 1.0
+    assert pg.states.shape == (2, 50, 40, 1) and np.all(np.isfinite(pg.states))
+    for res in (pm, pg):
+        summary = az.summary(mcmc.to_arviz(res), var_names=["q", "r"])
+        assert np.all(summary["sd"] > 0)
+        assert np.all(np.asarray(res.samples["q"]) > 0)
+    idata = mcmc.to_arviz(pg, time_coords=np.arange(1871, 1911))
+    assert idata.posterior["states"].dims == ("chain", "draw", "time", "state")
+    assert int(idata.posterior["time"][0]) == 1871
+
+
+def test_particle_samplers_bad_input():
+    y, build_nile, priors, init = nile_setup()
+    for fn in (mcmc.pmmh, mcmc.particle_gibbs):
+        with pytest.raises(ValueError, match="num_particles"):
+            fn(jax.random.PRNGKey(0), build_nile, priors, y, num_particles=1)
+        with pytest.raises(ValueError, match="num_chains"):
+            fn(jax.random.PRNGKey(0), build_nile, priors, y, num_chains=0)
+        with pytest.raises(ValueError, match="init_params"):
+            fn(jax.random.PRNGKey(0), build_nile, priors, y, init_params={"q": -1.0, "r": 1.0})
+        with pytest.raises(ValueError, match="init_params"):
+            fn(jax.random.PRNGKey(0), build_nile, priors, y, init_params={"q": np.inf})
+        with pytest.raises(ValueError, match="priors"):
+            fn(jax.random.PRNGKey(0), build_nile, {"q": 1.0}, y)
+        with pytest.raises(ValueError, match="emissions"):
+            fn(jax.random.PRNGKey(0), build_nile, priors, y[:, 0])

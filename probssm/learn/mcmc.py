@@ -238,7 +238,7 @@ def to_arviz(result: MCMCResult, *, time_coords=None, state_names=None):
     """`arviz.InferenceData` with chains, draws and named dimensions.
 
     Parameters get dims ``<name>_dim_i``; latent states ``("time", "state")``;
-    the log-likelihood goes to ``sample_stats.log_likelihood``.
+    the log-likelihood goes to ``sample_stats.model_log_likelihood``.
     """
     import arviz as az
 
@@ -251,7 +251,7 @@ def to_arviz(result: MCMCResult, *, time_coords=None, state_names=None):
         coords["time"] = np.arange(T) if time_coords is None else np.asarray(time_coords)
         coords["state"] = np.arange(d) if state_names is None else list(state_names)
         dims["states"] = ["time", "state"]
-    sample_stats = {"log_likelihood": np.asarray(result.log_likelihood)}
+    sample_stats = {"model_log_likelihood": np.asarray(result.log_likelihood)}
     sample_stats.update({k: np.asarray(v) for k, v in result.stats.items()})
     return az.from_dict(posterior=posterior, sample_stats=sample_stats, coords=coords, dims=dims)
 
@@ -274,62 +274,85 @@ def _initial_unconstrained(key, priors, init_params, num_chains):
     return out
 
 
+class _Adaptation(NamedTuple):
+    """Random-walk proposal N(x, exp(2 log_scale) cov), tuned during warm-up."""
+
+    mean: jax.Array
+    cov: jax.Array
+    log_scale: jax.Array
+    count: jax.Array
+
+
+def _adaptation_init(x0):
+    dim = x0.shape[0]
+    return _Adaptation(x0, 0.1 * jnp.eye(dim, dtype=x0.dtype), jnp.log(2.38 / jnp.sqrt(dim)).astype(x0.dtype),
+                       jnp.zeros((), x0.dtype))
+
+
+def _propose(key, x, adapt: _Adaptation):
+    chol = jnp.linalg.cholesky(adapt.cov + 1e-8 * jnp.eye(x.shape[0], dtype=x.dtype))
+    return x + jnp.exp(adapt.log_scale) * chol @ jax.random.normal(key, x.shape, x.dtype)
+
+
+def _adapt(adapt: _Adaptation, x, accept_prob, target_accept):
+    """Haario et al.'s running covariance of the chain, Robbins-Monro on the scale."""
+    n = adapt.count + 2.0
+    delta = x - adapt.mean
+    mean = adapt.mean + delta / n
+    cov = adapt.cov + (jnp.outer(delta, x - mean) - adapt.cov) / n
+    log_scale = adapt.log_scale + (accept_prob - target_accept) / (adapt.count + 1.0) ** 0.6
+    return _Adaptation(mean, cov, log_scale, adapt.count + 1.0)
+
+
+def _mh_step(key, x, lp, extra, log_target, adapt):
+    """One random-walk MH step; ``log_target(key, x) -> (log density, extra)``."""
+    k_prop, k_target, k_acc = jax.random.split(key, 3)
+    proposal = _propose(k_prop, x, adapt)
+    lp_new, extra_new = log_target(k_target, proposal)
+    log_ratio = jnp.where(jnp.isfinite(lp_new), lp_new - lp, -jnp.inf)
+    accept = jnp.log(jax.random.uniform(k_acc, dtype=x.dtype)) < log_ratio
+    choose = lambda a, b: jnp.where(accept, a, b)
+    prob = jnp.exp(jnp.minimum(log_ratio, 0.0))
+    return choose(proposal, x), choose(lp_new, lp), jax.tree_util.tree_map(choose, extra_new, extra), accept, prob
+
+
+def _check_init(priors, init_params):
+    if init_params is None:
+        return
+    for name, value in init_params.items():
+        if name not in priors:
+            raise ValueError(f"init_params: {name!r} has no prior")
+        if not np.all(np.isfinite(np.asarray(value))) or not bool(jnp.all(priors[name].support(jnp.asarray(value)))):
+            raise ValueError(f"init_params: {name!r} = {value} is not a finite value inside its prior's support")
+
+
 def _pmmh_chain(key, u0, log_target, *, num_warmup, num_samples, target_accept):
     """Adaptive random-walk Metropolis on a noisy (pseudo-marginal) log target.
 
-    Warm-up: the proposal covariance follows the running covariance of the chain
-    (Haario et al.) and its scale is tuned by Robbins-Monro towards
-    ``target_accept``; afterwards both are frozen so the chain is a valid
-    pseudo-marginal MH chain. The current state's likelihood estimate is kept,
-    never refreshed.
+    During warm-up the proposal adapts (`_adapt`); afterwards it is frozen so the
+    chain is a valid pseudo-marginal MH chain. The current state's likelihood
+    estimate is kept, never refreshed.
     """
     from jax.flatten_util import ravel_pytree
 
     x0, unravel = ravel_pytree(u0)
-    dim = x0.shape[0]
     key, k0 = jax.random.split(key)
-    lp0, ll0 = log_target(k0, unravel(x0))
+    target = lambda k, x: log_target(k, unravel(x))
+    lp0, ll0 = target(k0, x0)
 
-    def mh(carry, k, chol, scale):
-        x, lp, ll = carry
-        k_prop, k_target, k_acc = jax.random.split(k, 3)
-        proposal = x + scale * chol @ jax.random.normal(k_prop, (dim,), x.dtype)
-        lp_new, ll_new = log_target(k_target, unravel(proposal))
-        log_ratio = jnp.where(jnp.isfinite(lp_new), lp_new - lp, -jnp.inf)
-        accept = jnp.log(jax.random.uniform(k_acc, dtype=x.dtype)) < log_ratio
-        x = jnp.where(accept, proposal, x)
-        return (x, jnp.where(accept, lp_new, lp), jnp.where(accept, ll_new, ll)), accept, jnp.minimum(
-            1.0, jnp.exp(jnp.minimum(log_ratio, 0.0)))
+    def iteration(carry, xs):
+        x, lp, ll, adapt = carry
+        k, warm = xs
+        x, lp, ll, accept, prob = _mh_step(k, x, lp, ll, target, adapt)
+        adapt = jax.tree_util.tree_map(lambda a, b: jnp.where(warm, a, b), _adapt(adapt, x, prob, target_accept),
+                                       adapt)
+        return (x, lp, ll, adapt), (unravel(x), ll, accept)
 
-    eye = jnp.eye(dim, dtype=x0.dtype)
-
-    def warm(carry, xs):
-        state, mean, cov, log_scale = carry
-        i, k = xs
-        chol = jnp.linalg.cholesky(cov + 1e-8 * eye)
-        state, _, prob = mh(state, k, chol, jnp.exp(log_scale))
-        n = i + 2.0
-        delta = state[0] - mean
-        mean = mean + delta / n
-        cov = cov + (jnp.outer(delta, state[0] - mean) - cov) / n
-        log_scale = log_scale + (prob - target_accept) / (i + 1.0) ** 0.6
-        return (state, mean, cov, log_scale), None
-
+    warm = jnp.arange(num_warmup + num_samples) < num_warmup
     keys = jax.random.split(key, num_warmup + num_samples)
-    init = ((x0, lp0, ll0), x0, 0.1 * eye, jnp.log(2.38 / jnp.sqrt(dim)))
-    if num_warmup:
-        (state, _, cov, log_scale), _ = lax.scan(warm, init, (jnp.arange(num_warmup, dtype=x0.dtype),
-                                                               keys[:num_warmup]))
-    else:
-        state, _, cov, log_scale = init
-    chol = jnp.linalg.cholesky(cov + 1e-8 * eye)
-
-    def draw(state, k):
-        state, accept, _ = mh(state, k, chol, jnp.exp(log_scale))
-        return state, (unravel(state[0]), state[2], accept)
-
-    _, (us, lls, accepted) = lax.scan(draw, state, keys[num_warmup:])
-    return us, lls, accepted
+    _, (us, lls, accepted) = lax.scan(iteration, (x0, lp0, ll0, _adaptation_init(x0)), (keys, warm))
+    drop = lambda a: a[num_warmup:]
+    return jax.tree_util.tree_map(drop, us), drop(lls), drop(accepted)
 
 
 def pmmh(key, build: Callable[[dict], SSM], priors: dict, emissions, *, num_particles: int = 500,
@@ -361,13 +384,7 @@ def pmmh(key, build: Callable[[dict], SSM], priors: dict, emissions, *, num_part
     ys = jnp.asarray(emissions)
     if ys.ndim != 2:
         raise ValueError(f"emissions: expected shape (T, D), got shape {tuple(ys.shape)}")
-    if init_params is not None:
-        for name, value in init_params.items():
-            if name not in priors:
-                raise ValueError(f"init_params: {name!r} has no prior")
-            if not np.all(np.isfinite(np.asarray(value))) or not bool(
-                    jnp.all(priors[name].support(jnp.asarray(value)))):
-                raise ValueError(f"init_params: {name!r} = {value} is not a finite value inside its prior's support")
+    _check_init(priors, init_params)
     bijectors = {k: biject_to(p.support) for k, p in priors.items()}
 
     def log_target(k, u):
@@ -388,3 +405,149 @@ def pmmh(key, build: Callable[[dict], SSM], priors: dict, emissions, *, num_part
     us, lls, accepted = run(jax.random.split(key_run, num_chains), u0)
     samples = {k: bijectors[k](us[k]) for k in priors}
     return MCMCResult(samples, None, lls, {"accepted": accepted})
+
+
+# ------------------------------------------------------------------------------------------------
+# Particle Gibbs
+# ------------------------------------------------------------------------------------------------
+def _row(inputs, t):
+    return None if inputs is None else jax.tree_util.tree_map(lambda a: a[t], inputs)
+
+
+def complete_log_likelihood(model: SSM, states, emissions, inputs=None):
+    """log p(z_{0:T-1}, y_{0:T-1}) for one path; a row of y with a NaN counts as missing."""
+    T = states.shape[0]
+    ts = jnp.arange(T)
+    rows = None if inputs is None else inputs
+    missing = jnp.any(jnp.isnan(emissions), axis=tuple(range(1, emissions.ndim)))
+    y_safe = jnp.where(jnp.isnan(emissions), 0.0, emissions)
+
+    def emission_lp(z, t, y, u):
+        return model.emission(z, t, u).log_prob(y)
+
+    def transition_lp(z_prev, z, t, u):
+        return model.transition(z_prev, t, u).log_prob(z)
+
+    in_u = None if rows is None else 0
+    lg = jax.vmap(emission_lp, in_axes=(0, 0, 0, in_u))(states, ts, y_safe, rows)
+    lf = jax.vmap(transition_lp, in_axes=(0, 0, 0, in_u))(
+        states[:-1], states[1:], ts[1:], None if rows is None else jax.tree_util.tree_map(lambda a: a[1:], rows))
+    return model.initial(_row(inputs, 0)).log_prob(states[0]) + jnp.sum(lf) + jnp.sum(jnp.where(missing, 0.0, lg))
+
+
+def _pg_chain(key, u0, log_conditional, sweep, draw_reference, update, *, num_warmup, num_samples,
+              num_param_steps, target_accept):
+    """Alternate a conditional-SMC sweep (states | parameters) with a parameter update (parameters | states)."""
+    from jax.flatten_util import ravel_pytree
+
+    x0, unravel = ravel_pytree(u0)
+    key, k_ref = jax.random.split(key)
+    z0 = draw_reference(k_ref, unravel(x0))
+
+    def iteration(carry, xs):
+        x, z, adapt = carry
+        k, warm = xs
+        k_sweep, k_par = jax.random.split(k)
+        z = sweep(k_sweep, unravel(x), z)
+        if update is not None:
+            x = ravel_pytree(update(k_par, unravel(x), z))[0]
+            return (x, z, adapt), (unravel(x), z, log_conditional(unravel(x), z)[1], jnp.ones((), bool))
+        target = lambda _, xx: log_conditional(unravel(xx), z)
+        lp, ll = target(None, x)
+
+        def mh(c, kk):
+            x, lp, ll, adapt = c
+            x, lp, ll, accept, prob = _mh_step(kk, x, lp, ll, target, adapt)
+            adapted = _adapt(adapt, x, prob, target_accept)
+            adapt = jax.tree_util.tree_map(lambda a, b: jnp.where(warm, a, b), adapted, adapt)
+            return (x, lp, ll, adapt), accept
+
+        (x, lp, ll, adapt), accepts = lax.scan(mh, (x, lp, ll, adapt), jax.random.split(k_par, num_param_steps))
+        return (x, z, adapt), (unravel(x), z, ll, jnp.mean(accepts))
+
+    warm = jnp.arange(num_warmup + num_samples) < num_warmup
+    keys = jax.random.split(key, num_warmup + num_samples)
+    _, out = lax.scan(iteration, (x0, z0, _adaptation_init(x0)), (keys, warm))
+    return jax.tree_util.tree_map(lambda a: a[num_warmup:], out)
+
+
+def particle_gibbs(key, build: Callable[[dict], SSM], priors: dict, emissions, *, num_particles: int = 100,
+                   num_warmup: int = 500, num_samples: int = 1000, num_chains: int = 2, inputs=None,
+                   init_params=None, update: Optional[Callable] = None, num_param_steps: int = 5,
+                   target_accept: float = 0.3) -> MCMCResult:
+    """Particle Gibbs with ancestor sampling over parameters and latent states, for any model.
+
+    Each iteration: a conditional-SMC sweep with ancestor sampling
+    (`probssm.inference.smc.conditional_smc`) draws the states given the parameters;
+    then the parameters are drawn given the states, by ``update`` when you have an
+    exact conditional (e.g. conjugate), else by ``num_param_steps`` adaptive
+    random-walk MH steps on log p(theta) + log p(z, y | theta) (unconstrained space;
+    the proposal adapts during warm-up only).
+
+    Args:
+        build, priors, emissions, init_params: as in `nuts`; emissions (T, D).
+        num_particles: N >= 2 particles of each conditional sweep (the reference included).
+        update: optional ``update(key, params, states) -> params`` drawing from
+            p(params | states, y) (constrained values, same keys as ``priors``).
+        num_param_steps: MH steps per sweep when ``update`` is None.
+
+    Returns:
+        `MCMCResult` with ``states`` (chains, draws, T, d); ``log_likelihood`` holds the
+        complete-data log p(z, y | theta) of each draw; ``stats["accept_rate"]`` the
+        parameter steps' acceptance rate.
+    """
+    from probssm.inference.smc import csmc
+
+    _check_priors(priors)
+    num_particles = checks.positive_int(num_particles, "num_particles", minimum=2)
+    num_warmup = checks.positive_int(num_warmup, "num_warmup", minimum=0)
+    num_samples = checks.positive_int(num_samples, "num_samples")
+    num_chains = checks.positive_int(num_chains, "num_chains")
+    num_param_steps = checks.positive_int(num_param_steps, "num_param_steps")
+    if not 0.0 < float(target_accept) < 1.0:
+        raise ValueError(f"target_accept: expected a value in (0, 1), got {target_accept}")
+    if update is not None and not callable(update):
+        raise ValueError("update: expected a callable update(key, params, states) -> params")
+    ys = jnp.asarray(emissions)
+    if ys.ndim != 2:
+        raise ValueError(f"emissions: expected shape (T, D), got shape {tuple(ys.shape)}")
+    _check_init(priors, init_params)
+    bijectors = {k: biject_to(p.support) for k, p in priors.items()}
+    T = ys.shape[0]
+
+    def theta_of(u):
+        return {k: bijectors[k](u[k]) for k in priors}
+
+    def log_conditional(u, z):
+        total = 0.0
+        for name, prior in priors.items():
+            theta = bijectors[name](u[name])
+            total = total + jnp.sum(prior.log_prob(theta))
+            total = total + jnp.sum(bijectors[name].log_abs_det_jacobian(u[name], theta))
+        ll = complete_log_likelihood(build(theta_of(u)), z, ys, inputs)
+        return total + ll, ll
+
+    def sweep(k, u, z):
+        return csmc._csmc_one(k, build(theta_of(u)), ys, inputs, z, num_particles=num_particles, proposal=None,
+                              ancestor_sampling=True).reference
+
+    def draw_reference(k, u):
+        # A path from the model's prior; warm-up sweeps move it to the posterior.
+        from probssm.core.protocol import _sample_impl
+
+        return _sample_impl(k, build(theta_of(u)), T, inputs)[0].astype(ys.dtype)
+
+    update_u = None
+    if update is not None:
+        def update_u(k, u, z):
+            new = update(k, theta_of(u), z)
+            return {name: bijectors[name].inv(jnp.asarray(new[name], ys.dtype)) for name in priors}
+
+    key_init, key_run = jax.random.split(key)
+    u0 = _initial_unconstrained(key_init, priors, init_params, num_chains)
+    chain = lambda k, u: _pg_chain(k, u, log_conditional, sweep, draw_reference, update_u, num_warmup=num_warmup,
+                                   num_samples=num_samples, num_param_steps=num_param_steps,
+                                   target_accept=float(target_accept))
+    us, states, lls, rates = jax.jit(jax.vmap(chain))(jax.random.split(key_run, num_chains), u0)
+    samples = {k: bijectors[k](us[k]) for k in priors}
+    return MCMCResult(samples, states, lls, {"accept_rate": rates})
