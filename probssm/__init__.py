@@ -20,3 +20,6 @@ __all__ = ["core", "models", "inference", "kalman", "learn", "save", "load", "SS
 from probssm.inference import gaussian
 
 __all__ += ["gaussian"]
+from probssm.learn import mcmc
+
+__all__ += ["mcmc"]

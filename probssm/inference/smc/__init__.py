@@ -16,3 +16,6 @@ from probssm.inference.smc.csmc import CSMCResult, conditional_smc
 from probssm.inference.smc.ppg import PPGResult, ppg
 
 __all__ += ["CSMCResult", "conditional_smc", "PPGResult", "ppg"]
+from probssm.inference.smc.hmc_smc import HMCSMCResult, hmc_smc
+
+__all__ += ["HMCSMCResult", "hmc_smc"]
