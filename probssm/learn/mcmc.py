@@ -77,17 +77,35 @@ def _emission_dim(ssm) -> int:
     return int(getattr(ssm, "emission_dim"))
 
 
-def _check_priors(priors: dict):
+def _check_priors(priors: dict, build: Optional[Callable] = None, num_probes: int = 16):
+    """Priors must be numpyro distributions whose draws give a valid model.
+
+    The model constructors validate their parameters (e.g. covariances must be PSD),
+    so building the model from a few prior draws catches a prior whose support does
+    not match the parameter's domain (a Normal prior on a variance).
+    """
     if not isinstance(priors, dict) or not priors:
         raise ValueError("priors: expected a non-empty dict {name: numpyro distribution}")
     for name, prior in priors.items():
         if not isinstance(prior, dist.Distribution):
             raise ValueError(f"priors: {name!r} is a {type(prior).__name__}, expected a numpyro distribution")
+    if build is None:
+        return
+    keys = jax.random.split(jax.random.PRNGKey(0), len(priors))
+    draws = {name: prior.sample(k, (num_probes,)) for k, (name, prior) in zip(keys, priors.items())}
+    for i in range(num_probes):
+        params = {name: v[i] for name, v in draws.items()}
+        try:
+            build(params)
+        except ValueError as err:
+            shown = {k: np.asarray(v).round(4).tolist() for k, v in params.items()}
+            raise ValueError(f"priors: the prior draw {shown} gives an invalid model ({err}); each prior's "
+                             f"support must match its parameter's domain") from None
 
 
 def numpyro_model(build: Callable[[dict], SSM], priors: dict, emissions, inputs=None):
     """A numpyro model: parameters from ``priors``, likelihood by `MarginalLikelihood`."""
-    _check_priors(priors)
+    _check_priors(priors, build)
     ys = jnp.asarray(emissions)
 
     def model():
@@ -122,7 +140,7 @@ def log_density(build: Callable[[dict], SSM], priors: dict, emissions, inputs=No
     Returns ``(logdensity_fn, to_constrained)``: ``logdensity_fn(u: dict)`` is
     log p(theta(u), y) + log |d theta / d u|; ``to_constrained(u)`` maps back.
     """
-    _check_priors(priors)
+    _check_priors(priors, build)
     ys = jnp.asarray(emissions)
     from probssm.learn.mle import exact_log_likelihood
 
@@ -172,7 +190,7 @@ def nuts(key, build: Callable[[dict], SSM], priors: dict, emissions, *, num_warm
     """
     from numpyro.infer import MCMC, NUTS, init_to_value, init_to_median
 
-    _check_priors(priors)
+    _check_priors(priors, build)
     num_warmup = checks.positive_int(num_warmup, "num_warmup", minimum=0)
     num_samples = checks.positive_int(num_samples, "num_samples")
     num_chains = checks.positive_int(num_chains, "num_chains")
@@ -374,7 +392,7 @@ def pmmh(key, build: Callable[[dict], SSM], priors: dict, emissions, *, num_part
     """
     from probssm.inference.smc import filter as pf
 
-    _check_priors(priors)
+    _check_priors(priors, build)
     num_particles = checks.positive_int(num_particles, "num_particles", minimum=2)
     num_warmup = checks.positive_int(num_warmup, "num_warmup", minimum=0)
     num_samples = checks.positive_int(num_samples, "num_samples")
@@ -498,7 +516,7 @@ def particle_gibbs(key, build: Callable[[dict], SSM], priors: dict, emissions, *
     """
     from probssm.inference.smc import csmc
 
-    _check_priors(priors)
+    _check_priors(priors, build)
     num_particles = checks.positive_int(num_particles, "num_particles", minimum=2)
     num_warmup = checks.positive_int(num_warmup, "num_warmup", minimum=0)
     num_samples = checks.positive_int(num_samples, "num_samples")
