@@ -135,7 +135,8 @@ def _predict(m, P, F, b, Q):
     return mm(F, m) + b, symmetrize(mm(mm(F, P), F.T) + Q)
 
 
-def _filter_sequential(params: LinearGaussianParams, ys, masks):
+def _filter_sequential(params: LinearGaussianParams, ys, masks, return_predicted: bool = False):
+    """Sequential filter; ``return_predicted`` also returns the predicted moments of steps 1..T-1."""
     p0 = _at(params, 0)
     m0, P0, ll0 = _update(p0.initial_mean, p0.initial_cov, p0.emission_matrix, p0.emission_offset,
                           p0.emission_cov, ys[0], None if masks is None else masks[0])
@@ -147,13 +148,14 @@ def _filter_sequential(params: LinearGaussianParams, ys, masks):
         m, P, ll = carry
         y, mask, var = xs
         p = LinearGaussianParams(*(var.get(i, a) for i, a in enumerate(xs_params)))
-        m, P = _predict(m, P, p.transition_matrix, p.transition_offset, p.transition_cov)
-        m, P, ll_t = _update(m, P, p.emission_matrix, p.emission_offset, p.emission_cov, y, mask)
-        return (m, P, ll + ll_t), (m, P)
+        m_pred, P_pred = _predict(m, P, p.transition_matrix, p.transition_offset, p.transition_cov)
+        m, P, ll_t = _update(m_pred, P_pred, p.emission_matrix, p.emission_offset, p.emission_cov, y, mask)
+        return (m, P, ll + ll_t), ((m, P, m_pred, P_pred) if return_predicted else (m, P))
 
     xs = (ys[1:], None if masks is None else masks[1:], varying)
-    (_, _, ll), (ms, Ps) = lax.scan(step, (m0, P0, ll0), xs)
-    return FilterResult(ll, jnp.concatenate([m0[None], ms]), jnp.concatenate([P0[None], Ps]))
+    (_, _, ll), out = lax.scan(step, (m0, P0, ll0), xs)
+    result = FilterResult(ll, jnp.concatenate([m0[None], out[0]]), jnp.concatenate([P0[None], out[1]]))
+    return (result, out[2], out[3]) if return_predicted else result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,27 +287,47 @@ def _smoother_combine(later: _SmootherElement, earlier: _SmootherElement):
     return _SmootherElement(E, g, L)
 
 
+def _rts_backward(params, filtered: FilterResult, m_pred, P_pred):
+    """Sequential Rauch-Tung-Striebel pass: each step builds its backward map inside the scan.
+
+    Building the maps inside the scan (rather than all at once, vmapped) keeps each
+    step's matrices in cache; at d = 32 batched triangular solves over T are slower
+    than the same solves one step at a time.
+    """
+    ms, Ps = filtered.filtered_means, filtered.filtered_covs
+    xs_params = _slice_time(params, 1, None)
+    tv = _is_time_varying(params)
+    varying = {i: a for i, (a, v) in enumerate(zip(xs_params, tv)) if v}
+
+    def step(carry, xs):
+        m_next, P_next = carry
+        m, P, mp, Pp, var = xs
+        F = var.get(2, xs_params[2])
+        # E = P F^T Pp^{-1}; m_s = m + E (m_next - mp); P_s = P + E (P_next - Pp) E^T
+        E = cho_solve_lower(cholesky(Pp), mm(F, P)).T
+        m_s = m + mm(E, m_next - mp)
+        P_s = symmetrize(P + mm(mm(E, P_next - Pp), E.T))
+        return (m_s, P_s), (m_s, P_s, mm(P_next, E.T))  # Cov[z_{t+1}, z_t] = P^s_{t+1} E_t^T
+
+    _, (m_s, P_s, cross) = lax.scan(step, (ms[-1], Ps[-1]), (ms[:-1], Ps[:-1], m_pred, P_pred, varying),
+                                    reverse=True)
+    return jnp.concatenate([m_s, ms[-1:]]), jnp.concatenate([P_s, Ps[-1:]]), cross
+
+
 def _smooth(params, ys, masks, parallel, chunk_size):
-    filtered = _filter(params, ys, masks, parallel, chunk_size)
-    body, last = _smoother_elements(params, filtered)
     if parallel:
+        filtered = _filter(params, ys, masks, parallel, chunk_size)
+        body, last = _smoother_elements(params, filtered)
         elems = jax.tree_util.tree_map(lambda a, l: jnp.concatenate([a, l[None]]), body, last)
         dim = last.g.shape[0]
         identity = _SmootherElement(jnp.eye(dim, dtype=last.g.dtype), jnp.zeros(dim, last.g.dtype),
                                     jnp.zeros((dim, dim), last.g.dtype))
         out = chunked_associative_scan(_smoother_combine, elems, identity, chunk_size, reverse=True)
         means, covs = out.g, out.L
+        cross = jnp.einsum("tij,tkj->tik", covs[1:], body.E)  # Cov[z_{t+1}, z_t] = P^s_{t+1} E_t^T
     else:
-        def step(carry, e):
-            m_next, P_next = carry
-            m = mm(e.E, m_next) + e.g
-            P = symmetrize(mm(mm(e.E, P_next), e.E.T) + e.L)
-            return (m, P), (m, P)
-
-        _, (ms, Ps) = lax.scan(step, (last.g, last.L), body, reverse=True)
-        means = jnp.concatenate([ms, last.g[None]])
-        covs = jnp.concatenate([Ps, last.L[None]])
-    cross = jnp.einsum("tij,tkj->tik", covs[1:], body.E)  # Cov[z_{t+1}, z_t] = P^s_{t+1} E_t^T
+        filtered, m_pred, P_pred = _filter_sequential(params, ys, masks, return_predicted=True)
+        means, covs, cross = _rts_backward(params, filtered, m_pred, P_pred)
     return SmootherResult(filtered.log_likelihood, filtered.filtered_means, filtered.filtered_covs,
                           means, covs, cross)
 
