@@ -21,6 +21,7 @@ $(VENV)/.test: pyproject.toml | $(BIN)/python
 
 demo: $(VENV)/.runtime
 	$(BIN)/python examples/nile.py
+	$(BIN)/python examples/bayesian_local_level.py
 
 test: $(VENV)/.test
 	$(BIN)/python -m pytest -m "not slow" -q -n 2 --dist loadfile
@@ -29,7 +30,7 @@ test-all: $(VENV)/.test
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: $(VENV)/.test
-	$(BIN)/python benchmarks/kalman.py
+	for b in benchmarks/*.py; do echo "## $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) figures .pytest_cache
