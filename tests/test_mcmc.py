@@ -183,3 +183,16 @@ def test_particle_samplers_bad_input():
         mcmc.nuts(jax.random.PRNGKey(0), build_nile, {"q": dist.Normal(0.0, 1e3), "r": priors["r"]}, y)
     with pytest.raises(ValueError, match="support"):
         mcmc.log_density(build_nile, {"q": dist.Normal(0.0, 1e3), "r": priors["r"]}, y)
+
+
+def test_numpyro_svi_on_marginal_likelihood_finds_the_posterior_mode(data):
+    """A numpyro model with MarginalLikelihood as its observation site works with SVI (AutoDelta = MAP)."""
+    import numpyro
+    from numpyro.infer import SVI, Trace_ELBO
+    from numpyro.infer.autoguide import AutoDelta
+
+    mean, _ = exact_posterior(data)  # Gaussian posterior: mode = mean
+    model = mcmc.numpyro_model(build, {"mu": dist.Normal(0.0, S0)}, data)
+    svi = SVI(model, AutoDelta(model), numpyro.optim.Adam(0.05), Trace_ELBO())
+    result = svi.run(jax.random.PRNGKey(0), 1500, progress_bar=False)
+    np.testing.assert_allclose(float(result.params["mu_auto_loc"]), mean, rtol=1e-4)
