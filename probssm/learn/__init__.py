@@ -4,3 +4,6 @@ from probssm.learn.mle import mle
 from probssm.learn.baum_welch import HMMPrior, baum_welch
 
 __all__ = ["em", "mle", "baum_welch", "HMMPrior"]
+from probssm.learn.score import markov_score_climbing
+
+__all__ += ["markov_score_climbing"]

@@ -34,7 +34,7 @@ from probssm.inference.smc.paris import AdditiveFunctional, _paris_one, resolve_
 from probssm.inference.smc.ppg import ppg_sweep
 from probssm.learn.mle import from_unconstrained, learnable_fields, to_unconstrained
 
-__all__ = ["score_functional", "score_estimate", "score_mle"]
+__all__ = ["score_functional", "score_estimate", "score_mle", "markov_score_climbing"]
 
 
 def _emission_term(model, z, t, y, u):
@@ -220,3 +220,106 @@ def score_mle(model, emissions, num_iters: int, *, key, estimator: str = "paris"
         return _fit(key, model, ys, inputs, params, names=tuple(fields), optimizer=optimizer, num_iters=num_iters,
                     estimator=estimator, num_particles=num_particles, num_backward=num_backward,
                     use_bound=use_bound, batched=batched, batched_u=batched_u, show=show)
+
+
+# ----------------------------------------------------------------------------------------------
+# Markov score climbing (Naesseth, Lindsten & Blei, 2020)
+# ----------------------------------------------------------------------------------------------
+def _markov_log_prob(family, params, path, ys, inputs):
+    """log q_params(z_{0:T-1}) = log q_0(z_0 | y_0) + sum_t log q_t(z_t | z_{t-1}, y_t)."""
+    prop = family(params)
+    num_timesteps = ys.shape[0]
+    lp0 = prop(None, 0, ys[0], C.row(inputs, 0)).log_prob(path[0])
+    if num_timesteps == 1:
+        return lp0
+    u_rest = None if inputs is None else jax.tree_util.tree_map(lambda a: a[1:], inputs)
+    rest = jax.vmap(lambda t, zp, z, y, u: prop(zp, t, y, u).log_prob(z))(
+        jnp.arange(1, num_timesteps), path[:-1], path[1:], ys[1:], u_rest)
+    return lp0 + jnp.sum(rest)
+
+
+@eqx.filter_jit
+def _msc_fit(key, model, ys, inputs, params, *, family, optimizer, num_iters, num_particles, ancestor_sampling,
+             show):
+    from probssm.inference.smc.csmc import _csmc_one
+
+    every = prog.report_every(num_iters)
+    k_init, k_ref, k_iters = jax.random.split(key, 3)
+    pf = _filter_one(k_init, model, ys, inputs, jnp.asarray(0.5, ys.dtype), num_particles=num_particles,
+                     resampling="systematic", proposal=family(params), auxiliary=None, history=True)
+    ref = trace_ancestry(k_ref, pf.particles, pf.log_weights[-1], pf.ancestors)
+    num_timesteps = jnp.asarray(ys.shape[0], ys.dtype)
+
+    def step(carry, xs):
+        params, state, ref = carry
+        i, k = xs
+        out = _csmc_one(k, model, ys, inputs, ref, num_particles=num_particles, proposal=family(params),
+                        ancestor_sampling=ancestor_sampling)
+        ref = lax.stop_gradient(out.reference)
+        score = jax.grad(_markov_log_prob, argnums=1)(family, params, ref, ys, inputs)
+        grad = jax.tree_util.tree_map(lambda g: -g / num_timesteps, score)  # optax minimises
+        updates, state = optimizer.update(grad, state, params)
+        params = optax.apply_updates(params, updates)
+        ll = out.filter.log_likelihood
+        if show:
+            prog.report(i, ll, every)
+        return (params, state, ref), ll
+
+    (params, _, _), history = lax.scan(step, (params, optimizer.init(params), ref),
+                                       (jnp.arange(num_iters), jax.random.split(k_iters, num_iters)))
+    return params, history
+
+
+def markov_score_climbing(model, emissions, family, params, num_iters: int, *, key, num_particles: int = 100,
+                          optimizer=None, ancestor_sampling: bool = True, inputs=None, progress=None):
+    """Markov score climbing: fit a Markov variational family q to p(z | y) by minimising KL(p || q).
+
+    The family is q(z_{0:T-1}) = q_0(z_0 | y_0) prod_t q_t(z_t | z_{t-1}, y_t); ``family(params)``
+    returns it as a proposal function with the signature `particle_filter` takes. Each iteration
+    runs one conditional-SMC sweep that uses q as its proposal (a Markov kernel leaving p(z | y)
+    invariant, whatever q is), and takes an optax step along grad log q_params(z^k) at the new
+    reference path z^k, the stochastic-approximation gradient of -KL(p || q)::
+
+        z^k ~ CSMC(z^{k-1}; q_params)        params += step * grad_params log q_params(z^k) / T
+
+    Args:
+        model: any `SSM` (the target p(z, y)).
+        emissions: (T, D), one sequence.
+        family: ``family(params) -> proposal`` with ``proposal(z_prev, t, y_t, inputs)`` returning a
+            distribution over z_t (``z_prev`` is None at t = 0).
+        params: initial variational parameters (a pytree of float arrays).
+        num_iters: sweeps (one gradient step each).
+        key: a `jax.random` key (required).
+        num_particles: N >= 2 per conditional sweep.
+        optimizer: an optax optimiser (it receives minus the score per time step); default Adam
+            with a decaying step, see `default_optimizer`.
+        ancestor_sampling: ancestor sampling in the conditional sweeps (better mixing).
+        progress: progress bar (default: when num_iters >= 100).
+
+    Returns:
+        ``(fitted_params, history)``; history: (num_iters,) log-likelihood estimates of the
+        conditional sweeps.
+    """
+    if key is None:
+        raise ValueError("key: Markov score climbing needs a jax.random key, got None")
+    C.check_model(model)
+    num_iters = checks.positive_int(num_iters, "num_iters")
+    num_particles = C.check_num_particles(num_particles)
+    if not callable(family):
+        raise ValueError("family: expected a callable family(params) -> proposal(z_prev, t, y_t, inputs)")
+    ys, inputs, batched, batched_u = C.prepare_emissions(model, emissions, inputs)
+    if batched:
+        raise ValueError(f"emissions: markov_score_climbing takes one sequence (T, D), got shape {tuple(ys.shape)}")
+    leaves = jax.tree_util.tree_leaves(params)
+    if not leaves or not all(jnp.issubdtype(jnp.result_type(a), jnp.floating) for a in leaves):
+        raise ValueError("params: expected a non-empty pytree of float arrays")
+    from probssm.inference.smc.filter import check_proposal
+
+    check_proposal(key, model, ys, inputs, family(params), False, False)
+    if optimizer is None:
+        optimizer = default_optimizer(num_iters)
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    show = prog.default_enabled(progress, num_iters)
+    with prog.progress_bar(num_iters, "Markov score climbing", show):
+        return _msc_fit(key, model, ys, inputs, params, family=family, optimizer=optimizer, num_iters=num_iters,
+                        num_particles=num_particles, ancestor_sampling=bool(ancestor_sampling), show=show)

@@ -56,19 +56,47 @@ def _reparam(d, eps):
     return loc + scale @ eps
 
 
+def _float_dtype(x):
+    dt = jnp.result_type(x)
+    return dt if jnp.issubdtype(dt, jnp.floating) else jnp.result_type(float)
+
+
+def standard_normal(key, shape, dtype):
+    """Standard normal draws made in float32 (half the random bits and a cheaper inverse
+    transform than float64 draws) and cast to ``dtype``; 24-bit resolution is far below any
+    Monte Carlo error of the particle engines."""
+    return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+
+def uniform(key, shape, dtype=jnp.float32):
+    """Uniform(0, 1) draws from 32 random bits, cast to ``dtype``."""
+    return jax.random.uniform(key, shape, jnp.float32).astype(dtype)
+
+
+def sample_dist(key, d, num):
+    """``num`` draws from one distribution (Gaussian families reparameterised, in the dtype of
+    their parameters; others through ``d.sample``)."""
+    params = _gaussian_params(d)
+    if params is not None and d.batch_shape == ():
+        loc = params[0]
+        eps = standard_normal(key, (num,) + tuple(d.event_shape), _float_dtype(loc))
+        return jax.vmap(lambda e: _reparam(d, e))(eps)
+    return d.sample(key, (num,))
+
+
 def sample_per_particle(key, dist_fn, z_prev):
     """z^i ~ dist_fn(z_prev^i) for every particle.
 
     Gaussian families (Normal, Independent(Normal), MultivariateNormal) are drawn as
-    loc + scale * eps with one batched standard-normal draw; other families get one key
-    per particle.
+    loc + scale * eps with one batched standard-normal draw (in the dtype of the particles);
+    other families get one key per particle.
     """
     num = jax.tree_util.tree_leaves(z_prev)[0].shape[0]
-    probe = dist_fn(jax.tree_util.tree_map(lambda a: a[0], z_prev))
-    if _gaussian_params(probe) is not None and probe.batch_shape == ():
-        loc = _gaussian_params(probe)[0]
-        eps = jax.random.normal(key, (num,) + tuple(probe.event_shape), jnp.result_type(loc.dtype, float))
-        return jax.vmap(lambda zp, e: _reparam(dist_fn(zp), e))(z_prev, eps)
+    d0 = dist_fn(jax.tree_util.tree_map(lambda a: a[0], z_prev))
+    if _gaussian_params(d0) is not None and d0.batch_shape == ():
+        dtype = _float_dtype(jax.tree_util.tree_leaves(z_prev)[0])
+        eps = standard_normal(key, (num,) + tuple(d0.event_shape), dtype)
+        return jax.vmap(lambda zp, e: _reparam(dist_fn(zp), e).astype(dtype))(z_prev, eps)
     keys = jax.random.split(key, num)
     return jax.vmap(lambda k, zp: dist_fn(zp).sample(k))(keys, z_prev)
 

@@ -38,13 +38,17 @@ def _guide_table(c):
     return _ancestors_from_counts(jnp.ceil(num * c), num)
 
 
-def draw_from_weights(key, normed_log_weights, shape, table=None):
-    """Independent draws of indices from the weights (guide-table inversion, O(1) expected each)."""
+def draw_from_weights(key, normed_log_weights, shape, table=None, cumulative=None):
+    """Independent draws of indices from the weights (guide-table inversion, O(1) expected each).
+
+    The guide table g[k] = first i with C_i > k / N starts each search in the right bucket; a
+    short vectorised forward walk finishes it.
+    """
     num = normed_log_weights.shape[0]
-    c = C.cumulative(jnp.exp(normed_log_weights))
+    c = C.cumulative(jnp.exp(normed_log_weights)) if cumulative is None else cumulative
     g = _guide_table(c) if table is None else table
-    u = jax.random.uniform(key, shape, c.dtype)
-    i = g[jnp.clip(jnp.floor(u * num).astype(jnp.int32), 0, num - 1)]
+    u = C.uniform(key, shape, c.dtype)
+    i = jnp.minimum(g[jnp.clip(jnp.floor(u * num).astype(jnp.int32), 0, num - 1)], num - 1)
 
     def cond(i):
         return jnp.any(c[i] <= u)
@@ -52,18 +56,19 @@ def draw_from_weights(key, normed_log_weights, shape, table=None):
     def body(i):
         return jnp.minimum(jnp.where(c[i] <= u, i + 1, i), num - 1)
 
-    return lax.while_loop(cond, body, jnp.minimum(i, num - 1))
+    return lax.while_loop(cond, body, i)
 
 
 def _exact_one(key, model, lw_prev, z_prev, target, t, u):
     logf = jax.vmap(lambda zp: model.transition(zp, t, u).log_prob(target))(z_prev)
     lw, _ = C.normalise(lw_prev + logf)
     c = C.cumulative(jnp.exp(lw))
-    v = jax.random.uniform(key, (), c.dtype)
+    v = C.uniform(key, (), c.dtype)
     return jnp.minimum(jnp.sum(c <= v), lw.shape[0] - 1).astype(jnp.int32)
 
 
-def backward_indices(key, model, lw_prev, z_prev, targets, t, u, *, log_bound=None, max_rounds: int = 32):
+def backward_indices(key, model, lw_prev, z_prev, targets, t, u, *, log_bound=None, max_rounds: int = 2,
+                     first_rounds: int = 4, fallback_chunk: int = 16):
     """For each target z_t^m (M of them), an index j ~ W_{t-1}^j f_t(z_t^m | z_{t-1}^j).
 
     Args:
@@ -71,7 +76,18 @@ def backward_indices(key, model, lw_prev, z_prev, targets, t, u, *, log_bound=No
         z_prev: (N, d) particles at t-1.
         targets: (M, d) states at t.
         t: index of the target states (the transition into t is used).
-        log_bound: None for exact draws, or a scalar >= log f_t for accept-reject.
+        log_bound: None for exact draws (O(N) each), or a scalar >= log f_t for accept-reject.
+        max_rounds: accept-reject rounds on the compacted buffer of waiting targets before the
+            exact fallback.
+        first_rounds: proposals per target made at once, for all targets, in the first stage.
+        fallback_chunk: targets drawn exactly at once in the fallback.
+
+    Accept-reject runs in three stages, all with static shapes: (1) ``first_rounds`` proposals
+    j ~ W_{t-1} for every target at once, each accepted with probability f_t / B_t, the first
+    accepted one kept; (2) rounds of eight proposals per target on a compacted buffer (M / 4) of the targets still waiting;
+    (3) exact draws for whatever is left after ``max_rounds``. Every stage draws from the same
+    law, so the result is an exact draw from the backward kernel.
+
     Returns:
         (M,) int32 indices.
     """
@@ -80,22 +96,26 @@ def backward_indices(key, model, lw_prev, z_prev, targets, t, u, *, log_bound=No
         keys = jax.random.split(key, num_targets)
         return jax.vmap(lambda k, tg: _exact_one(k, model, lw_prev, z_prev, tg, t, u))(keys, targets)
 
-    num = lw_prev.shape[0]
     c = C.cumulative(jnp.exp(lw_prev))
     table = _guide_table(c)
-    k0, k1, k2, k3 = jax.random.split(key, 4)
+    k0, k1, k2 = jax.random.split(key, 3)
 
-    def propose_accept(k, tgt):
+    def propose_accept(k, tgt, rounds):
+        """(rounds, m) proposals for each of m targets; returns the first accepted index and whether any."""
         ka, kb = jax.random.split(k)
         m = jax.tree_util.tree_leaves(tgt)[0].shape[0]
-        j = draw_from_weights(ka, lw_prev, (m,), table)
-        logf = C.transition_log_prob(model, z_prev[j], tgt, t, u)
-        acc = jnp.log(jax.random.uniform(kb, (m,), logf.dtype)) < logf - log_bound
-        return j, acc
+        j = draw_from_weights(ka, lw_prev, (rounds * m,), table, c)
+        tg = jax.tree_util.tree_map(lambda a: jnp.tile(a, (rounds,) + (1,) * (a.ndim - 1)), tgt)
+        logf = C.transition_log_prob(model, z_prev[j], tg, t, u)
+        v = C.uniform(kb, (rounds * m,), logf.dtype)
+        acc = (v < jnp.exp(logf - log_bound)).reshape(rounds, m)
+        j = j.reshape(rounds, m)
+        first = jnp.argmax(acc, axis=0)
+        return jnp.take_along_axis(j, first[None], axis=0)[0], jnp.any(acc, axis=0)
 
-    # round 0: every target
-    idx, accepted = propose_accept(k0, targets)
-    # later rounds: a compacted buffer of the targets still waiting
+    # stage 1: every target
+    idx, accepted = propose_accept(k0, targets, first_rounds)
+    # stage 2: a compacted buffer of the targets still waiting
     buf = max(8, min(num_targets, num_targets // 4))
 
     def cond(s):
@@ -108,24 +128,28 @@ def backward_indices(key, model, lw_prev, z_prev, targets, t, u, *, log_bound=No
         waiting = jnp.nonzero(~accepted, size=buf, fill_value=num_targets)[0]
         valid = waiting < num_targets
         safe = jnp.minimum(waiting, num_targets - 1)
-        j, acc = propose_accept(kr, targets[safe])
+        j, acc = propose_accept(kr, jax.tree_util.tree_map(lambda a: a[safe], targets), 8)
         acc = acc & valid
-        idx = idx.at[jnp.where(acc, safe, num_targets)].set(j, mode="drop")
-        accepted = accepted.at[jnp.where(acc, safe, num_targets)].set(True, mode="drop")
-        return idx, accepted, r + 1, k
+        where = jnp.where(acc, safe, num_targets)
+        return idx.at[where].set(j, mode="drop"), accepted.at[where].set(True, mode="drop"), r + 1, k
 
     idx, accepted, _, _ = lax.while_loop(cond, body, (idx, accepted, jnp.asarray(0), k1))
 
-    # fallback: exact draws for whatever is left, one target at a time
+    # stage 3: exact draws for whatever is left, a chunk at a time
+    chunk = min(fallback_chunk, num_targets)
+
     def fb_cond(s):
         return ~jnp.all(s[1])
 
     def fb_body(s):
         idx, accepted, k = s
         k, kr = jax.random.split(k)
-        m = jnp.argmin(accepted)  # first waiting target
-        j = _exact_one(kr, model, lw_prev, z_prev, targets[m], t, u)
-        return idx.at[m].set(j), accepted.at[m].set(True), k
+        waiting = jnp.nonzero(~accepted, size=chunk, fill_value=num_targets)[0]
+        safe = jnp.minimum(waiting, num_targets - 1)
+        j = jax.vmap(lambda kk, m: _exact_one(kk, model, lw_prev, z_prev, targets[m], t, u))(
+            jax.random.split(kr, chunk), safe)
+        where = jnp.where(waiting < num_targets, safe, num_targets)
+        return idx.at[where].set(j, mode="drop"), accepted.at[where].set(True, mode="drop"), k
 
     idx, _, _ = lax.while_loop(fb_cond, fb_body, (idx, accepted, k2))
     return idx.astype(jnp.int32)
@@ -163,7 +187,7 @@ def _run(key, model, particles, log_weights, inputs, *, num_samples, use_bound, 
 
 
 def backward_sample(key, model, filter_result, num_samples: int = 1, *, method: str = "auto", inputs=None,
-                    max_rounds: int = 32):
+                    max_rounds: int = 2):
     """Draw smoothed trajectories from the output of `particle_filter` (with ``history=True``).
 
     Args:

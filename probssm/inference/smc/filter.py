@@ -64,10 +64,10 @@ def init(key, model, y0, u0, num_particles: int, proposal=None, reference=None) 
     """Particles at time 0 (``reference``, when given, is frozen in slot 0)."""
     d0 = model.initial(u0)
     if proposal is None:
-        z = d0.sample(key, (num_particles,))
+        z = C.sample_dist(key, d0, num_particles)
     else:
         q0 = proposal(None, 0, y0, u0)
-        z = q0.sample(key, (num_particles,))
+        z = C.sample_dist(key, q0, num_particles)
     if reference is not None:
         z = z.at[0].set(reference.astype(z.dtype))
     incr = C.emission_log_prob(model, z, 0, y0, u0)

@@ -79,14 +79,48 @@ def init(key, model, y0, u0, functional, num_particles, proposal=None, reference
     return PaRISState(state, _initial_tau(functional, model, state.particles, y0, u0))
 
 
+def mcmc_indices(key, model, lw_prev, z_prev, z_new, ancestors, t, u, num_backward):
+    """(N * Ñ,) backward indices by independent Metropolis-Hastings (Dau & Chopin, 2023).
+
+    Particle i's chain starts at its ancestor a^i and takes Ñ steps, each proposing j ~ W_{t-1}
+    and accepting with probability min(1, f_t(z_t^i | z_{t-1}^j) / f_t(z_t^i | z_{t-1}^{current})); the
+    Ñ states visited are the draws. Each step leaves the backward kernel invariant and costs
+    O(1); the draws are correlated (not exact independent draws). Rows are ordered like
+    ``jnp.repeat(z_new, Ñ)``.
+    """
+    from probssm.inference.smc.backward import draw_from_weights
+
+    num = z_new.shape[0]
+    k1, k2 = jax.random.split(key)
+    props = draw_from_weights(k1, lw_prev, (num_backward, num))
+    v = C.uniform(k2, (num_backward, num), lw_prev.dtype)
+    cur = ancestors
+    logf_cur = C.transition_log_prob(model, z_prev[cur], z_new, t, u)
+    out = []
+    for k in range(num_backward):
+        logf = C.transition_log_prob(model, z_prev[props[k]], z_new, t, u)
+        acc = jnp.log(v[k]) < logf - logf_cur
+        cur = jnp.where(acc, props[k], cur)
+        logf_cur = jnp.where(acc, logf, logf_cur)
+        out.append(cur)
+    return jnp.stack(out, axis=1).reshape(-1).astype(jnp.int32)
+
+
 def backward_update(key, model, functional, prev: F.PFState, tau_prev, z_new, t, y, u, num_backward,
-                    use_bound, max_rounds=32):
-    """tau_t for every new particle, and the (N, Ñ) backward indices used."""
+                    use_bound, max_rounds=2, ancestors=None):
+    """tau_t for every new particle, and the (N, Ñ) backward indices used.
+
+    ``use_bound``: False (exact draws), True (accept-reject with the model's bound) or "mcmc"
+    (independent Metropolis-Hastings started at ``ancestors``).
+    """
     num = z_new.shape[0]
     targets = jnp.repeat(z_new, num_backward, axis=0)
-    bound = C.transition_log_bound(model, t, u) if use_bound else None
-    j = backward_indices(key, model, prev.log_weights, prev.particles, targets, t, u, log_bound=bound,
-                         max_rounds=max_rounds)
+    if isinstance(use_bound, str):
+        j = mcmc_indices(key, model, prev.log_weights, prev.particles, z_new, ancestors, t, u, num_backward)
+    else:
+        bound = C.transition_log_bound(model, t, u) if use_bound else None
+        j = backward_indices(key, model, prev.log_weights, prev.particles, targets, t, u, log_bound=bound,
+                             max_rounds=max_rounds)
     h = jax.vmap(lambda zp, zz: functional.step(zp, zz, t, y, u))(prev.particles[j], targets)
     summed = jax.tree_util.tree_map(lambda a, b: a[j] + b, tau_prev, h)
     tau = jax.tree_util.tree_map(lambda s: jnp.mean(s.reshape((num, num_backward) + s.shape[1:]), axis=1), summed)
@@ -98,11 +132,11 @@ def step(key, model, state: PaRISState, t, y, u, functional, *, num_backward=2, 
     """One PaRIS step; returns ``(new_state, backward_indices (N, Ñ))``."""
     functional = as_functional(functional)
     k_f, k_b = jax.random.split(key)
-    new, _ = F.step(k_f, model, state.filter, t, y, u, resampling=resampling, ess_threshold=ess_threshold,
-                    proposal=proposal, auxiliary=auxiliary, reference=reference,
-                    ancestor_sampling=ancestor_sampling)
+    new, info = F.step(k_f, model, state.filter, t, y, u, resampling=resampling, ess_threshold=ess_threshold,
+                       proposal=proposal, auxiliary=auxiliary, reference=reference,
+                       ancestor_sampling=ancestor_sampling)
     tau, j = backward_update(k_b, model, functional, state.filter, state.tau, new.particles, t, y, u,
-                             num_backward, use_bound)
+                             num_backward, use_bound, ancestors=info.ancestors)
     return PaRISState(new, tau), j
 
 
@@ -162,8 +196,10 @@ def check_functional(model, ys, inputs, functional, batched, batched_u):
 
 
 def resolve_backward(model, backward):
-    if backward not in ("auto", "exact", "rejection"):
-        raise ValueError(f"backward: expected 'auto', 'exact' or 'rejection', got {backward!r}")
+    if backward == "mcmc":
+        return "mcmc"
+    if backward not in ("auto", "exact", "rejection", "mcmc"):
+        raise ValueError(f"backward: expected 'auto', 'exact', 'rejection' or 'mcmc', got {backward!r}")
     bounded = isinstance(model, C.AbstractBoundedTransitionSSM)
     if backward == "rejection" and not bounded:
         raise ValueError("backward: 'rejection' needs a model that declares a transition bound "
@@ -186,7 +222,10 @@ def paris(key, model, emissions, additive_functional, num_particles: int, num_ba
         num_backward: Ñ >= 1 backward draws per particle (2 is enough for O(1/N) bias... see
             Olsson & Westerborn).
         resampling, ess_threshold, proposal, auxiliary, inputs: as for `particle_filter`.
-        backward: "auto", "exact" (O(N^2) per step) or "rejection".
+        backward: "auto" (rejection when the model declares a transition bound, else exact),
+            "exact" (O(N^2) per step), "rejection" (exact draws by accept-reject, O(N) expected,
+            with an exact fallback) or "mcmc" (Ñ independent Metropolis-Hastings steps started at
+            each particle's ancestor, Dau & Chopin 2023: O(N) per step for any model, correlated draws).
 
     Returns:
         `PaRISResult`: ``estimate`` (same pytree as h's output), ``log_likelihood``, final ``state``.

@@ -107,7 +107,7 @@ def ppg(key, model, emissions, additive_functional, num_particles: int, num_iter
         num_iters: number of sweeps.
         burn_in: sweeps left out of the average (0 <= burn_in < num_iters).
         num_backward: Ñ backward draws per particle.
-        backward: "auto", "exact" or "rejection" backward draws.
+        backward: "auto", "exact", "rejection" or "mcmc" backward draws (see `paris`).
         ancestor_sampling: also resample the reference's ancestors (PGAS-style).
 
     Returns:

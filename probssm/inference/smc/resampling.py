@@ -29,9 +29,22 @@ def _cumulative(weights):
     return c.at[-1].set(1.0)
 
 
-def _ancestors_from_counts(n, num_particles):
-    """ancestors[k] = #{i : n_i <= k} for non-decreasing cumulative counts n with n[-1] = N."""
-    n = jnp.clip(n, 0, num_particles).astype(jnp.int32).at[-1].set(num_particles)
+def _ancestors_from_counts(n, num_particles, weights=None):
+    """ancestors[k] = #{i : n_i <= k} for cumulative counts n with n[-1] = N.
+
+    With ``weights``, particles of weight zero get no offspring even when a parallel (tree-ordered)
+    float32 cumulative sum is not exactly flat across them: their count is pinned to that of the
+    last positive-weight particle before them (a running max, which also makes n non-decreasing),
+    and every particle from the last positive one on gets N.
+    """
+    n = jnp.clip(n, 0, num_particles).astype(jnp.int32)
+    if weights is not None:
+        idx = jnp.arange(num_particles)
+        pos = weights > 0
+        last = jnp.max(jnp.where(pos, idx, 0))
+        n = jnp.where(idx >= last, num_particles, n)
+        n = jax.lax.cummax(jnp.where(pos | (idx >= last), n, 0))
+    n = n.at[-1].set(num_particles)
     hist = jnp.zeros(num_particles + 1, jnp.int32).at[n].add(1)
     return jnp.minimum(jnp.cumsum(hist[:num_particles]), num_particles - 1)
 
@@ -45,7 +58,7 @@ def systematic(key, weights):
     c = _cumulative(weights)
     u = jax.random.uniform(key, (), dtype=c.dtype)
     n = jnp.ceil(num * c - u)
-    return _ancestors_from_counts(n, num)
+    return _ancestors_from_counts(n, num, weights)
 
 
 def stratified(key, weights):
@@ -61,7 +74,7 @@ def stratified(key, weights):
     m = jnp.floor(x)
     mi = jnp.clip(m.astype(jnp.int32), 0, num - 1)
     n = m + (u[mi] < x - m)
-    return _ancestors_from_counts(n, num)
+    return _ancestors_from_counts(n, num, weights)
 
 
 def multinomial(key, weights):
@@ -100,7 +113,7 @@ def residual(key, weights):
     mi = jnp.clip(m.astype(jnp.int32), 0, num - 1)
     extra_cum = jnp.where(m < r, m + (u[mi] < x - m), r)  # inclusive cumulative extra offspring
     n = jnp.cumsum(copies) + extra_cum
-    return _ancestors_from_counts(jnp.round(n), num)
+    return _ancestors_from_counts(jnp.round(n), num, weights)
 
 
 SCHEMES = {
