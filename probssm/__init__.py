@@ -23,3 +23,9 @@ __all__ += ["gaussian"]
 from probssm.learn import mcmc
 
 __all__ += ["mcmc"]
+from probssm.inference import dkf
+
+__all__ += ["dkf"]
+from probssm.inference import imap
+
+__all__ += ["imap"]

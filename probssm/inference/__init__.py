@@ -7,3 +7,9 @@ __all__ = ["kalman", "hmm", "smc"]
 from probssm.inference import gaussian
 
 __all__ += ["gaussian"]
+from probssm.inference import dkf
+
+__all__ += ["dkf"]
+from probssm.inference import imap
+
+__all__ += ["imap"]

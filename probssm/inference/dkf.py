@@ -34,17 +34,17 @@ kernel-regressed on held-out residual outer products); `fit` puts them together.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, NamedTuple, Optional
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax import lax
 
 from probssm.core import checks
-from probssm.core.linalg import symmetrize
+from probssm.core.linalg import cho_solve_lower, cholesky, mm, solve_lower, symmetrize
 
 __all__ = ["DKFModel", "DKFResult", "filter", "fit", "fit_dynamics", "fit_nadaraya_watson", "fit_mlp", "fit_gp",
            "fit_covariance", "NadarayaWatson", "MLPRegressor", "GPRegressor", "KernelCovariance",
@@ -105,10 +105,8 @@ class DKFResult(NamedTuple):
 
 
 def _inv_psd(a):
-    L = jnp.linalg.cholesky(a)
-    eye = jnp.eye(a.shape[-1], dtype=a.dtype)
-    Linv = jax.scipy.linalg.solve_triangular(L, eye, lower=True)
-    return Linv.T @ Linv
+    Linv = solve_lower(cholesky(a), jnp.eye(a.shape[-1], dtype=a.dtype))
+    return mm(Linv.T, Linv)
 
 
 def _information(model, xs, correction, robust):
@@ -125,7 +123,7 @@ def _information(model, xs, correction, robust):
             J, h, fixed = Q_inv, Q_inv @ f, jnp.array(False)
         else:
             J = symmetrize(Q_inv - S_inv)
-            bad = jnp.linalg.eigvalsh(J)[0] <= 0
+            bad = ~jnp.all(jnp.isfinite(cholesky(J)))  # the factorisation fails (NaN) unless J is PD
             fixed = bad if correction == "auto" else jnp.array(False)
             # Q <- (Q^-1 + S^-1)^-1:  Q^-1 -> Q^-1 + S^-1, so J -> Q^-1
             J = jnp.where(fixed, Q_inv, J)
@@ -141,18 +139,25 @@ def _run(model, xs, correction, robust):
     Js, hs, fixed = _information(model, xs, correction, robust)
     A, G, mu0 = model.transition_matrix, model.transition_cov, model.stationary_mean
 
+    eye = jnp.eye(A.shape[0], dtype=A.dtype)
+
     def update(nu, M, J, h):
-        M_inv = _inv_psd(M)
-        Sigma = symmetrize(_inv_psd(symmetrize(M_inv + J)))
-        return Sigma @ (M_inv @ nu + h), Sigma
+        # Sigma = (M^-1 + J)^-1 = L B^-1 L^T with M = L L^T, B = I + L^T J L (SPD, eigenvalues >= 1);
+        # mu = Sigma (M^-1 nu + h) = L B^-1 (L^-1 nu + L^T h). No inverse of M or of J is formed,
+        # so J may be singular (a skipped step has J = 0).
+        L = cholesky(M)
+        C = cholesky(symmetrize(eye + mm(mm(L.T, J), L)))
+        mu = mm(L, cho_solve_lower(C, solve_lower(L, nu) + mm(L.T, h)))
+        W = solve_lower(C, L.T)  # C^-1 L^T, so Sigma = W^T W
+        return mu, mm(W.T, W)
 
     m0, P0 = update(mu0, model.stationary_cov, Js[0], hs[0])
 
     def step(carry, inp):
         mu, Sigma = carry
         J, h = inp
-        nu = mu0 + A @ (mu - mu0)
-        M = symmetrize(A @ Sigma @ A.T + G)
+        nu = mu0 + mm(A, mu - mu0)
+        M = symmetrize(mm(mm(A, Sigma), A.T) + G)
         mu, Sigma = update(nu, M, J, h)
         return (mu, Sigma), (mu, Sigma)
 
@@ -339,6 +344,26 @@ class MLPRegressor(eqx.Module):
         return self.z_mean + self.z_scale * self.mlp((x - self.x_mean) / self.x_scale)
 
 
+@eqx.filter_jit
+def _train_mlp(mlp, u, v, num_steps, learning_rate, weight_decay):
+    # module level, so a second fit with the same shapes and settings reuses the compilation
+    opt = optax.adamw(optax.cosine_decay_schedule(learning_rate, num_steps), weight_decay=weight_decay)
+    params, static = eqx.partition(mlp, eqx.is_inexact_array)
+
+    def loss(p):
+        net = eqx.combine(p, static)
+        return jnp.mean((jax.vmap(net)(u) - v) ** 2)
+
+    def step(carry, _):
+        p, s = carry
+        g = jax.grad(loss)(p)
+        upd, s = opt.update(g, s, p)
+        return (optax.apply_updates(p, upd), s), None
+
+    (p, _), _ = lax.scan(step, (params, opt.init(params)), None, length=num_steps)
+    return eqx.combine(p, static)
+
+
 def fit_mlp(key, observations, states, *, width: int = 64, depth: int = 2, num_steps: int = 2000,
             learning_rate: float = 3e-3, weight_decay: float = 1e-4) -> MLPRegressor:
     """A small equinox MLP regressing z on x, trained full-batch with optax AdamW (one `lax.scan`)."""
@@ -351,26 +376,8 @@ def fit_mlp(key, observations, states, *, width: int = 64, depth: int = 2, num_s
     v, zm, zs = _standardise(z)
     mlp = eqx.nn.MLP(x.shape[1], z.shape[1], width, depth, activation=jax.nn.gelu, key=key)
     mlp = jax.tree_util.tree_map(lambda a: a.astype(x.dtype) if eqx.is_inexact_array(a) else a, mlp)
-    opt = optax.adamw(optax.cosine_decay_schedule(learning_rate, num_steps), weight_decay=weight_decay)
-    params, static = eqx.partition(mlp, eqx.is_inexact_array)
-
-    @jax.jit
-    def train(params, u, v):
-        def loss(p):
-            net = eqx.combine(p, static)
-            return jnp.mean((jax.vmap(net)(u) - v) ** 2)
-
-        def step(carry, _):
-            p, s = carry
-            g = jax.grad(loss)(p)
-            upd, s = opt.update(g, s, p)
-            return (optax.apply_updates(p, upd), s), None
-
-        (p, _), _ = lax.scan(step, (params, opt.init(params)), None, length=num_steps)
-        return p
-
-    params = train(params, u, v)
-    return MLPRegressor(eqx.combine(params, static), xm, xs, zm, zs)
+    params = _train_mlp(mlp, u, v, num_steps, float(learning_rate), float(weight_decay))
+    return MLPRegressor(params, xm, xs, zm, zs)
 
 
 class GPRegressor(eqx.Module):
@@ -391,44 +398,43 @@ class GPRegressor(eqx.Module):
         return self.z_mean + self.z_scale * (k @ self.alpha)
 
 
+def _gp_gram(theta, d2):
+    ell, sf2, sn2 = jnp.exp(theta[0]), jnp.exp(theta[1]), jnp.exp(theta[2]) + 1e-6
+    return ell, sf2, sf2 * jnp.exp(-0.5 * d2 / ell ** 2) + sn2 * jnp.eye(d2.shape[0], dtype=d2.dtype)
+
+
+@partial(jax.jit, static_argnums=3)
+def _fit_gp_hyper(theta, d2, v, num_steps):
+    opt = optax.adam(0.05)
+
+    def nll(th):
+        L = jnp.linalg.cholesky(_gp_gram(th, d2)[2])
+        a = jax.scipy.linalg.cho_solve((L, True), v)
+        return 0.5 * jnp.sum(v * a) + v.shape[1] * jnp.sum(jnp.log(jnp.diagonal(L)))
+
+    def step(carry, _):
+        th, s = carry
+        upd, s = opt.update(jax.grad(nll)(th), s)
+        return (optax.apply_updates(th, upd), s), None
+
+    (theta, _), _ = lax.scan(step, (theta, opt.init(theta)), None, length=num_steps)
+    ell, sf2, K = _gp_gram(theta, d2)
+    return ell, sf2, jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(K), True), v)
+
+
 def fit_gp(observations, states, *, max_points: int = 1000, num_steps: int = 200) -> GPRegressor:
     """GP regression of z on x (shared kernel over output dimensions); the length-scale, signal
     and noise variances maximise the marginal likelihood (optax Adam). The first
     ``max_points`` rows are used (exact GP, O(N^3))."""
     x, z = _check_pair(observations, states)
     max_points = checks.positive_int(max_points, "max_points", 3)
+    num_steps = checks.positive_int(num_steps, "num_steps")
     x, z = x[:max_points], z[:max_points]
     u, xm, xs = _standardise(x)
     v, zm, zs = _standardise(z)
     d2 = _sqdist(u, u)
-    n = u.shape[0]
-    eye = jnp.eye(n, dtype=u.dtype)
     init = jnp.array([jnp.log(jnp.sqrt(jnp.median(d2[d2 > 0]))), 0.0, jnp.log(0.1)], u.dtype)
-
-    def nll(theta):
-        ell, sf2, sn2 = jnp.exp(theta[0]), jnp.exp(theta[1]), jnp.exp(theta[2]) + 1e-6
-        K = sf2 * jnp.exp(-0.5 * d2 / ell ** 2) + sn2 * eye
-        L = jnp.linalg.cholesky(K)
-        a = jax.scipy.linalg.cho_solve((L, True), v)
-        return 0.5 * jnp.sum(v * a) + v.shape[1] * jnp.sum(jnp.log(jnp.diagonal(L)))
-
-    opt = optax.adam(0.05)
-
-    @jax.jit
-    def run(theta):
-        def step(carry, _):
-            th, s = carry
-            g = jax.grad(nll)(th)
-            upd, s = opt.update(g, s)
-            return (optax.apply_updates(th, upd), s), None
-
-        (th, _), _ = lax.scan(step, (theta, opt.init(theta)), None, length=num_steps)
-        return th
-
-    theta = run(init)
-    ell, sf2, sn2 = jnp.exp(theta[0]), jnp.exp(theta[1]), jnp.exp(theta[2]) + 1e-6
-    K = sf2 * jnp.exp(-0.5 * d2 / ell ** 2) + sn2 * eye
-    alpha = jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(K), True), v)
+    ell, sf2, alpha = _fit_gp_hyper(init, d2, v, num_steps)
     return GPRegressor(u, alpha, xm, xs, zm, zs, ell, sf2)
 
 

@@ -81,8 +81,11 @@ def sigma_points(mean, cov, method: str = "ukf", alpha: float = 1.0, beta: float
     Returns:
         ``(points (n, d), mean_weights (n,), cov_weights (n,))``.
     """
+    return _sigma_points(mean, cholesky(cov), method, alpha, beta, kappa)
+
+
+def _sigma_points(mean, L, method, alpha, beta, kappa):
     d = mean.shape[0]
-    L = cholesky(cov)
     dtype = mean.dtype
     if method == "cubature":
         scaled = math.sqrt(d) * L.T  # row i = sqrt(d) * column i of L
@@ -99,16 +102,34 @@ def sigma_points(mean, cov, method: str = "ukf", alpha: float = 1.0, beta: float
     return points, wm, wc
 
 
+_FUSE_ELEMENTS = 4096  # below this many multiplies a broadcast-sum beats a tiny GEMM call
+
+
+def _weighted_sum(w, Y):
+    """sum_i w_i Y_i for points Y (n, p)."""
+    if Y.size > _FUSE_ELEMENTS:
+        return w @ Y
+    return jnp.sum(w[:, None] * Y, axis=0)
+
+
+def _weighted_outer(w, X, Y):
+    """sum_i w_i X_i Y_i^T for points X (n, d), Y (n, p): fused for small sizes."""
+    if X.shape[0] * X.shape[1] * Y.shape[1] > _FUSE_ELEMENTS:
+        return (w[:, None] * X).T @ Y
+    return jnp.sum(w[:, None, None] * X[:, :, None] * Y[:, None, :], axis=0)
+
+
 def _slr(fn, m, P, cfg):
     """Statistical linear regression of fn on sigma points of N(m, P)."""
-    points, wm, wc = sigma_points(m, P, cfg.method, cfg.alpha, cfg.beta, cfg.kappa)
+    L = cholesky(P)  # one factorisation for both the points and the regression
+    points, wm, wc = _sigma_points(m, L, cfg.method, cfg.alpha, cfg.beta, cfg.kappa)
     Y = jax.vmap(fn)(points)
-    ybar = wm @ Y
+    ybar = _weighted_sum(wm, Y)
     dX = points - m
     dY = Y - ybar
-    C = (wc[:, None] * dX).T @ dY  # (d, p) Cov[z, g(z)]
-    S = (wc[:, None] * dY).T @ dY  # (p, p) Cov[g(z)]
-    A = cho_solve_lower(cholesky(P), C).T  # C^T P^{-1}
+    C = _weighted_outer(wc, dX, dY)  # (d, p) Cov[z, g(z)]
+    S = _weighted_outer(wc, dY, dY)  # (p, p) Cov[g(z)]
+    A = cho_solve_lower(L, C).T  # C^T P^{-1}
     b = ybar - mm(A, m)
     Omega = symmetrize(S - mm(mm(A, P), A.T))
     return A, b, Omega
