@@ -22,6 +22,7 @@ $(VENV)/.test: pyproject.toml | $(BIN)/python
 demo: $(VENV)/.runtime
 	$(BIN)/python examples/nile.py
 	$(BIN)/python examples/bayesian_local_level.py
+	$(BIN)/python examples/rul_cmapss.py
 
 test: $(VENV)/.test
 	$(BIN)/python -m pytest -m "not slow" -q -n 2 --dist loadfile
