@@ -1,0 +1,289 @@
+"""Generalised EM for the HMM-GLM (`probssm.models.hmmglm.HMMGLM`) over many trials.
+
+Each iteration, for the current parameters theta (one compiled `lax.scan` step)::
+
+    E-step   gamma, xi, log p(x^m) <- ps.hmm posterior of every trial m (vmapped; hard weights)
+    J(theta) = sum_m log p(x^m | theta) + log prior(theta)                 # reported in history
+    pi  <- sum_m gamma^m_0 / M;  A_i. <- sum_m xi^m(i, .) normalised       # closed form
+    M-step   num_m_steps Adam steps (optax) on
+             Q(theta') = sum_{m,t,k} gamma^m_t(k) log p(x^m_t | z_t = k, theta') + log prior(theta')
+             (one-hot prior: the coupling weights inside Q use a fresh Gumbel-softmax sample
+             of the indicators at every Adam step, temperature 0.2)
+    accept   the new emission parameters only if Q_hard(new) >= Q_hard(old), where Q_hard
+             evaluates Q deterministically with the hard (argmax) indicators; else keep the old
+             and halve the Adam step size for the next iteration (it grows back by 1.5x per
+             accepted step, up to ``learning_rate``).
+
+Why the acceptance test: an Adam inner loop may overshoot, and with the one-hot prior
+it optimises a stochastic relaxation, so neither guarantees that the M-step improves
+the model that is evaluated. Requiring Q_hard(new) >= Q_hard(old) restores the
+generalised-EM inequality for the deterministic objective J evaluated with hard
+indicators (the model used at evaluation time):
+J(new) - J(old) >= Q(new) - Q(old) >= 0, because the transition update maximises
+its part of Q exactly. Hence ``history`` never decreases (up to rounding). A rejected
+step costs nothing: the next iteration draws new Gumbel noise from the same E-step.
+
+    fitted, history = fit_hmmglm(model, spikes, 100, key=key)     # spikes (M, T, N)
+    ll = hmmglm_log_likelihood(fitted, held_out)                   # (M',) per trial
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from probssm.core import checks, progress as prog
+from probssm.inference import hmm as hmm_engine
+from probssm.models.hmmglm import HMMGLM, check_spikes
+
+__all__ = ["fit_hmmglm", "hmmglm_log_likelihood", "init_hmmglm", "m_step_objective"]
+
+
+def _check_model(model):
+    if not isinstance(model, HMMGLM):
+        raise ValueError(f"model: expected a ps.models.HMMGLM, got {type(model).__name__}")
+
+
+def _prepare(model, spikes, inputs, name="spikes"):
+    ys, batched = check_spikes(spikes, model.family, model.num_neurons, model.history_length, name)
+    if not batched:
+        ys = ys[None]
+    M, T, _ = ys.shape
+    us = None
+    if model.num_inputs or inputs is not None:
+        if inputs is None:
+            raise ValueError(f"inputs: the model has {model.num_inputs} external covariates; "
+                             f"pass inputs (T, {model.num_inputs}) or (M, T, {model.num_inputs})")
+        us = jnp.asarray(inputs, ys.dtype)
+        if us.ndim == 2:
+            us = jnp.broadcast_to(us, (M,) + us.shape)
+        checks.shape(us, "inputs", (M, T, model.num_inputs),
+                     f"({T}, {model.num_inputs}) or ({M}, {T}, {model.num_inputs})")
+        checks.finite(us, "inputs")
+    return ys, us, batched
+
+
+def _replace(model, names, values):
+    return eqx.tree_at(lambda m: tuple(getattr(m, n) for n in names), model, tuple(values[n] for n in names))
+
+
+def _expected_loglik(model, ys, xs, gamma, mode, key, normalized=True, noise=None):
+    """sum_{m,t,k} gamma log p(x_t | z_t = k) over flattened trials (ys (R, N), xs (R, U), gamma (R, K))."""
+    return jnp.sum(gamma * model.emission_log_likelihoods(ys, xs, mode, key, normalized, noise))
+
+
+def m_step_objective(model, spikes, state_probs, inputs=None, *, mode: str = "hard", key=None):
+    """Q_em(theta) = sum_t,k gamma_t(k) log p(x_t | z_t = k, history) + log prior(theta).
+
+    The part of the EM objective that the inner Adam loop maximises (the transition part is
+    maximised in closed form). Traceable: differentiate it with `jax.grad` w.r.t. the model.
+
+    Args:
+        model: `HMMGLM`.
+        spikes: (T, N) or (M, T, N).
+        state_probs: (T, K) or (M, T, K) posterior state probabilities gamma.
+        inputs: external covariates (T, U) or (M, T, U), when the model has them.
+        mode: indicators for the one-hot prior: "hard", "expected" or "relaxed" (needs ``key``).
+    """
+    ys = jnp.asarray(spikes)
+    g = jnp.asarray(state_probs)
+    xs = model.covariates(ys, inputs)
+    U = xs.shape[-1]
+    return (_expected_loglik(model, ys.reshape(-1, ys.shape[-1]), xs.reshape(-1, U), g.reshape(-1, g.shape[-1]),
+                             mode, key) + model.log_prior())
+
+
+def _normalise_rows(counts, old):
+    total = counts.sum(-1, keepdims=True)
+    new = counts / jnp.where(total > 0, total, 1.0)
+    return jnp.where(total > 0, new, old)
+
+
+def _posteriors(model, ys, us):
+    one = lambda y, u: hmm_engine.posterior(model, y, u)
+    return jax.vmap(one, in_axes=(0, None if us is None else 0))(ys, us)
+
+
+@partial(jax.jit, static_argnames=("num_iters", "num_m_steps", "batch_size", "names", "fix_pi", "fix_A", "show"))
+def _fit(model, ys, us, key, learning_rate, *, num_iters, num_m_steps, batch_size, names, fix_pi, fix_A, show):
+    M, T, N = ys.shape
+    K = model.num_states
+    xs = model.covariates(ys, us)
+    yf, xf = ys.reshape(M * T, N), xs.reshape(M * T, -1)
+    scale = 1.0 / (M * T * N)
+    train_mode = "relaxed" if model.prior == "onehot" else "hard"
+    opt = optax.scale_by_adam()
+    every = prog.report_every(num_iters)
+
+    def q_hard(m, gamma):
+        return _expected_loglik(m, yf, xf, gamma, "hard", None, False) + m.log_prior()
+
+    R = M * T
+    onehot = model.prior == "onehot"
+    logits_shape = model.adjacency_logits.shape
+    n_noise = int(np.prod(logits_shape))
+
+    def loss(params, m, gamma, rows, noise):
+        mm = _replace(m, names, params)
+        if rows is None:
+            part, factor = _expected_loglik(mm, yf, xf, gamma, train_mode, None, False, noise), 1.0
+        else:  # a random subset of the time bins of all trials, rescaled to the whole data set
+            part = _expected_loglik(mm, yf[rows], xf[rows], gamma[rows], train_mode, None, False, noise)
+            factor = R / batch_size
+        return -scale * (factor * part + mm.log_prior())
+
+    grad = jax.grad(loss)
+
+    def iteration(carry, i):
+        m, lr = carry
+        # all the randomness of this M-step from one uniform draw (random-number kernels are slow to
+        # compile): rows of the mini-batches and standard Gumbel noise for the indicators
+        rows, noise = None, None
+        width = (0 if batch_size is None else batch_size) + (n_noise if onehot else 0)
+        if width:
+            u = jax.random.uniform(jax.random.fold_in(key, i), (num_m_steps, width), yf.dtype,
+                                   minval=jnp.finfo(yf.dtype).tiny, maxval=1.0)
+            if batch_size is not None:
+                rows = jnp.minimum((u[:, :batch_size] * R).astype(jnp.int32), R - 1)
+            if onehot:
+                noise = -jnp.log(-jnp.log(u[:, width - n_noise:])).reshape((num_m_steps,) + logits_shape)
+        post = _posteriors(m, ys, us)
+        objective = jnp.sum(post.log_likelihood) + m.log_prior()
+        gamma = post.smoothed_probs.reshape(M * T, K)
+        pi = m.initial_probs if fix_pi else _normalise_rows(post.smoothed_probs[:, 0].sum(0), m.initial_probs)
+        A = m.transition_matrix if fix_A else _normalise_rows(post.transition_counts.sum(0), m.transition_matrix)
+
+        params = {n: getattr(m, n) for n in names}
+
+        def adam_step(c, xs):
+            p, s = c
+            r, g = xs
+            upd, s = opt.update(grad(p, m, gamma, r, g), s, p)
+            return (jax.tree_util.tree_map(lambda a, u: a - lr * u, p, upd), s), None
+
+        (new_params, _), _ = lax.scan(adam_step, (params, opt.init(params)), (rows, noise), length=num_m_steps)
+        proposal = _replace(m, names, new_params)
+        q_old, q_new = q_hard(m, gamma), q_hard(proposal, gamma)
+        accept = jnp.isfinite(q_new) & (q_new >= q_old)
+        kept = jax.tree_util.tree_map(lambda a, b: jnp.where(accept, a, b), new_params, params)
+        m = eqx.tree_at(lambda mm: (mm.initial_probs, mm.transition_matrix), _replace(m, names, kept), (pi, A))
+        # step-size control: halve after a rejected M-step, recover towards learning_rate after an accepted one
+        lr = jnp.where(accept, jnp.minimum(1.5 * lr, learning_rate), 0.5 * lr)
+        if show:
+            prog.report(i, objective, every)
+        return (m, lr), (objective, accept)
+
+    (model, _), (history, accepted) = lax.scan(iteration, (model, learning_rate), jnp.arange(num_iters))
+    return model, history, accepted
+
+
+def fit_hmmglm(model: HMMGLM, spikes, num_iters: int = 50, *, inputs=None, key=None, num_m_steps: int = 50,
+               learning_rate: float = 0.05, batch_size: Optional[int] = None, fixed=(),
+               progress: Optional[bool] = None, return_accepted: bool = False):
+    """Fit an HMM-GLM to many trials by generalised EM (compiled once per problem shape).
+
+    Args:
+        model: the starting `HMMGLM` (e.g. from `init_hmmglm`); its prior, family and link
+            stay as they are.
+        spikes: (M, T, N) trials of spike counts (or one trial (T, N)); Poisson counts are
+            non-negative integers, Bernoulli bins 0/1.
+        num_iters: EM iterations.
+        inputs: external covariates (T, U) shared by the trials or (M, T, U).
+        key: `jax.random` key for the Gumbel-softmax samples (one-hot prior).
+        num_m_steps: Adam steps per M-step (50).
+        learning_rate: Adam step size.
+        batch_size: time bins (pooled over trials) per Adam step, drawn at random; None
+            uses all M * T bins. Subsampling makes the inner loop cheaper; the acceptance test
+            always uses all bins, so the objective still never decreases.
+        fixed: parameter names to hold ("initial_probs", "transition_matrix", or any
+            learnable emission field of the model's prior, e.g. "biases").
+        progress: show a progress bar (default: when num_iters >= 100).
+        return_accepted: also return the (num_iters,) flags of accepted M-steps.
+
+    Returns:
+        ``(fitted_model, history)``; history[i] = sum_m log p(x^m) + log prior of the parameters
+        entering iteration i, with hard one-hot indicators. It never decreases.
+    """
+    _check_model(model)
+    num_iters = checks.positive_int(num_iters, "num_iters")
+    num_m_steps = checks.positive_int(num_m_steps, "num_m_steps")
+    if not float(learning_rate) > 0:
+        raise ValueError(f"learning_rate: expected a positive float, got {learning_rate!r}")
+    if isinstance(fixed, str):
+        fixed = (fixed,)
+    learnable = HMMGLM.LEARNABLE[model.prior]
+    allowed = ("initial_probs", "transition_matrix") + learnable
+    bad = [f for f in fixed if f not in allowed]
+    if bad:
+        raise ValueError(f"fixed: unknown parameter names {bad}; expected a subset of {list(allowed)}")
+    names = tuple(n for n in learnable if n not in fixed)
+    ys, us, _ = _prepare(model, spikes, inputs)
+    if batch_size is not None:
+        batch_size = checks.positive_int(batch_size, "batch_size")
+        if batch_size >= ys.shape[0] * ys.shape[1]:
+            batch_size = None
+    key = jax.random.PRNGKey(0) if key is None else key
+    show = prog.default_enabled(progress, num_iters)
+    with prog.progress_bar(num_iters, f"HMM-GLM EM ({model.prior})", show):
+        fitted, history, accepted = _fit(model, ys, us, key, jnp.asarray(learning_rate, ys.dtype),
+                                         num_iters=num_iters, num_m_steps=num_m_steps, batch_size=batch_size,
+                                         names=names,
+                                         fix_pi="initial_probs" in fixed, fix_A="transition_matrix" in fixed,
+                                         show=show)
+    if return_accepted:
+        return fitted, history, accepted
+    return fitted, history
+
+
+@jax.jit
+def _loglik(model, ys, us):
+    one = lambda y, u: hmm_engine.log_likelihood(model, y, inputs=u)
+    return jax.vmap(one, in_axes=(0, None if us is None else 0))(ys, us)
+
+
+def hmmglm_log_likelihood(model: HMMGLM, spikes, inputs=None):
+    """log p(x^m) of every trial under the model (hard one-hot indicators), conditioning on
+    zero spikes before each trial. Returns (M,) for (M, T, N) spikes, or () for (T, N)."""
+    _check_model(model)
+    ys, us, batched = _prepare(model, spikes, inputs)
+    ll = _loglik(model, ys, us)
+    return ll if batched else ll[0]
+
+
+def _inverse_link(family, link, mean):
+    mean = np.asarray(mean, float)
+    if family == "bernoulli":
+        p = np.clip(mean, 1e-4, 1 - 1e-4)
+        if link == "sigmoid":
+            return np.log(p) - np.log1p(-p)
+        mean = -np.log1p(-p)  # the Poisson rate whose P(count > 0) is p
+    if link == "exp":
+        return np.log(np.maximum(mean, 1e-6))
+    if link == "softplus":
+        m = np.maximum(mean, 1e-6)
+        return np.where(m > 30, m, np.log(np.expm1(m)))
+    return np.log(np.clip(mean, 1e-4, 1 - 1e-4)) - np.log1p(-np.clip(mean, 1e-4, 1 - 1e-4))
+
+
+def init_hmmglm(key, spikes, num_states: int, *, prior: str = "none", family: str = "poisson",
+                link: str = "softplus", basis=None, num_inputs: int = 0, stickiness: float = 0.98,
+                weight_scale: float = 0.1, temperature: float = 0.2, min_strength: float = 0.1,
+                min_weight_scale: float = 0.1, sparsity: float = 0.0) -> HMMGLM:
+    """A starting point for `fit_hmmglm`: `HMMGLM.create` with the biases at the inverse link of
+    each neuron's mean count (so a model without coupling matches the firing rates)."""
+    y = np.asarray(spikes, float)
+    if y.ndim not in (2, 3):
+        raise ValueError(f"spikes: expected shape (T, N) or (M, T, N), got shape {y.shape}")
+    N = y.shape[-1]
+    rate = y.reshape(-1, N).mean(0)
+    biases = _inverse_link(family, link, rate)
+    return HMMGLM.create(key, num_states, N, basis=basis, num_inputs=num_inputs, prior=prior, family=family,
+                         link=link, stickiness=stickiness, biases=biases, weight_scale=weight_scale,
+                         temperature=temperature, min_strength=min_strength, min_weight_scale=min_weight_scale,
+                         sparsity=sparsity)

@@ -1,0 +1,275 @@
+"""HMM-GLM with plain, Gaussian and one-hot weight priors (Li et al., ICLR 2024).
+Checks from MODELS.md ("One-hot HMM-GLM") and issue 4."""
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+import scipy.stats as st
+from scipy.optimize import linear_sum_assignment
+
+import probssm as ps
+from probssm.models.hmmglm import (HMMGLM, exponential_basis, history_covariates, raised_cosine_basis,
+                                   sample_hmmglm, simulate_hmmglm)
+from probssm.learn.hmmglm_em import fit_hmmglm, hmmglm_log_likelihood, init_hmmglm, m_step_objective
+
+
+def matched_accuracy(pred, truth, K):
+    conf = np.zeros((K, K))
+    np.add.at(conf, (np.ravel(pred), np.ravel(truth)), 1)
+    r, c = linear_sum_assignment(-conf)
+    return conf[r, c].sum() / np.size(truth)
+
+
+# ----------------------------------------------------------------------------------------------
+# Covariates and emission densities against direct formulas
+# ----------------------------------------------------------------------------------------------
+def test_history_covariates_match_a_direct_loop():
+    rng = np.random.default_rng(0)
+    y = rng.poisson(1.0, (30, 3)).astype(float)
+    basis = np.asarray(raised_cosine_basis(3, 7))
+    np.testing.assert_allclose(basis.sum(1), 1.0, rtol=1e-12)
+    h = np.asarray(history_covariates(y, basis))
+    J, L = basis.shape
+    expected = np.zeros((30, 3 * J))
+    for t in range(30):
+        for n in range(3):
+            for j in range(J):
+                expected[t, n * J + j] = sum(basis[j, l - 1] * y[t - l, n] for l in range(1, L + 1) if t - l >= 0)
+    np.testing.assert_allclose(h, expected, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(exponential_basis())[0], [.636, .234, .086, .032, .012])
+
+
+@pytest.mark.parametrize("family,link", [("poisson", "exp"), ("poisson", "softplus"), ("poisson", "sigmoid"),
+                                         ("bernoulli", "sigmoid"), ("bernoulli", "softplus"), ("bernoulli", "exp")])
+def test_emission_log_likelihoods_match_scipy(family, link):
+    rng = np.random.default_rng(1)
+    K, N, T = 2, 3, 40
+    w = 0.5 * rng.normal(size=(K, N, N, 1))
+    b = rng.normal(size=N) - 0.5
+    model = HMMGLM(np.ones(K) / K, np.eye(K) * 0.9 + 0.05, b, w, family=family, link=link)
+    y = (rng.poisson(0.7, (T, N)) if family == "poisson" else rng.integers(0, 2, (T, N))).astype(float)
+    y[0] = 5.0 if family == "poisson" else 1.0  # large counts / certain spikes
+    x = np.asarray(model.covariates(y))
+    ll = np.asarray(model.emission_log_likelihoods(jnp.asarray(y), jnp.asarray(x)))
+    eta = np.einsum("tu,kdu->tkd", x, w.reshape(K, N, N)) + b
+    mean = {"exp": np.exp, "softplus": lambda e: np.log1p(np.exp(e)), "sigmoid": lambda e: 1 / (1 + np.exp(-e))}[link](eta)
+    if family == "poisson":
+        expected = st.poisson.logpmf(y[:, None, :], mean).sum(-1)
+    else:
+        p = mean if link == "sigmoid" else 1 - np.exp(-mean)
+        expected = st.bernoulli.logpmf(y[:, None, :], p).sum(-1)
+    np.testing.assert_allclose(ll, expected, rtol=1e-10, atol=1e-10)
+    # the emission family object (ps.emissions interface) agrees
+    glm = model.glm()
+    assert isinstance(glm, ps.emissions.AbstractGLMEmissions)
+    np.testing.assert_allclose(np.asarray(glm.log_likelihoods(jnp.asarray(y), jnp.asarray(x))), expected,
+                               rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(np.asarray(glm.distribution(1, jnp.asarray(x[3])).log_prob(jnp.asarray(y[3]))),
+                               expected[3, 1], rtol=1e-10)
+    # the model's discrete structure runs through ps.hmm
+    r = ps.hmm.smoother(model, y)
+    assert np.isfinite(r.log_likelihood) and r.smoothed_probs.shape == (T, K)
+
+
+# ----------------------------------------------------------------------------------------------
+# Oracle: one state, no prior == per-neuron Poisson GLMs (statsmodels)
+# ----------------------------------------------------------------------------------------------
+def _numpy_poisson_glm_trials(rng, num_trials, T, W, b):
+    """Independent simulator: y_t ~ Poisson(exp(b + W h_t)), h from the exponential basis."""
+    phi = np.array([.636, .234, .086, .032, .012])
+    N = len(b)
+    y = np.zeros((num_trials, T, N))
+    for m in range(num_trials):
+        for t in range(T):
+            h = sum((phi[l - 1] * y[m, t - l] for l in range(1, 6) if t - l >= 0), np.zeros(N))
+            y[m, t] = rng.poisson(np.exp(b + W @ h))
+    return y
+
+
+def test_single_state_no_prior_equals_statsmodels_poisson_glm():
+    sm = pytest.importorskip("statsmodels.api")
+    rng = np.random.default_rng(3)
+    W = np.array([[-0.5, 0.4, 0.0], [0.3, -0.5, -0.4], [0.0, 0.5, -0.5]])
+    y = _numpy_poisson_glm_trials(rng, 2, 500, W, np.array([-0.5, -0.2, -0.8]))
+    model = init_hmmglm(jax.random.PRNGKey(0), y, 1, link="exp")
+    fitted, history = fit_hmmglm(model, y, 80, learning_rate=0.02)
+    x = np.asarray(model.covariates(jnp.asarray(y))).reshape(-1, 3)
+    X = sm.add_constant(x)
+    llf = 0.0
+    for n in range(3):
+        res = sm.GLM(y[..., n].ravel(), X, family=sm.families.Poisson()).fit(tol=1e-12)
+        np.testing.assert_allclose(float(fitted.biases[n]), res.params[0], atol=1e-5)
+        np.testing.assert_allclose(np.asarray(fitted.weights[0, n, :, 0]), res.params[1:], atol=1e-5)
+        llf += res.llf
+    np.testing.assert_allclose(float(hmmglm_log_likelihood(fitted, y).sum()), llf, rtol=1e-9)
+    assert np.all(np.diff(np.asarray(history)) >= -1e-9 * abs(llf))
+
+
+# ----------------------------------------------------------------------------------------------
+# M-step objective: gradients against central finite differences (float64)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("prior,link,mode", [("none", "softplus", "hard"), ("gaussian", "exp", "hard"),
+                                             ("onehot", "softplus", "relaxed"), ("onehot", "sigmoid", "expected")])
+def test_m_step_objective_gradients_match_finite_differences(prior, link, mode):
+    rng = np.random.default_rng(4)
+    K, N, T = 2, 3, 50
+    y = rng.poisson(0.8, (2, T, N)).astype(float)
+    model = HMMGLM.create(jax.random.PRNGKey(5), K, N, prior=prior, link=link, num_inputs=2, weight_scale=0.3,
+                          sparsity=1.5 if prior == "onehot" else 0.0)
+    model = eqx_set(model, "weight_mean", 0.2 * rng.normal(size=model.weight_mean.shape))
+    model = eqx_set(model, "connectome_logits", rng.normal(size=model.connectome_logits.shape))
+    u = rng.normal(size=(2, T, 2))
+    gamma = rng.dirichlet(np.ones(K), (2, T))
+    key = jax.random.PRNGKey(6)
+    names = HMMGLM.LEARNABLE[prior]
+
+    def f(params):
+        m = model
+        for n in names:
+            m = eqx_set(m, n, params[n])
+        return m_step_objective(m, y, gamma, u, mode=mode, key=key)
+
+    f = jax.jit(f)
+    params = {n: getattr(model, n) for n in names}
+    g = jax.jit(jax.grad(f))(params)
+    for n in names:
+        d = jnp.asarray(rng.normal(size=params[n].shape))
+        eps = 1e-5
+        plus = {**params, n: params[n] + eps * d}
+        minus = {**params, n: params[n] - eps * d}
+        fd = (f(plus) - f(minus)) / (2 * eps)
+        an = jnp.sum(g[n] * d)
+        np.testing.assert_allclose(float(an), float(fd), rtol=1e-6, atol=1e-6 * (1 + abs(float(f(params)))),
+                                   err_msg=n)
+
+
+def eqx_set(model, name, value):
+    import equinox as eqx
+
+    return eqx.tree_at(lambda m: getattr(m, name), model, jnp.asarray(value, getattr(model, name).dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# EM: objective never decreases; synthetic recovery
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_sim():
+    """Two states of 5 neurons wired as opposite excitatory rings (n <- n-1 vs n <- n+1)."""
+    N = 5
+    ring = np.roll(np.eye(N), 1, axis=1)  # ring[n, n-1] = 1... up to orientation
+    w = np.stack([0.9 * ring - 0.6 * np.eye(N), 0.9 * ring.T - 0.6 * np.eye(N)])[..., None]
+    model = HMMGLM([0.5, 0.5], [[0.98, 0.02], [0.02, 0.98]], np.full(N, -0.3), w)
+    states, spikes = sample_hmmglm(jax.random.PRNGKey(7), model, 400, 4)
+    return model, np.asarray(states), np.asarray(spikes)
+
+
+@pytest.mark.parametrize("prior,family,link", [("gaussian", "poisson", "softplus"), ("onehot", "poisson", "softplus"),
+                                               ("none", "bernoulli", "sigmoid")])  # Poisson "none": below
+def test_em_objective_never_decreases(small_sim, prior, family, link):
+    _, _, y = small_sim
+    if family == "bernoulli":
+        y = np.minimum(y, 1.0)
+    model = init_hmmglm(jax.random.PRNGKey(8), y, 2, prior=prior, family=family, link=link,
+                        **({"sparsity": 2.0} if prior == "onehot" else {}))
+    fitted, history, accepted = fit_hmmglm(model, y, 10, key=jax.random.PRNGKey(9), num_m_steps=10,
+                                           return_accepted=True)
+    h = np.asarray(history)
+    assert np.all(np.isfinite(h))
+    # generalised EM with the hard-indicator acceptance test: monotone up to rounding
+    assert np.all(np.diff(h) >= -1e-9 * np.abs(h).max()), np.diff(h).min()
+    assert h[-1] > h[0] + 10.0  # and it does learn
+    assert np.asarray(accepted).any()
+    # the history is the objective of the parameters entering each iteration: recompute the last one
+    # by running one more iteration from the fitted model
+    from probssm.learn import hmmglm_em
+
+    compiled = hmmglm_em._fit._cache_size()
+    _, h2 = fit_hmmglm(fitted, y, 10, key=jax.random.PRNGKey(10), num_m_steps=10)
+    assert hmmglm_em._fit._cache_size() == compiled  # same shapes: the fit is not compiled again
+    assert float(h2[0]) >= h[-1] - 1e-9 * abs(h[-1])
+    expected = float(hmmglm_log_likelihood(fitted, y).sum() + fitted.log_prior())
+    np.testing.assert_allclose(float(h2[0]), expected, rtol=1e-10)
+    # the generic entry point dispatches to the same compiled fit
+    _, h3 = ps.learn.em(fitted, y, 10, key=jax.random.PRNGKey(10), num_m_steps=10)
+    assert hmmglm_em._fit._cache_size() == compiled
+    np.testing.assert_allclose(np.asarray(h3), np.asarray(h2), rtol=1e-12)
+
+
+def test_small_synthetic_state_recovery(small_sim):
+    _, truth, y = small_sim
+    model = init_hmmglm(jax.random.PRNGKey(11), y, 2, prior="none")
+    fitted, history = fit_hmmglm(model, y, 30, num_m_steps=20)
+    h = np.asarray(history)
+    assert np.all(np.diff(h) >= -1e-9 * np.abs(h).max()) and h[-1] > h[0] + 10.0
+    pred = np.asarray(ps.hmm.viterbi(fitted, y))
+    acc = matched_accuracy(pred, truth, 2)
+    # chance after matching is >= 0.5; the states differ in coupling only (same biases)
+    assert acc > 0.9, acc
+
+
+@pytest.mark.slow
+def test_simulator_shapes_and_connectome():
+    sim = simulate_hmmglm(jax.random.PRNGKey(14), 3, 6, 300, 2, connection_prob=0.6)
+    assert sim.spikes.shape == (2, 300, 6) and sim.states.shape == (2, 300)
+    C = np.asarray(sim.connectome)
+    w = np.asarray(sim.model.weights[..., 0])
+    off = ~np.eye(6, dtype=bool)
+    assert np.any(C[off] == 1) and np.any(C[off] == -1)
+    # every per-state weight has the connectome's sign or is absent in that state
+    assert np.all((np.sign(w[:, off]) == C[off]) | (w[:, off] == 0))
+    y = np.asarray(sim.spikes)
+    assert np.all(y >= 0) and np.all(y == np.round(y))
+    # the state path is sticky (0.98): about 2% switches
+    assert np.mean(np.diff(np.asarray(sim.states), axis=1) != 0) < 0.06
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------
+def test_bad_input_raises_value_error_naming_the_argument():
+    rng = np.random.default_rng(12)
+    y = rng.poisson(0.5, (2, 50, 4)).astype(float)
+    model = init_hmmglm(jax.random.PRNGKey(0), y, 2)
+    neg = y.copy()
+    neg[0, 3, 1] = -1
+    frac = y.copy()
+    frac[1, 2, 0] = 0.5
+    for fn in (lambda s: fit_hmmglm(model, s, 1), lambda s: hmmglm_log_likelihood(model, s)):
+        with pytest.raises(ValueError, match="spikes.*non-negative"):
+            fn(neg)
+        with pytest.raises(ValueError, match="spikes.*integer"):
+            fn(frac)
+        with pytest.raises(ValueError, match="spikes.*4 neurons"):
+            fn(y[..., :3])
+        with pytest.raises(ValueError, match="basis"):
+            fn(y[:, :4])  # the exponential basis has length 5
+    long_basis = init_hmmglm(jax.random.PRNGKey(0), y, 2, basis=raised_cosine_basis(2, 60))
+    with pytest.raises(ValueError, match="basis"):
+        fit_hmmglm(long_basis, y, 1)
+    bern = init_hmmglm(jax.random.PRNGKey(0), np.minimum(y, 1), 2, family="bernoulli", link="sigmoid")
+    with pytest.raises(ValueError, match="spikes.*0 or 1"):
+        fit_hmmglm(bern, y + 1, 1)
+    with pytest.raises(ValueError, match="prior"):
+        HMMGLM.create(jax.random.PRNGKey(0), 2, 4, prior="laplace")
+    with pytest.raises(ValueError, match="link"):
+        HMMGLM.create(jax.random.PRNGKey(0), 2, 4, link="probit")
+    with pytest.raises(ValueError, match="inputs"):
+        fit_hmmglm(init_hmmglm(jax.random.PRNGKey(0), y, 2, num_inputs=1), y, 1)
+    with pytest.raises(ValueError, match="fixed"):
+        fit_hmmglm(model, y, 1, fixed=("connectome_logits",))
+
+
+def test_onehot_hard_relaxed_and_expected_weights():
+    model = HMMGLM.create(jax.random.PRNGKey(13), 3, 4, prior="onehot")
+
+    @jax.jit
+    def parts(m):
+        return (m.coupling_weights("hard"), m.indicators("relaxed", jax.random.PRNGKey(0)),
+                m.coupling_weights("expected"), m.adjacency_probs, m.strengths)
+
+    hard, relaxed, expected, q, s = (np.asarray(a) for a in parts(model))
+    a = np.asarray(model.adjacency_logits).argmax(-1)
+    np.testing.assert_allclose(hard, np.where(a == 2, 1, np.where(a == 0, -1, 0))[..., None] * s)
+    np.testing.assert_allclose(relaxed.sum(-1), 1.0, rtol=1e-12)
+    assert np.all(relaxed >= 0) and np.all(s >= model.min_strength)
+    np.testing.assert_allclose(expected, (q[..., 2] - q[..., 0])[..., None] * s, rtol=1e-12)
