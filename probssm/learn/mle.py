@@ -106,7 +106,8 @@ def mle(model, emissions, num_iters: int = 200, *, inputs=None, optimizer=None, 
             and ``value_fn``.
         fixed: field names to hold fixed.
         estimator: "exact" (Kalman / forward-backward likelihood), or "paris" / "ppg"
-            (particle estimates of the score; needs ``key``).
+            (particle estimates of the score; needs ``key``). PaRIS's self-normalisation bias
+            grows like T / N and shifts the fitted parameters on long sequences; PPG removes it.
         progress: progress bar (default: when num_iters >= 100).
 
     Returns:
