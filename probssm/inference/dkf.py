@@ -44,6 +44,7 @@ import optax
 from jax import lax
 
 from probssm.core import checks
+from probssm.core.optim import descend
 from probssm.core.linalg import cho_solve_lower, cholesky, mm, solve_lower, symmetrize
 
 __all__ = ["DKFModel", "DKFResult", "filter", "fit", "fit_dynamics", "fit_nadaraya_watson", "fit_mlp", "fit_gp",
@@ -354,14 +355,7 @@ def _train_mlp(mlp, u, v, num_steps, learning_rate, weight_decay):
         net = eqx.combine(p, static)
         return jnp.mean((jax.vmap(net)(u) - v) ** 2)
 
-    def step(carry, _):
-        p, s = carry
-        g = jax.grad(loss)(p)
-        upd, s = opt.update(g, s, p)
-        return (optax.apply_updates(p, upd), s), None
-
-    (p, _), _ = lax.scan(step, (params, opt.init(params)), None, length=num_steps)
-    return eqx.combine(p, static)
+    return eqx.combine(descend(loss, params, opt, num_steps), static)
 
 
 def fit_mlp(key, observations, states, *, width: int = 64, depth: int = 2, num_steps: int = 2000,
@@ -412,12 +406,7 @@ def _fit_gp_hyper(theta, d2, v, num_steps):
         a = jax.scipy.linalg.cho_solve((L, True), v)
         return 0.5 * jnp.sum(v * a) + v.shape[1] * jnp.sum(jnp.log(jnp.diagonal(L)))
 
-    def step(carry, _):
-        th, s = carry
-        upd, s = opt.update(jax.grad(nll)(th), s)
-        return (optax.apply_updates(th, upd), s), None
-
-    (theta, _), _ = lax.scan(step, (theta, opt.init(theta)), None, length=num_steps)
+    theta = descend(nll, theta, opt, num_steps)
     ell, sf2, K = _gp_gram(theta, d2)
     return ell, sf2, jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(K), True), v)
 

@@ -43,6 +43,7 @@ from jax import lax
 
 from probssm.core import checks
 from probssm.core.linalg import cholesky, mm, solve_lower
+from probssm.core.optim import descend
 from probssm.models.nonlinear import NonlinearGaussianSSM
 
 __all__ = ["IMAPResult", "NAMED", "filter", "filter_ssm", "matched_step_size"]
@@ -100,13 +101,7 @@ def _scan(transition_fn, loss_fn, optimizer, num_steps, initial_state, observati
         y0 = jax.tree_util.tree_map(lambda l: jnp.where(jnp.isnan(l), 0.0, l), y)
         obj = lambda s: loss_fn(s, y0, t)
 
-        def inner(carry, _):
-            s, st = carry
-            g = jax.grad(obj)(s)
-            upd, st = optimizer.update(g, st, s)
-            return (optax.apply_updates(s, upd), st), None
-
-        (xk, _), _ = lax.scan(inner, (x, optimizer.init(x)), None, length=num_steps)
+        xk = descend(obj, x, optimizer, num_steps)
         xk = jax.tree_util.tree_map(lambda a, b: jnp.where(observed, a, b), xk, x)
         return xk, obj(xk)
 

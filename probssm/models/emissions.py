@@ -39,6 +39,7 @@ from numpyro.distributions import constraints
 
 from probssm.core import checks
 from probssm.core.lags import lagged_inputs
+from probssm.core.optim import descend
 
 __all__ = [
     "AbstractEmissions",
@@ -777,13 +778,5 @@ class AbstractGLMEmissions(AbstractEmissions):
             e = eqx.tree_at(lambda s: tuple(getattr(s, n) for n in names), self, tuple(p[n] for n in names))
             return -(jnp.sum(weights * e.log_likelihoods(emissions, inputs)) + e.log_prior(prior)) / num_obs
 
-        opt = optax.adam(self.learning_rate)
-
-        def step(carry, _):
-            p, s = carry
-            g = jax.grad(loss)(p)
-            upd, s = opt.update(g, s, p)
-            return (optax.apply_updates(p, upd), s), None
-
-        (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, length=self.num_m_steps)
+        params = descend(loss, params, optax.adam(self.learning_rate), self.num_m_steps)
         return eqx.tree_at(lambda s: tuple(getattr(s, n) for n in names), self, tuple(params[n] for n in names))
