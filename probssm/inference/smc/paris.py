@@ -94,16 +94,17 @@ def mcmc_indices(key, model, lw_prev, z_prev, z_new, ancestors, t, u, num_backwa
     k1, k2 = jax.random.split(key)
     props = draw_from_weights(k1, lw_prev, (num_backward, num))
     v = C.uniform(k2, (num_backward, num), lw_prev.dtype)
-    cur = ancestors
-    logf_cur = C.transition_log_prob(model, z_prev[cur], z_new, t, u)
-    out = []
-    for k in range(num_backward):
-        logf = C.transition_log_prob(model, z_prev[props[k]], z_new, t, u)
-        acc = jnp.log(v[k]) < logf - logf_cur
-        cur = jnp.where(acc, props[k], cur)
-        logf_cur = jnp.where(acc, logf, logf_cur)
-        out.append(cur)
-    return jnp.stack(out, axis=1).reshape(-1).astype(jnp.int32)
+    def mh_step(carry, xs):
+        cur, logf_cur = carry
+        prop, v_k = xs
+        logf = C.transition_log_prob(model, z_prev[prop], z_new, t, u)
+        acc = jnp.log(v_k) < logf - logf_cur
+        cur, logf_cur = jnp.where(acc, prop, cur), jnp.where(acc, logf, logf_cur)
+        return (cur, logf_cur), cur
+
+    logf_start = C.transition_log_prob(model, z_prev[ancestors], z_new, t, u)
+    _, visited = lax.scan(mh_step, (ancestors, logf_start), (props, v))  # (Ñ, N)
+    return visited.T.reshape(-1).astype(jnp.int32)
 
 
 def backward_update(key, model, functional, prev: F.PFState, tau_prev, z_new, t, y, u, num_backward,
