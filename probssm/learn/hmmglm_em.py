@@ -5,6 +5,8 @@ Each iteration, for the current parameters theta (one compiled `lax.scan` step):
     E-step   gamma, xi, log p(x^m) <- ps.hmm posterior of every trial m (vmapped; hard weights)
     J(theta) = sum_m log p(x^m | theta) + log prior(theta)                 # reported in history
     pi  <- sum_m gamma^m_0 / M;  A_i. <- sum_m xi^m(i, .) normalised       # closed form
+             (input-driven transitions: no closed form; damped Newton steps on the concave
+             transition part of Q over log A and R, see `transition_objective`)
     M-step   num_m_steps Adam steps (optax) on
              Q(theta') = sum_{m,t,k} gamma^m_t(k) log p(x^m_t | z_t = k, theta') + log prior(theta')
              (one-hot prior: the coupling weights inside Q use a fresh Gumbel-softmax sample
@@ -42,7 +44,7 @@ from probssm.core import checks, progress as prog
 from probssm.inference import hmm as hmm_engine
 from probssm.models.hmmglm import HMMGLM, check_spikes
 
-__all__ = ["fit_hmmglm", "hmmglm_log_likelihood", "init_hmmglm", "m_step_objective"]
+__all__ = ["fit_hmmglm", "hmmglm_log_likelihood", "init_hmmglm", "m_step_objective", "transition_objective"]
 
 
 def _check_model(model):
@@ -82,7 +84,8 @@ def m_step_objective(model, spikes, state_probs, inputs=None, *, mode: str = "ha
     """Q_em(theta) = sum_t,k gamma_t(k) log p(x_t | z_t = k, history) + log prior(theta).
 
     The part of the EM objective that the inner Adam loop maximises (the transition part is
-    maximised in closed form). Traceable: differentiate it with `jax.grad` w.r.t. the model.
+    maximised in closed form, or for input-driven transitions by Newton steps on
+    `transition_objective`). Traceable: differentiate it with `jax.grad` w.r.t. the model.
 
     Args:
         model: `HMMGLM`.
@@ -99,6 +102,91 @@ def m_step_objective(model, spikes, state_probs, inputs=None, *, mode: str = "ha
                              mode, key) + model.log_prior())
 
 
+def _transition_q(log_A, R, gamma, counts, us):
+    """Q_trans of `transition_objective` for gamma (M, T, K), summed counts (K, K), us (M, T, U)."""
+    drive = us[:, 1:] @ R.T  # (M, T-1, K): r_j . u_t
+    lse = jax.nn.logsumexp(log_A + drive[..., None, :], -1)  # (M, T-1, K): normaliser of row i at step t
+    return jnp.sum(counts * log_A) + jnp.sum(gamma[:, 1:] * drive) - jnp.sum(gamma[:, :-1] * lse)
+
+
+def transition_objective(model, state_probs, transition_counts, inputs):
+    """Expected complete-data log-likelihood of input-driven transitions,
+
+        Q_trans = sum_{m, t >= 1} sum_{i,j} xi^m_t(i, j) log p(z_t = j | z_{t-1} = i, u^m_t),
+
+    computed without the per-step xi: with log p = log A_ij + r_j . u_t - log sum_j' A_ij' exp(r_j' . u_t)
+    and the marginals sum_j xi_t(i, j) = gamma_{t-1}(i), sum_i xi_t(i, j) = gamma_t(j),
+
+        Q_trans = sum_ij N_ij log A_ij + sum_{m,t>=1,j} gamma_t(j) r_j . u_t
+                  - sum_{m,t>=1,i} gamma_{t-1}(i) log sum_j A_ij exp(r_j . u_t),
+
+    N the expected transition counts summed over trials. Concave in (log A, R). Traceable.
+
+    Args:
+        model: an input-driven `HMMGLM`.
+        state_probs: (T, K) or (M, T, K) posterior state probabilities gamma.
+        transition_counts: (K, K) or (M, K, K) expected transition counts.
+        inputs: (T, U) or (M, T, U).
+    """
+    _check_model(model)
+    if not model.input_driven:
+        raise ValueError("model: transition_objective is for input-driven transitions (transition_input_weights)")
+    g = jnp.asarray(state_probs)
+    g = g[None] if g.ndim == 2 else g
+    u = jnp.broadcast_to(jnp.asarray(inputs, g.dtype), g.shape[:2] + (model.num_inputs,))
+    counts = jnp.asarray(transition_counts, g.dtype)
+    counts = counts.sum(0) if counts.ndim == 3 else counts
+    return _transition_q(model.log_transition_matrix, model.transition_input_weights, g, counts, u)
+
+
+_NEWTON_STEPS = 8
+_NEWTON_STEP_SIZES = (1.0, 0.5, 0.25, 0.1, 0.01)
+
+
+def _transition_m_step(model, trans_names, gamma, counts, us):
+    """Maximise Q_trans over log A and R (those in ``trans_names``) by damped Newton steps.
+
+    Q_trans is concave but flat along row shifts of log A and shifts of R shared by all
+    states, so the Newton system gets a small ridge. Each step tries the step sizes in
+    ``_NEWTON_STEP_SIZES`` at once and keeps the best one that does not lower Q_trans, so the
+    result never scores below the start (the generalised-EM inequality holds for this block
+    on its own: Q separates into emission and transition parameters)."""
+    K, U = model.num_states, model.num_inputs
+    log_A0, R0 = model.log_transition_matrix, model.transition_input_weights
+    free_A, free_R = "transition_matrix" in trans_names, "transition_input_weights" in trans_names
+    n_A = K * K if free_A else 0
+
+    def unpack(theta):
+        log_A = theta[:n_A].reshape(K, K) if free_A else log_A0
+        R = theta[n_A:].reshape(K, U) if free_R else R0
+        return log_A, R
+
+    def q(theta):
+        log_A, R = unpack(theta)
+        return _transition_q(log_A, R, gamma, counts, us)
+
+    theta0 = jnp.concatenate(([log_A0.ravel()] if free_A else []) + ([R0.ravel()] if free_R else []))
+    sizes = jnp.asarray(_NEWTON_STEP_SIZES, theta0.dtype)
+    eye = jnp.eye(theta0.size, dtype=theta0.dtype)
+
+    def newton(theta, _):
+        g = jax.grad(q)(theta)
+        H = jax.hessian(q)(theta)
+        ridge = 1e-6 * jnp.trace(-H) / theta.size + jnp.finfo(theta.dtype).eps
+        step = jnp.linalg.solve(-H + ridge * eye, g)
+        candidates = theta + sizes[:, None] * step
+        values = jax.vmap(q)(candidates)
+        values = jnp.where(jnp.isfinite(values), values, -jnp.inf)
+        best = jnp.argmax(values)
+        better = values[best] >= q(theta)
+        return jnp.where(better, candidates[best], theta), None
+
+    theta, _ = lax.scan(newton, theta0, None, length=_NEWTON_STEPS)
+    log_A, R = unpack(theta)
+    A = jax.nn.softmax(log_A, -1) if free_A else model.transition_matrix
+    return A, R
+
+
 def _normalise_rows(counts, old):
     total = counts.sum(-1, keepdims=True)
     new = counts / jnp.where(total > 0, total, 1.0)
@@ -110,8 +198,10 @@ def _posteriors(model, ys, us):
     return jax.vmap(one, in_axes=(0, None if us is None else 0))(ys, us)
 
 
-@partial(jax.jit, static_argnames=("num_iters", "num_m_steps", "batch_size", "names", "fix_pi", "fix_A", "show"))
-def _fit(model, ys, us, key, learning_rate, *, num_iters, num_m_steps, batch_size, names, fix_pi, fix_A, show):
+@partial(jax.jit, static_argnames=("num_iters", "num_m_steps", "batch_size", "names", "trans_names", "fix_pi",
+                                   "fix_A", "show"))
+def _fit(model, ys, us, key, learning_rate, *, num_iters, num_m_steps, batch_size, names, trans_names, fix_pi, fix_A,
+         show):
     M, T, N = ys.shape
     K = model.num_states
     xs = model.covariates(ys, us)
@@ -157,7 +247,12 @@ def _fit(model, ys, us, key, learning_rate, *, num_iters, num_m_steps, batch_siz
         objective = jnp.sum(post.log_likelihood) + m.log_prior()
         gamma = post.smoothed_probs.reshape(M * T, K)
         pi = m.initial_probs if fix_pi else _normalise_rows(post.smoothed_probs[:, 0].sum(0), m.initial_probs)
-        A = m.transition_matrix if fix_A else _normalise_rows(post.transition_counts.sum(0), m.transition_matrix)
+        if trans_names:  # input-driven: no closed form, a few Newton steps on the concave Q_trans
+            counts = post.transition_counts.sum(0)
+            A, Rin = _transition_m_step(m, trans_names, post.smoothed_probs, counts, us)
+        else:
+            A = m.transition_matrix if fix_A else _normalise_rows(post.transition_counts.sum(0), m.transition_matrix)
+            Rin = m.transition_input_weights
 
         params = {n: getattr(m, n) for n in names}
 
@@ -172,7 +267,8 @@ def _fit(model, ys, us, key, learning_rate, *, num_iters, num_m_steps, batch_siz
         q_old, q_new = q_hard(m, gamma), q_hard(proposal, gamma)
         accept = jnp.isfinite(q_new) & (q_new >= q_old)
         kept = jax.tree_util.tree_map(lambda a, b: jnp.where(accept, a, b), new_params, params)
-        m = eqx.tree_at(lambda mm: (mm.initial_probs, mm.transition_matrix), _replace(m, names, kept), (pi, A))
+        m = eqx.tree_at(lambda mm: (mm.initial_probs, mm.transition_matrix, mm.transition_input_weights),
+                        _replace(m, names, kept), (pi, A, Rin))
         # step-size control: halve after a rejected M-step, recover towards learning_rate after an accepted one
         lr = jnp.where(accept, jnp.minimum(1.5 * lr, learning_rate), 0.5 * lr)
         if show:
@@ -201,7 +297,8 @@ def fit_hmmglm(model: HMMGLM, spikes, num_iters: int = 50, *, inputs=None, key=N
         batch_size: time bins (pooled over trials) per Adam step, drawn at random; None
             uses all M * T bins. Subsampling makes the inner loop cheaper; the acceptance test
             always uses all bins, so the objective still never decreases.
-        fixed: parameter names to hold ("initial_probs", "transition_matrix", or any
+        fixed: parameter names to hold ("initial_probs", "transition_matrix",
+            "transition_input_weights" of input-driven transitions, or any
             learnable emission field of the model's prior, e.g. "biases").
         progress: show a progress bar (default: when num_iters >= 100).
         return_accepted: also return the (num_iters,) flags of accepted M-steps.
@@ -218,11 +315,13 @@ def fit_hmmglm(model: HMMGLM, spikes, num_iters: int = 50, *, inputs=None, key=N
     if isinstance(fixed, str):
         fixed = (fixed,)
     learnable = HMMGLM.LEARNABLE[model.prior]
-    allowed = ("initial_probs", "transition_matrix") + learnable
+    transition_fields = ("transition_matrix", "transition_input_weights") if model.input_driven else ()
+    allowed = ("initial_probs", "transition_matrix") + transition_fields[1:] + learnable
     bad = [f for f in fixed if f not in allowed]
     if bad:
         raise ValueError(f"fixed: unknown parameter names {bad}; expected a subset of {list(allowed)}")
     names = tuple(n for n in learnable if n not in fixed)
+    trans_names = tuple(n for n in transition_fields if n not in fixed)
     ys, us, _ = _prepare(model, spikes, inputs)
     if batch_size is not None:
         batch_size = checks.positive_int(batch_size, "batch_size")
@@ -233,7 +332,7 @@ def fit_hmmglm(model: HMMGLM, spikes, num_iters: int = 50, *, inputs=None, key=N
     with prog.progress_bar(num_iters, f"HMM-GLM EM ({model.prior})", show):
         fitted, history, accepted = _fit(model, ys, us, key, jnp.asarray(learning_rate, ys.dtype),
                                          num_iters=num_iters, num_m_steps=num_m_steps, batch_size=batch_size,
-                                         names=names,
+                                         names=names, trans_names=trans_names,
                                          fix_pi="initial_probs" in fixed, fix_A="transition_matrix" in fixed,
                                          show=show)
     if return_accepted:
@@ -274,7 +373,8 @@ def _inverse_link(family, link, mean):
 def init_hmmglm(key, spikes, num_states: int, *, prior: str = "none", family: str = "poisson",
                 link: str = "softplus", basis=None, num_inputs: int = 0, stickiness: float = 0.98,
                 weight_scale: float = 0.1, temperature: float = 0.2, min_strength: float = 0.1,
-                min_weight_scale: float = 0.1, sparsity: float = 0.0) -> HMMGLM:
+                min_weight_scale: float = 0.1, sparsity: float = 0.0,
+                input_driven_transitions: bool = False) -> HMMGLM:
     """A starting point for `fit_hmmglm`: `HMMGLM.create` with the biases at the inverse link of
     each neuron's mean count (so a model without coupling matches the firing rates)."""
     y = np.asarray(spikes, float)
@@ -286,4 +386,4 @@ def init_hmmglm(key, spikes, num_states: int, *, prior: str = "none", family: st
     return HMMGLM.create(key, num_states, N, basis=basis, num_inputs=num_inputs, prior=prior, family=family,
                          link=link, stickiness=stickiness, biases=biases, weight_scale=weight_scale,
                          temperature=temperature, min_strength=min_strength, min_weight_scale=min_weight_scale,
-                         sparsity=sparsity)
+                         sparsity=sparsity, input_driven_transitions=input_driven_transitions)

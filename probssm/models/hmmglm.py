@@ -36,7 +36,15 @@ covariates (T, U), or None) and evaluates the emission log-likelihoods with the
 hard weights, so `ps.hmm.filter / smoother / viterbi` run on it directly.
 `PoissonGLM` / `BernoulliGLM` are the same emissions as `ps.emissions.AbstractGLMEmissions`
 families (``model.glm()``). Learning: `probssm.learn.hmmglm_em.fit_hmmglm`.
-Transitions are fixed-matrix (sticky by default); input-driven transitions are not implemented.
+Transitions are sticky by default. Optionally they are input-driven (``transition_input_weights``
+R (K, U), as in the input-driven HMMs of the `ssm` package):
+
+    p(z_t = j | z_{t-1} = i, u_t) = A_ij exp(r_j . u_t) / sum_j' A_ij' exp(r_j' . u_t),
+
+so that A is the transition matrix at u_t = 0 and the external covariates u_t tilt every
+row towards the states they favour. The transitions read the same inputs as the emissions;
+to let them drive only the transitions, hold ``input_weights`` at zero
+(``fit_hmmglm(..., fixed=("input_weights",))``).
 """
 from __future__ import annotations
 
@@ -398,6 +406,8 @@ class HMMGLM(AbstractDiscreteSSM):
         biases: (N,) per-neuron bias b_n, shared by the states.
         weights: (K, N, N, J) coupling weights w^{(k)}_{n<-n',j} (priors "none" and "gaussian").
         input_weights: (K, N, U) weights of the external covariates (U may be 0).
+        transition_input_weights: (K, U) R of input-driven transitions, or None / shape (K, 0)
+            for a fixed transition matrix. When given, ``input_weights`` defaults to zeros (K, N, U).
         basis: (J, L) fixed spike-history basis (not learned).
         prior: "none", "gaussian" or "onehot".
         family: "poisson" or "bernoulli"; link: "exp", "softplus" or "sigmoid".
@@ -428,6 +438,7 @@ class HMMGLM(AbstractDiscreteSSM):
     biases: jax.Array
     weights: jax.Array
     input_weights: jax.Array
+    transition_input_weights: jax.Array
     basis: jax.Array
     weight_mean: jax.Array
     weight_scale_param: jax.Array
@@ -449,7 +460,7 @@ class HMMGLM(AbstractDiscreteSSM):
     }
 
     def __init__(self, initial_probs, transition_matrix, biases, weights, input_weights=None, basis=None, *,
-                 prior: str = "none", family: str = "poisson", link: str = "softplus", weight_mean=None,
+                 transition_input_weights=None, prior: str = "none", family: str = "poisson", link: str = "softplus", weight_mean=None,
                  weight_scale_param=None, strength_params=None, adjacency_logits=None, connectome_logits=None,
                  temperature: float = 0.2, min_strength: float = 0.1, min_weight_scale: float = 0.1,
                  sparsity: float = 0.0):
@@ -482,8 +493,18 @@ class HMMGLM(AbstractDiscreteSSM):
         if basis.ndim != 2 or basis.shape[0] != J:
             raise ValueError(f"basis: expected shape ({J}, L) (J = weights.shape[-1]), got shape {tuple(basis.shape)}")
         checks.finite(basis, "basis")
-        v = jnp.zeros((K, N, 0), dtype) if input_weights is None else jnp.asarray(input_weights, dtype)
-        checks.shape(v, "input_weights", (K, N, None), f"({K}, {N}, U)")
+        r = jnp.zeros((K, 0), dtype) if transition_input_weights is None else jnp.asarray(transition_input_weights, dtype)
+        checks.shape(r, "transition_input_weights", (K, None), f"({K}, U)")
+        checks.finite(r, "transition_input_weights")
+        if input_weights is None:
+            v = jnp.zeros((K, N, r.shape[1]), dtype)
+        else:
+            v = jnp.asarray(input_weights, dtype)
+            checks.shape(v, "input_weights", (K, N, None), f"({K}, {N}, U)")
+            checks.finite(v, "input_weights")
+        if r.shape[1] and r.shape[1] != v.shape[2]:
+            raise ValueError(f"transition_input_weights: expected shape ({K}, {v.shape[2]}) (U = input_weights.shape[-1]), "
+                             f"got shape {tuple(r.shape)}")
 
         def opt(x, shape, name, fill=0.0):
             if x is None:
@@ -494,7 +515,7 @@ class HMMGLM(AbstractDiscreteSSM):
             return a
 
         self.initial_probs, self.transition_matrix, self.biases, self.weights = pi, A, b, w
-        self.input_weights, self.basis = v, basis
+        self.input_weights, self.transition_input_weights, self.basis = v, r, basis
         self.weight_mean = opt(weight_mean, (N, N, J), "weight_mean")
         self.weight_scale_param = opt(weight_scale_param, (), "weight_scale_param", 0.5)
         self.strength_params = opt(strength_params, (K, N, N, J), "strength_params")
@@ -515,13 +536,18 @@ class HMMGLM(AbstractDiscreteSSM):
     def create(cls, key, num_states: int, num_neurons: int, *, basis=None, num_inputs: int = 0,
                prior: str = "none", family: str = "poisson", link: str = "softplus", stickiness: float = 0.98,
                biases=None, weight_scale: float = 0.1, temperature: float = 0.2, min_strength: float = 0.1,
-               min_weight_scale: float = 0.1, sparsity: float = 0.0, dtype=None):
+               min_weight_scale: float = 0.1, sparsity: float = 0.0, input_driven_transitions: bool = False,
+               dtype=None):
         """A random starting point: sticky transitions (``stickiness`` on the diagonal),
         small random weights (std ``weight_scale``), biases 0 unless given; for the one-hot
-        prior, indicator logits that slightly favour "none" plus noise."""
+        prior, indicator logits that slightly favour "none" plus noise. With
+        ``input_driven_transitions`` (needs ``num_inputs`` >= 1) the transition input weights
+        start at zero."""
         K = checks.positive_int(num_states, "num_states")
         N = checks.positive_int(num_neurons, "num_neurons")
         U = checks.positive_int(num_inputs, "num_inputs", minimum=0)
+        if input_driven_transitions and U == 0:
+            raise ValueError("num_inputs: input-driven transitions need num_inputs >= 1")
         if not 0.0 < stickiness <= 1.0:
             raise ValueError(f"stickiness: expected a value in (0, 1), got {stickiness!r}")
         dtype = jnp.result_type(float) if dtype is None else dtype
@@ -530,8 +556,9 @@ class HMMGLM(AbstractDiscreteSSM):
         J = basis.shape[0]
         w, v, sp, adj = _random_init(key, K, N, U, J, np.dtype(dtype), float(weight_scale))
         b = np.zeros((N,), dtype) if biases is None else np.asarray(biases, dtype)
+        r = np.zeros((K, U if input_driven_transitions else 0), dtype)
         return cls(np.full((K,), 1.0 / K, dtype), np.asarray(_sticky(K, stickiness, np.float64), dtype), b, w, v,
-                   basis, prior=prior, family=family, link=link, weight_mean=np.zeros((N, N, J), dtype),
+                   basis, transition_input_weights=r, prior=prior, family=family, link=link, weight_mean=np.zeros((N, N, J), dtype),
                    weight_scale_param=np.asarray(0.5, dtype), strength_params=sp, adjacency_logits=adj,
                    connectome_logits=np.zeros((N, N, 3), dtype), temperature=temperature,
                    min_strength=min_strength, min_weight_scale=min_weight_scale, sparsity=sparsity)
@@ -560,6 +587,27 @@ class HMMGLM(AbstractDiscreteSSM):
     @property
     def num_inputs(self) -> int:
         return self.input_weights.shape[-1]
+
+    @property
+    def input_driven(self) -> bool:
+        """Whether the transitions depend on the external covariates (static)."""
+        return self.transition_input_weights.shape[-1] > 0
+
+    @property
+    def log_transition_matrix(self):
+        """(K, K) log A (the transitions at u_t = 0), zeros floored at the smallest float."""
+        return jnp.log(jnp.maximum(self.transition_matrix, jnp.finfo(self.transition_matrix.dtype).tiny))
+
+    def log_transition_matrices(self, inputs=None):
+        """log p(z_t = j | z_{t-1} = i, u_t): (K, K) for fixed transitions, else (..., T, K, K)
+        from ``inputs`` (..., T, U); entry t maps z_{t-1} -> z_t."""
+        log_A = self.log_transition_matrix
+        if not self.input_driven:
+            return log_A
+        if inputs is None:
+            raise ValueError(f"inputs: the transitions are input-driven; pass inputs (T, {self.num_inputs})")
+        drive = jnp.asarray(inputs, log_A.dtype) @ self.transition_input_weights.T  # (..., T, K): r_j . u_t
+        return jax.nn.log_softmax(log_A + drive[..., None, :], -1)
 
     # --- weights under each prior ---------------------------------------------------
     @property
@@ -611,18 +659,31 @@ class HMMGLM(AbstractDiscreteSSM):
         sign = a[..., 2] - a[..., 0]
         return sign[..., None] * self.strengths
 
-    def connectome(self):
+    def connectome(self, rule: str = "consensus"):
         """(N, N) signs in {-1, 0, +1} of the learned connectome.
 
-        One-hot prior: the states' consensus, argmax over {inh, none, exc} of the mean class
-        probabilities (1/K) sum_k q^{(k)} (with a flat hyperprior this is where the shared p
+        One-hot prior, ``rule="consensus"``: argmax over {inh, none, exc} of the states' mean
+        class probabilities (1/K) sum_k q^{(k)} (with a flat hyperprior this is where the shared p
         converges; the ``sparsity`` pseudo-votes only regularise the states, they are not
-        counted here). Other priors: the sign of the state average of the summed coupling
-        weights (no thresholding).
+        counted here). A link used by fewer than about half the states is read as "none".
+        ``rule="support"``: a pair is connected when any state's hard indicator connects it,
+        with the sign most states give it (ties broken by the summed class probabilities) --
+        the union of the per-state graphs, for connectomes whose links are switched off in
+        some states. Other priors: the sign of the state average of the summed coupling weights
+        (no thresholding; ``rule`` is ignored).
         """
-        if self.prior == "onehot":
-            return jnp.argmax(jnp.mean(self.adjacency_probs, 0), -1) - 1
-        return jnp.sign(jnp.mean(jnp.sum(self.weights, -1), 0))
+        if rule not in ("consensus", "support"):
+            raise ValueError(f"rule: expected 'consensus' or 'support', got {rule!r}")
+        if self.prior != "onehot":
+            return jnp.sign(jnp.mean(jnp.sum(self.weights, -1), 0))
+        q = self.adjacency_probs
+        if rule == "consensus":
+            return jnp.argmax(jnp.mean(q, 0), -1) - 1
+        a = self.indicators("hard")
+        votes = jnp.sum(a[..., 2] - a[..., 0], 0)
+        used = jnp.any(a[..., 1] < 0.5, 0)
+        tie_break = jnp.sum(q[..., 2] - q[..., 0], 0)
+        return jnp.where(used, jnp.sign(jnp.where(votes != 0, votes, tie_break)), 0).astype(votes.dtype)
 
     def glm(self, mode: str = "hard", key=None):
         """The emission family (`PoissonGLM` / `BernoulliGLM`) over covariates [history, inputs]."""
@@ -677,14 +738,18 @@ class HMMGLM(AbstractDiscreteSSM):
     def discrete_params(self, emissions, inputs=None) -> DiscreteParams:
         y = jnp.asarray(emissions)
         x = self.covariates(y, inputs)
-        return DiscreteParams(self.initial_probs, self.transition_matrix, self.emission_log_likelihoods(y, x))
+        A = jnp.exp(self.log_transition_matrices(inputs)) if self.input_driven else self.transition_matrix
+        return DiscreteParams(self.initial_probs, A, self.emission_log_likelihoods(y, x))
 
     # --- the protocol (covariate rows x_t from `covariates` as inputs) --------------
     def initial(self, inputs=None):
         return dist.Categorical(probs=self.initial_probs)
 
     def transition(self, z_prev, t, inputs=None):
-        return dist.Categorical(probs=self.transition_matrix[z_prev])
+        if not self.input_driven:
+            return dist.Categorical(probs=self.transition_matrix[z_prev])
+        u = inputs[..., inputs.shape[-1] - self.num_inputs:]  # the external part of the covariate row
+        return dist.Categorical(logits=self.log_transition_matrices(u[None])[0, z_prev])
 
     def emission(self, z, t, inputs=None):
         return self.glm().distribution(z, inputs)
@@ -731,12 +796,17 @@ def _simulate_trial(key, model: HMMGLM, num_timesteps, inputs):
     uy = jax.random.uniform(ky, (num_timesteps, N), dtype)
     cum_pi = jnp.cumsum(model.initial_probs)
     cum_A = jnp.cumsum(model.transition_matrix, -1)
+    R = model.transition_input_weights
     basis = model.basis
 
     def step(carry, xs):
         z_prev, past, t = carry  # past: (L, N), row 0 = y_{t-1}
         u_z, u_y, u = xs
-        cum = jnp.where(t == 0, cum_pi, cum_A[z_prev])
+        if model.input_driven:
+            row = jax.nn.softmax(model.log_transition_matrix[z_prev] + R @ u)
+            cum = jnp.where(t == 0, cum_pi, jnp.cumsum(row))
+        else:
+            cum = jnp.where(t == 0, cum_pi, cum_A[z_prev])
         z = jnp.minimum(jnp.sum(cum < u_z * cum[-1]), K - 1).astype(jnp.int32)
         h = jnp.einsum("ln,jl->nj", past, basis).reshape(-1)
         eta = W[z] @ h + model.biases
