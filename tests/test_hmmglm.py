@@ -411,3 +411,34 @@ def test_input_driven_bad_input():
     with pytest.raises(ValueError, match="fixed"):
         fit_hmmglm(HMMGLM.create(jax.random.PRNGKey(0), 2, 3), np.zeros((10, 3)), 1,
                    fixed=("transition_input_weights",))
+
+
+def test_padded_trials_with_lengths_equal_the_cut_trials():
+    """Trials of different lengths padded with NaN: log-likelihoods equal those of the cut trials,
+    and a fit (input-driven transitions, so the transition objective's masking is exercised)
+    equals the fit on the trials cut to their common length."""
+    rng = np.random.default_rng(15)
+    K, N, U, T = 2, 3, 1, 40
+    model = _input_driven_model(rng, K, N, U, strength=1.0)
+    u = rng.normal(size=(3, T, U))
+    _, y = sample_hmmglm(jax.random.PRNGKey(5), model, T, 3, inputs=u)
+    y = np.asarray(y).copy()
+    lengths = np.array([40, 25, 31])
+    padded = y.copy()
+    for m, n in enumerate(lengths):
+        padded[m, n:] = np.nan
+    ll = np.asarray(hmmglm_log_likelihood(model, padded, inputs=u, lengths=lengths))
+    cut = [float(hmmglm_log_likelihood(model, y[m, :n], inputs=u[m, :n])) for m, n in enumerate(lengths)]
+    np.testing.assert_allclose(ll, cut, rtol=1e-12)
+
+    same = np.array([30, 30, 30])
+    padded = y.copy()
+    padded[:, 30:] = np.nan
+    kw = dict(inputs=None, progress=False, learning_rate=0.02, num_m_steps=10)
+    a, ha = fit_hmmglm(model, padded, 5, lengths=same, **{**kw, "inputs": u})
+    b, hb = fit_hmmglm(model, y[:, :30], 5, **{**kw, "inputs": u[:, :30]})
+    np.testing.assert_allclose(np.asarray(ha), np.asarray(hb), rtol=1e-10)
+    for name in ("transition_matrix", "transition_input_weights", "weights", "biases", "input_weights"):
+        np.testing.assert_allclose(np.asarray(getattr(a, name)), np.asarray(getattr(b, name)), atol=1e-8)
+    with pytest.raises(ValueError, match="lengths"):
+        hmmglm_log_likelihood(model, y, inputs=u, lengths=[40, 41, 3])

@@ -52,7 +52,18 @@ def _check_model(model):
         raise ValueError(f"model: expected a ps.models.HMMGLM, got {type(model).__name__}")
 
 
-def _prepare(model, spikes, inputs, name="spikes"):
+def _prepare(model, spikes, inputs, lengths=None, name="spikes"):
+    """Validated (ys (M, T, N), us (M, T, U) or None, lengths (M,) or None, batched flag)."""
+    ns = None
+    if lengths is not None:
+        # padding beyond each trial's length may hold anything (NaN included): it is zeroed, and
+        # its bins get zero weight in every sum (history covariates only look back)
+        a = np.array(spikes, dtype=float)
+        if a.ndim != 3:
+            raise ValueError(f"lengths: only for a batch of trials (M, T, N); spikes have shape {a.shape}")
+        ns = hmm_engine.check_lengths(lengths, a.shape[1], a.shape[0])
+        a[np.arange(a.shape[1])[None, :] >= np.asarray(ns)[:, None]] = 0.0
+        spikes = a
     ys, batched = check_spikes(spikes, model.family, model.num_neurons, model.history_length, name)
     if not batched:
         ys = ys[None]
@@ -68,7 +79,7 @@ def _prepare(model, spikes, inputs, name="spikes"):
         checks.shape(us, "inputs", (M, T, model.num_inputs),
                      f"({T}, {model.num_inputs}) or ({M}, {T}, {model.num_inputs})")
         checks.finite(us, "inputs")
-    return ys, us, batched
+    return ys, us, ns, batched
 
 
 def _replace(model, names, values):
@@ -102,11 +113,15 @@ def m_step_objective(model, spikes, state_probs, inputs=None, *, mode: str = "ha
                              mode, key) + model.log_prior())
 
 
-def _transition_q(log_A, R, gamma, counts, us):
-    """Q_trans of `transition_objective` for gamma (M, T, K), summed counts (K, K), us (M, T, U)."""
+def _transition_q(log_A, R, gamma, counts, us, lengths=None):
+    """Q_trans of `transition_objective` for gamma (M, T, K) (zero beyond each trial's length),
+    summed counts (K, K), us (M, T, U)."""
     drive = us[:, 1:] @ R.T  # (M, T-1, K): r_j . u_t
     lse = jax.nn.logsumexp(log_A + drive[..., None, :], -1)  # (M, T-1, K): normaliser of row i at step t
-    return jnp.sum(counts * log_A) + jnp.sum(gamma[:, 1:] * drive) - jnp.sum(gamma[:, :-1] * lse)
+    leaving = gamma[:, :-1]
+    if lengths is not None:  # the last step of a trial has no successor
+        leaving = leaving * (jnp.arange(1, gamma.shape[1]) < lengths[:, None])[..., None]
+    return jnp.sum(counts * log_A) + jnp.sum(gamma[:, 1:] * drive) - jnp.sum(leaving * lse)
 
 
 def transition_objective(model, state_probs, transition_counts, inputs):
@@ -143,7 +158,7 @@ _NEWTON_STEPS = 8
 _NEWTON_STEP_SIZES = (1.0, 0.5, 0.25, 0.1, 0.01)
 
 
-def _transition_m_step(model, trans_names, gamma, counts, us):
+def _transition_m_step(model, trans_names, gamma, counts, us, lengths=None):
     """Maximise Q_trans over log A and R (those in ``trans_names``) by damped Newton steps.
 
     Q_trans is concave but flat along row shifts of log A and shifts of R shared by all
@@ -163,7 +178,7 @@ def _transition_m_step(model, trans_names, gamma, counts, us):
 
     def q(theta):
         log_A, R = unpack(theta)
-        return _transition_q(log_A, R, gamma, counts, us)
+        return _transition_q(log_A, R, gamma, counts, us, lengths)
 
     theta0 = jnp.concatenate(([log_A0.ravel()] if free_A else []) + ([R0.ravel()] if free_R else []))
     sizes = jnp.asarray(_NEWTON_STEP_SIZES, theta0.dtype)
@@ -193,20 +208,20 @@ def _normalise_rows(counts, old):
     return jnp.where(total > 0, new, old)
 
 
-def _posteriors(model, ys, us):
-    one = lambda y, u: hmm_engine.posterior(model, y, u)
-    return jax.vmap(one, in_axes=(0, None if us is None else 0))(ys, us)
+def _posteriors(model, ys, us, ns):
+    one = lambda y, u, n: hmm_engine.posterior(model, y, u, length=n)
+    return jax.vmap(one, in_axes=(0, None if us is None else 0, None if ns is None else 0))(ys, us, ns)
 
 
 @partial(jax.jit, static_argnames=("num_iters", "num_m_steps", "batch_size", "names", "trans_names", "fix_pi",
                                    "fix_A", "show"))
-def _fit(model, ys, us, key, learning_rate, *, num_iters, num_m_steps, batch_size, names, trans_names, fix_pi, fix_A,
+def _fit(model, ys, us, ns, key, learning_rate, *, num_iters, num_m_steps, batch_size, names, trans_names, fix_pi, fix_A,
          show):
     M, T, N = ys.shape
     K = model.num_states
     xs = model.covariates(ys, us)
     yf, xf = ys.reshape(M * T, N), xs.reshape(M * T, -1)
-    scale = 1.0 / (M * T * N)
+    scale = 1.0 / ((M * T if ns is None else jnp.sum(ns)) * N)  # per observed count: same steps whatever the padding
     train_mode = "relaxed" if model.prior == "onehot" else "hard"
     opt = optax.scale_by_adam()
     every = prog.report_every(num_iters)
@@ -243,13 +258,13 @@ def _fit(model, ys, us, key, learning_rate, *, num_iters, num_m_steps, batch_siz
                 rows = jnp.minimum((u[:, :batch_size] * R).astype(jnp.int32), R - 1)
             if onehot:
                 noise = -jnp.log(-jnp.log(u[:, width - n_noise:])).reshape((num_m_steps,) + logits_shape)
-        post = _posteriors(m, ys, us)
+        post = _posteriors(m, ys, us, ns)
         objective = jnp.sum(post.log_likelihood) + m.log_prior()
         gamma = post.smoothed_probs.reshape(M * T, K)
         pi = m.initial_probs if fix_pi else _normalise_rows(post.smoothed_probs[:, 0].sum(0), m.initial_probs)
         if trans_names:  # input-driven: no closed form, a few Newton steps on the concave Q_trans
             counts = post.transition_counts.sum(0)
-            A, Rin = _transition_m_step(m, trans_names, post.smoothed_probs, counts, us)
+            A, Rin = _transition_m_step(m, trans_names, post.smoothed_probs, counts, us, ns)
         else:
             A = m.transition_matrix if fix_A else _normalise_rows(post.transition_counts.sum(0), m.transition_matrix)
             Rin = m.transition_input_weights
@@ -279,7 +294,8 @@ def _fit(model, ys, us, key, learning_rate, *, num_iters, num_m_steps, batch_siz
     return model, history, accepted
 
 
-def fit_hmmglm(model: HMMGLM, spikes, num_iters: int = 50, *, inputs=None, key=None, num_m_steps: int = 50,
+def fit_hmmglm(model: HMMGLM, spikes, num_iters: int = 50, *, inputs=None, lengths=None, key=None,
+               num_m_steps: int = 50,
                learning_rate: float = 0.05, batch_size: Optional[int] = None, fixed=(),
                progress: Optional[bool] = None, return_accepted: bool = False):
     """Fit an HMM-GLM to many trials by generalised EM (compiled once per problem shape).
@@ -291,6 +307,8 @@ def fit_hmmglm(model: HMMGLM, spikes, num_iters: int = 50, *, inputs=None, key=N
             non-negative integers, Bernoulli bins 0/1.
         num_iters: EM iterations.
         inputs: external covariates (T, U) shared by the trials or (M, T, U).
+        lengths: (M,) trial lengths when trials of different lengths are padded to T; the
+            padding may hold anything (NaN included) and is ignored.
         key: `jax.random` key for the Gumbel-softmax samples (one-hot prior).
         num_m_steps: Adam steps per M-step (50).
         learning_rate: Adam step size.
@@ -322,7 +340,7 @@ def fit_hmmglm(model: HMMGLM, spikes, num_iters: int = 50, *, inputs=None, key=N
         raise ValueError(f"fixed: unknown parameter names {bad}; expected a subset of {list(allowed)}")
     names = tuple(n for n in learnable if n not in fixed)
     trans_names = tuple(n for n in transition_fields if n not in fixed)
-    ys, us, _ = _prepare(model, spikes, inputs)
+    ys, us, ns, _ = _prepare(model, spikes, inputs, lengths)
     if batch_size is not None:
         batch_size = checks.positive_int(batch_size, "batch_size")
         if batch_size >= ys.shape[0] * ys.shape[1]:
@@ -330,7 +348,7 @@ def fit_hmmglm(model: HMMGLM, spikes, num_iters: int = 50, *, inputs=None, key=N
     key = jax.random.PRNGKey(0) if key is None else key
     show = prog.default_enabled(progress, num_iters)
     with prog.progress_bar(num_iters, f"HMM-GLM EM ({model.prior})", show):
-        fitted, history, accepted = _fit(model, ys, us, key, jnp.asarray(learning_rate, ys.dtype),
+        fitted, history, accepted = _fit(model, ys, us, ns, key, jnp.asarray(learning_rate, ys.dtype),
                                          num_iters=num_iters, num_m_steps=num_m_steps, batch_size=batch_size,
                                          names=names, trans_names=trans_names,
                                          fix_pi="initial_probs" in fixed, fix_A="transition_matrix" in fixed,
@@ -341,17 +359,20 @@ def fit_hmmglm(model: HMMGLM, spikes, num_iters: int = 50, *, inputs=None, key=N
 
 
 @jax.jit
-def _loglik(model, ys, us):
-    one = lambda y, u: hmm_engine.log_likelihood(model, y, inputs=u)
-    return jax.vmap(one, in_axes=(0, None if us is None else 0))(ys, us)
+def _loglik(model, ys, us, ns):
+    def one(y, u, n):  # the forward pass only
+        valid = None if n is None else jnp.arange(y.shape[0]) < n
+        return hmm_engine._filter_one(model.discrete_params(y, u), None, valid, False, None)[0]
+    return jax.vmap(one, in_axes=(0, None if us is None else 0, None if ns is None else 0))(ys, us, ns)
 
 
-def hmmglm_log_likelihood(model: HMMGLM, spikes, inputs=None):
+def hmmglm_log_likelihood(model: HMMGLM, spikes, inputs=None, lengths=None):
     """log p(x^m) of every trial under the model (hard one-hot indicators), conditioning on
-    zero spikes before each trial. Returns (M,) for (M, T, N) spikes, or () for (T, N)."""
+    zero spikes before each trial. Returns (M,) for (M, T, N) spikes, or () for (T, N);
+    ``lengths`` (M,) as in `fit_hmmglm`."""
     _check_model(model)
-    ys, us, batched = _prepare(model, spikes, inputs)
-    ll = _loglik(model, ys, us)
+    ys, us, ns, batched = _prepare(model, spikes, inputs, lengths)
+    ll = _loglik(model, ys, us, ns)
     return ll if batched else ll[0]
 
 
