@@ -36,7 +36,7 @@ import jax
 import numpy as np
 
 import probssm as ps
-from probssm.learn.hmmglm_em import fit_hmmglm, hmmglm_log_likelihood, init_hmmglm
+from probssm.learn.hmmglm_em import fit_hmmglm, hmmglm_log_likelihood, init_hmmglm, prune_links
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "neural"
 parser = argparse.ArgumentParser(description="HMM-GLM brain states on the locust antennal-lobe recordings")
@@ -99,6 +99,8 @@ for prior in ("none", "gaussian", "onehot"):
                         **({"sparsity": 3.0} if prior == "onehot" else {}))
     t = time.perf_counter()
     fitted, history = fit_hmmglm(model, spikes[~test], args.iters, key=jax.random.PRNGKey(2), batch_size=8000)
+    if prior == "onehot":  # then charge each connection switched on its BIC price: weak spurious links turn off
+        fitted, _ = prune_links(fitted, spikes[~test], 30, key=jax.random.PRNGKey(3), batch_size=8000)
     jax.block_until_ready(history)
     fit_s = time.perf_counter() - t
     ll = np.asarray(hmmglm_log_likelihood(fitted, spikes[test]))

@@ -10,7 +10,7 @@ from scipy.optimize import linear_sum_assignment
 import probssm as ps
 from probssm.models.hmmglm import (HMMGLM, exponential_basis, history_covariates, raised_cosine_basis,
                                    sample_hmmglm, simulate_hmmglm)
-from probssm.learn.hmmglm_em import fit_hmmglm, hmmglm_log_likelihood, init_hmmglm, m_step_objective
+from probssm.learn.hmmglm_em import fit_hmmglm, hmmglm_log_likelihood, init_hmmglm, m_step_objective, prune_links
 
 
 def matched_accuracy(pred, truth, K):
@@ -115,7 +115,7 @@ def test_m_step_objective_gradients_match_finite_differences(prior, link, mode):
     K, N, T = 2, 3, 50
     y = rng.poisson(0.8, (2, T, N)).astype(float)
     model = HMMGLM.create(jax.random.PRNGKey(5), K, N, prior=prior, link=link, num_inputs=2, weight_scale=0.3,
-                          sparsity=1.5 if prior == "onehot" else 0.0)
+                          sparsity=1.5 if prior == "onehot" else 0.0, link_cost=0.7 if prior == "onehot" else 0.0)
     model = eqx_set(model, "weight_mean", 0.2 * rng.normal(size=model.weight_mean.shape))
     model = eqx_set(model, "connectome_logits", rng.normal(size=model.connectome_logits.shape))
     u = rng.normal(size=(2, T, 2))
@@ -170,7 +170,7 @@ def test_em_objective_never_decreases(small_sim, prior, family, link):
     if family == "bernoulli":
         y = np.minimum(y, 1.0)
     model = init_hmmglm(jax.random.PRNGKey(8), y, 2, prior=prior, family=family, link=link,
-                        **({"sparsity": 2.0} if prior == "onehot" else {}))
+                        **({"sparsity": 2.0, "link_cost": "bic"} if prior == "onehot" else {}))
     fitted, history, accepted = fit_hmmglm(model, y, 10, key=jax.random.PRNGKey(9), num_m_steps=10,
                                            return_accepted=True)
     h = np.asarray(history)
@@ -274,3 +274,62 @@ def test_onehot_hard_relaxed_and_expected_weights():
     assert np.all(relaxed >= 0) and np.all(s >= model.min_strength)
     np.testing.assert_allclose(expected, (q[..., 2] - q[..., 0])[..., None] * s, rtol=1e-12)
 
+
+
+def test_onehot_log_prior_matches_a_direct_sum():
+    """-sum_k KL(q_k || p) + sparsity * sum log p_none - link_cost * sum_k (1 - q_k,none), in numpy."""
+    rng = np.random.default_rng(14)
+    K, N = 3, 4
+    model = HMMGLM.create(jax.random.PRNGKey(15), K, N, prior="onehot", sparsity=2.5, link_cost=1.3)
+    model = eqx_set(model, "adjacency_logits", rng.normal(size=(K, N, N, 3)))
+    model = eqx_set(model, "connectome_logits", rng.normal(size=(N, N, 3)))
+    la, lc = np.asarray(model.adjacency_logits), np.asarray(model.connectome_logits)
+    q = np.exp(la) / np.exp(la).sum(-1, keepdims=True)
+    p = np.exp(lc) / np.exp(lc).sum(-1, keepdims=True)
+    kl = np.sum(q * (np.log(q) - np.log(p)[None]))
+    expected = -kl + 2.5 * np.log(p[..., 1]).sum() - 1.3 * (1 - q[..., 1]).sum()
+    np.testing.assert_allclose(float(model.log_prior()), expected, rtol=1e-12)
+    # the charge is what tilts each state's indicator prior towards "none": with q equal to that
+    # tilted prior, p'(c) proportional to p(c) exp(-link_cost [c != none]), the prior term is its
+    # log normaliser, the largest value over q
+    tilt = p * np.exp(-1.3 * np.array([1.0, 0.0, 1.0]))
+    best = eqx_set(model, "adjacency_logits", np.broadcast_to(np.log(tilt), (K, N, N, 3)))
+    np.testing.assert_allclose(float(best.log_prior()) - 2.5 * np.log(p[..., 1]).sum(),
+                               K * np.log(tilt.sum(-1)).sum(), rtol=1e-12)
+    assert float(best.log_prior()) > float(model.log_prior())
+    y = rng.poisson(0.5, (2, 60, N)).astype(float)
+    bic = init_hmmglm(jax.random.PRNGKey(0), y, K, prior="onehot", link_cost="bic")
+    np.testing.assert_allclose(bic.link_cost, 0.5 * np.log(120 / K), rtol=1e-12)
+    with pytest.raises(ValueError, match="link_cost"):
+        init_hmmglm(jax.random.PRNGKey(0), y, K, prior="onehot", link_cost="aic")
+    with pytest.raises(ValueError, match="link_cost"):
+        HMMGLM.create(jax.random.PRNGKey(0), K, N, prior="onehot", link_cost=-1.0)
+
+
+def test_prune_links_turns_weak_spurious_links_to_none():
+    """One state, two true links; the start has every other pair excitatory at the strength
+    floor with near-indifferent indicators. EM without a link cost keeps some of them; with the
+    BIC link cost exactly the true graph remains, and that objective never decreases."""
+    N = 4
+    w = np.zeros((1, N, N, 1))
+    w[0, 1, 0, 0], w[0, 2, 3, 0] = 0.9, -0.9
+    truth = np.sign(w[0, ..., 0])
+    _, y = sample_hmmglm(jax.random.PRNGKey(3), HMMGLM([1.0], [[1.0]], np.full(N, -0.3), w), 500, 2)
+    logits = np.zeros((1, N, N, 3))
+    logits[..., 2] = 0.3
+    logits[0, 1, 0], logits[0, 2, 3] = [0, 0, 4.0], [4.0, 0, 0]
+    sp = np.full((1, N, N, 1), -4.0)
+    sp[0, 1, 0] = sp[0, 2, 3] = np.log(np.expm1(0.8))
+    start = HMMGLM([1.0], [[1.0]], np.full(N, -0.3), np.zeros((1, N, N, 1)), prior="onehot", strength_params=sp,
+                   adjacency_logits=logits, connectome_logits=np.zeros((N, N, 3)))
+    signs = lambda m: np.sign(np.asarray(m.coupling_weights("hard"))[0, ..., 0])
+    kept, _ = fit_hmmglm(start, y, 10, key=jax.random.PRNGKey(1), num_m_steps=20)
+    assert (signs(kept) != truth).sum() > 0  # without the cost, spurious links stay on
+    pruned, history = prune_links(start, y, 10, key=jax.random.PRNGKey(1), num_m_steps=20)
+    np.testing.assert_array_equal(signs(pruned), truth)
+    np.testing.assert_allclose(pruned.link_cost, 0.5 * np.log(1000.0), rtol=1e-12)
+    h = np.asarray(history)
+    assert np.all(np.diff(h) >= -1e-9 * np.abs(h).max())
+    assert start.link_cost == 0.0  # the input is not modified
+    with pytest.raises(ValueError, match="model.*one-hot"):
+        prune_links(init_hmmglm(jax.random.PRNGKey(0), y, 1), y, 1)

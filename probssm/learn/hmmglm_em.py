@@ -30,6 +30,7 @@ step costs nothing: the next iteration draws new Gumbel noise from the same E-st
 """
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import Optional
 
@@ -44,7 +45,8 @@ from probssm.core import checks, progress as prog
 from probssm.inference import hmm as hmm_engine
 from probssm.models.hmmglm import HMMGLM, check_spikes
 
-__all__ = ["fit_hmmglm", "hmmglm_log_likelihood", "init_hmmglm", "m_step_objective", "transition_objective"]
+__all__ = ["fit_hmmglm", "hmmglm_log_likelihood", "init_hmmglm", "m_step_objective", "prune_links",
+           "transition_objective"]
 
 
 def _check_model(model):
@@ -391,20 +393,60 @@ def _inverse_link(family, link, mean):
     return np.log(np.clip(mean, 1e-4, 1 - 1e-4)) - np.log1p(-np.clip(mean, 1e-4, 1 - 1e-4))
 
 
+def _link_cost(link_cost, bins, num_states):
+    if isinstance(link_cost, str):
+        if link_cost != "bic":
+            raise ValueError(f"link_cost: expected a float >= 0 or 'bic', got {link_cost!r}")
+        return 0.5 * float(np.log(max(bins / num_states, 1.0)))
+    return link_cost
+
+
+def prune_links(model: HMMGLM, spikes, num_iters: int = 30, *, link_cost="bic", lengths=None, **fit_options):
+    """Continue a one-hot fit with a price on every connection switched on, so that links
+    whose likelihood gain is below ``link_cost`` nats turn to "none".
+
+    Charging the link cost from the start keeps links from switching on while the states
+    are still mixed; charged after a fit has found the states and their strong links, it
+    removes the weak spurious links that the relaxed indicators leave at the strength floor.
+    ``link_cost="bic"``: 0.5 log(observed bins / K). The objective with the cost is a new
+    one; it never decreases within this call. ``fit_options`` go to `fit_hmmglm` (``key``,
+    ``inputs``, ``batch_size``, ...).
+
+    Returns:
+        ``(fitted_model, history)`` as `fit_hmmglm`; the model keeps ``link_cost``.
+    """
+    _check_model(model)
+    if model.prior != "onehot":
+        raise ValueError(f"model: prune_links needs the one-hot prior, got prior {model.prior!r}")
+    shape = np.shape(spikes)
+    bins = int(np.sum(lengths)) if lengths is not None else int(np.prod(shape[:-1]))
+    cost = _link_cost(link_cost, bins, model.num_states)
+    if not float(cost) >= 0:
+        raise ValueError(f"link_cost: expected a float >= 0 or 'bic', got {link_cost!r}")
+    return fit_hmmglm(dataclasses.replace(model, link_cost=float(cost)), spikes, num_iters, lengths=lengths,
+                      **fit_options)
+
+
 def init_hmmglm(key, spikes, num_states: int, *, prior: str = "none", family: str = "poisson",
                 link: str = "softplus", basis=None, num_inputs: int = 0, stickiness: float = 0.98,
                 weight_scale: float = 0.1, temperature: float = 0.2, min_strength: float = 0.1,
-                min_weight_scale: float = 0.1, sparsity: float = 0.0,
+                min_weight_scale: float = 0.1, sparsity: float = 0.0, link_cost=0.0,
                 input_driven_transitions: bool = False) -> HMMGLM:
     """A starting point for `fit_hmmglm`: `HMMGLM.create` with the biases at the inverse link of
-    each neuron's mean count (so a model without coupling matches the firing rates)."""
+    each neuron's mean count (so a model without coupling matches the firing rates).
+
+    ``link_cost="bic"`` (one-hot prior) charges each connection switched on in a state
+    0.5 log(T_total / K) nats, T_total the number of time bins in ``spikes``: the BIC price of
+    the strength parameter it adds, estimated from the bins a state sees on average."""
     y = np.asarray(spikes, float)
     if y.ndim not in (2, 3):
         raise ValueError(f"spikes: expected shape (T, N) or (M, T, N), got shape {y.shape}")
     N = y.shape[-1]
+    link_cost = _link_cost(link_cost, int(np.prod(y.shape[:-1])), checks.positive_int(num_states, "num_states"))
     rate = y.reshape(-1, N).mean(0)
     biases = _inverse_link(family, link, rate)
     return HMMGLM.create(key, num_states, N, basis=basis, num_inputs=num_inputs, prior=prior, family=family,
                          link=link, stickiness=stickiness, biases=biases, weight_scale=weight_scale,
                          temperature=temperature, min_strength=min_strength, min_weight_scale=min_weight_scale,
-                         sparsity=sparsity, input_driven_transitions=input_driven_transitions)
+                         sparsity=sparsity, link_cost=link_cost,
+                         input_driven_transitions=input_driven_transitions)

@@ -422,6 +422,11 @@ class HMMGLM(AbstractDiscreteSSM):
         sparsity: one-hot prior only: a Dirichlet(1, 1 + sparsity, 1) hyperprior on each pair's
             connectome probabilities p, i.e. ``sparsity`` pseudo-states voting "no connection"
             (0 = flat).
+        link_cost: one-hot prior only: nats charged per connection switched on in a state
+            (0 = none). It tilts each state's indicator prior from p towards "none" by
+            exp(-link_cost), the Occam factor of the strength a connection brings: a link whose
+            likelihood gain is smaller than this is read as absent. ~0.5 log(bins per state)
+            is the BIC charge of one more parameter (`init_hmmglm(..., link_cost="bic")`).
         min_weight_scale: floor of the Gaussian-prior scale s (0.1). The MAP of a learnable
             scale is degenerate: s -> 0 with all states equal to W_bar gains -log s per weight,
             which can outweigh the likelihood and collapse the states into one.
@@ -452,6 +457,7 @@ class HMMGLM(AbstractDiscreteSSM):
     min_strength: float = eqx.field(static=True)
     min_weight_scale: float = eqx.field(static=True)
     sparsity: float = eqx.field(static=True)
+    link_cost: float = eqx.field(static=True, default=0.0)
 
     LEARNABLE: ClassVar[dict] = {
         "none": ("biases", "weights", "input_weights"),
@@ -463,7 +469,7 @@ class HMMGLM(AbstractDiscreteSSM):
                  transition_input_weights=None, prior: str = "none", family: str = "poisson", link: str = "softplus", weight_mean=None,
                  weight_scale_param=None, strength_params=None, adjacency_logits=None, connectome_logits=None,
                  temperature: float = 0.2, min_strength: float = 0.1, min_weight_scale: float = 0.1,
-                 sparsity: float = 0.0):
+                 sparsity: float = 0.0, link_cost: float = 0.0):
         if prior not in PRIORS:
             raise ValueError(f"prior: expected one of {PRIORS}, got {prior!r}")
         _check_link(family, link)
@@ -531,13 +537,16 @@ class HMMGLM(AbstractDiscreteSSM):
         if not float(sparsity) >= 0:
             raise ValueError(f"sparsity: expected a float >= 0, got {sparsity!r}")
         self.sparsity = float(sparsity)
+        if not float(link_cost) >= 0:
+            raise ValueError(f"link_cost: expected a float >= 0, got {link_cost!r}")
+        self.link_cost = float(link_cost)
 
     @classmethod
     def create(cls, key, num_states: int, num_neurons: int, *, basis=None, num_inputs: int = 0,
                prior: str = "none", family: str = "poisson", link: str = "softplus", stickiness: float = 0.98,
                biases=None, weight_scale: float = 0.1, temperature: float = 0.2, min_strength: float = 0.1,
-               min_weight_scale: float = 0.1, sparsity: float = 0.0, input_driven_transitions: bool = False,
-               dtype=None):
+               min_weight_scale: float = 0.1, sparsity: float = 0.0, link_cost: float = 0.0,
+               input_driven_transitions: bool = False, dtype=None):
         """A random starting point: sticky transitions (``stickiness`` on the diagonal),
         small random weights (std ``weight_scale``), biases 0 unless given; for the one-hot
         prior, indicator logits that slightly favour "none" plus noise. With
@@ -561,7 +570,8 @@ class HMMGLM(AbstractDiscreteSSM):
                    basis, transition_input_weights=r, prior=prior, family=family, link=link, weight_mean=np.zeros((N, N, J), dtype),
                    weight_scale_param=np.asarray(0.5, dtype), strength_params=sp, adjacency_logits=adj,
                    connectome_logits=np.zeros((N, N, 3), dtype), temperature=temperature,
-                   min_strength=min_strength, min_weight_scale=min_weight_scale, sparsity=sparsity)
+                   min_strength=min_strength, min_weight_scale=min_weight_scale, sparsity=sparsity,
+                   link_cost=link_cost)
 
     # --- sizes ---------------------------------------------------------------------
     @property
@@ -720,7 +730,8 @@ class HMMGLM(AbstractDiscreteSSM):
         return ll
 
     def log_prior(self):
-        """log prior of the weights (0 for "none"); the one-hot prior is -sum_k KL(q^{(k)} || p)."""
+        """log prior of the weights (0 for "none"); the one-hot prior is -sum_k KL(q^{(k)} || p)
+        - link_cost * (expected number of connections switched on, over the states)."""
         if self.prior == "none":
             return jnp.zeros((), self.weights.dtype)
         if self.prior == "gaussian":
@@ -732,6 +743,8 @@ class HMMGLM(AbstractDiscreteSSM):
         lp = -jnp.sum(jnp.exp(logq) * (logq - logp[None]))
         if self.sparsity:  # Dirichlet(1, 1 + sparsity, 1) hyperprior on p: pseudo-votes for "none"
             lp = lp + self.sparsity * jnp.sum(logp[..., 1])
+        if self.link_cost:
+            lp = lp - self.link_cost * jnp.sum(1.0 - jnp.exp(logq[..., 1]))
         return lp
 
     # --- exact structure -----------------------------------------------------------
