@@ -27,8 +27,7 @@ missing (the fit conditions on the first P observations).
 from __future__ import annotations
 
 import abc
-import math
-from typing import ClassVar, NamedTuple, Optional
+from typing import ClassVar, NamedTuple
 
 import equinox as eqx
 import jax
