@@ -275,7 +275,6 @@ def test_onehot_hard_relaxed_and_expected_weights():
     np.testing.assert_allclose(expected, (q[..., 2] - q[..., 0])[..., None] * s, rtol=1e-12)
 
 
-
 def test_onehot_log_prior_matches_a_direct_sum():
     """-sum_k KL(q_k || p) + sparsity * sum log p_none - link_cost * sum_k (1 - q_k,none), in numpy."""
     rng = np.random.default_rng(14)
@@ -333,3 +332,8 @@ def test_prune_links_turns_weak_spurious_links_to_none():
     assert start.link_cost == 0.0  # the input is not modified
     with pytest.raises(ValueError, match="model.*one-hot"):
         prune_links(init_hmmglm(jax.random.PRNGKey(0), y, 1), y, 1)
+    for bad in (-1.0, "aic"):
+        with pytest.raises(ValueError, match="link_cost"):
+            prune_links(start, y, 1, link_cost=bad)
+    with pytest.raises(ValueError, match="lengths"):
+        prune_links(start, y, 1, lengths=[500])

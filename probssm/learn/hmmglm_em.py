@@ -419,12 +419,12 @@ def prune_links(model: HMMGLM, spikes, num_iters: int = 30, *, link_cost="bic", 
     if model.prior != "onehot":
         raise ValueError(f"model: prune_links needs the one-hot prior, got prior {model.prior!r}")
     shape = np.shape(spikes)
-    bins = int(np.sum(lengths)) if lengths is not None else int(np.prod(shape[:-1]))
-    cost = _link_cost(link_cost, bins, model.num_states)
-    if not float(cost) >= 0:
-        raise ValueError(f"link_cost: expected a float >= 0 or 'bic', got {link_cost!r}")
-    return fit_hmmglm(dataclasses.replace(model, link_cost=float(cost)), spikes, num_iters, lengths=lengths,
-                      **fit_options)
+    if lengths is not None and len(shape) == 3:
+        bins = int(jnp.sum(hmm_engine.check_lengths(lengths, shape[1], shape[0])))
+    else:  # fit_hmmglm rejects lengths without a batch of trials
+        bins = int(np.prod(shape[:-1]))
+    cost = _link_cost(link_cost, bins, model.num_states)  # HMMGLM checks cost >= 0
+    return fit_hmmglm(dataclasses.replace(model, link_cost=cost), spikes, num_iters, lengths=lengths, **fit_options)
 
 
 def init_hmmglm(key, spikes, num_states: int, *, prior: str = "none", family: str = "poisson",

@@ -426,7 +426,8 @@ class HMMGLM(AbstractDiscreteSSM):
             (0 = none). It tilts each state's indicator prior from p towards "none" by
             exp(-link_cost), the Occam factor of the strength a connection brings: a link whose
             likelihood gain is smaller than this is read as absent. ~0.5 log(bins per state)
-            is the BIC charge of one more parameter (`init_hmmglm(..., link_cost="bic")`).
+            is the BIC charge of one more parameter (``link_cost="bic"`` in `init_hmmglm` and
+            `ps.learn.prune_links`, which charges it after a fit).
         min_weight_scale: floor of the Gaussian-prior scale s (0.1). The MAP of a learnable
             scale is degenerate: s -> 0 with all states equal to W_bar gains -log s per weight,
             which can outweigh the likelihood and collapse the states into one.
