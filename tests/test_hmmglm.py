@@ -337,3 +337,52 @@ def test_prune_links_turns_weak_spurious_links_to_none():
             prune_links(start, y, 1, link_cost=bad)
     with pytest.raises(ValueError, match="lengths"):
         prune_links(start, y, 1, lengths=[500])
+
+
+def test_threshold_couplings_drops_exactly_the_couplings_the_held_out_data_reject():
+    """One state, two true links. Every other cross pair carries a spurious coupling of size 0.3
+    (plain: weight +-0.3; one-hot: an indicator switched on at strength 0.3); the self-history
+    couplings are 0.5. On held-out trials from the truth, the validated threshold drops exactly
+    the spurious couplings, for both priors, and its log-likelihoods are those of the models
+    thresholded by hand."""
+    N = 4
+    w = np.zeros((1, N, N, 1))
+    w[0, 1, 0, 0], w[0, 2, 3, 0] = 0.9, -0.9
+    truth = np.sign(w[0, ..., 0])
+    _, y_val = sample_hmmglm(jax.random.PRNGKey(5), HMMGLM([1.0], [[1.0]], np.full(N, -0.3), w), 500, 8)
+    cross = ~np.eye(N, dtype=bool)
+    spurious = cross & (truth == 0)
+    signs = np.where(spurious, np.where(np.arange(N)[:, None] > np.arange(N), 1.0, -1.0), truth)
+    signs[~cross] = 1.0
+    size = np.where(spurious, 0.3, np.where(cross, 0.9, 0.5))
+    plain = HMMGLM([1.0], [[1.0]], np.full(N, -0.3), (signs * size)[None, ..., None])
+    logits = np.stack([signs < 0, np.zeros_like(signs, bool), signs > 0], -1)[None] * 4.0
+    onehot = HMMGLM([1.0], [[1.0]], np.full(N, -0.3), np.zeros((1, N, N, 1)), prior="onehot", min_strength=0.1,
+                    strength_params=np.log(np.expm1(size - 0.1))[None, ..., None], adjacency_logits=logits)
+    np.testing.assert_allclose(onehot.coupling_weights("hard"), plain.weights, rtol=1e-12)
+    expected_signs = np.where(spurious, 0.0, signs)
+    by_hand = HMMGLM([1.0], [[1.0]], np.full(N, -0.3), (expected_signs * size)[None, ..., None])
+    best_ll = float(jnp.sum(hmmglm_log_likelihood(by_hand, y_val)))
+    for model in (plain, onehot):
+        before = np.asarray(model.coupling_weights("hard"))
+        result = ps.learn.threshold_couplings(model, y_val)
+        np.testing.assert_array_equal(np.sign(np.asarray(result.model.coupling_weights("hard"))[0, ..., 0]),
+                                      expected_signs)
+        np.testing.assert_allclose(result.threshold, 0.3, rtol=1e-12)
+        lls = np.asarray(result.log_likelihoods)
+        assert lls.shape == result.thresholds.shape == (42,) and result.thresholds[0] == 0.0
+        np.testing.assert_allclose(lls[0], float(jnp.sum(hmmglm_log_likelihood(model, y_val))), rtol=1e-12)
+        np.testing.assert_allclose(lls.max(), best_ll, rtol=1e-12)
+        assert lls.max() > lls[0] + 20.0  # the spurious couplings cost the held-out trials
+        assert lls[-1] < lls.max() - 20.0  # and so does dropping the true links
+        np.testing.assert_array_equal(np.asarray(model.coupling_weights("hard")), before)  # input untouched
+    np.testing.assert_array_equal(np.asarray(ps.learn.threshold_couplings(onehot, y_val).model.connectome("support"))[cross],
+                                  truth[cross])
+    # state-averaged sizes: with one state the same choice
+    np.testing.assert_allclose(ps.learn.threshold_couplings(plain, y_val, per_state=False).threshold, 0.3, rtol=1e-12)
+    with pytest.raises(ValueError, match="levels"):
+        ps.learn.threshold_couplings(plain, y_val, levels=0)
+    with pytest.raises(ValueError, match="spikes"):
+        ps.learn.threshold_couplings(plain, y_val[..., :3])
+    with pytest.raises(ValueError, match="model"):
+        ps.learn.threshold_couplings("not a model", y_val)

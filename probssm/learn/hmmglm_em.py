@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import equinox as eqx
 import jax
@@ -45,8 +45,8 @@ from probssm.core import checks, progress as prog
 from probssm.inference import hmm as hmm_engine
 from probssm.models.hmmglm import HMMGLM, check_spikes
 
-__all__ = ["fit_hmmglm", "hmmglm_log_likelihood", "init_hmmglm", "m_step_objective", "prune_links",
-           "transition_objective"]
+__all__ = ["ThresholdResult", "coupling_sizes", "fit_hmmglm", "hmmglm_log_likelihood", "init_hmmglm", "m_step_objective",
+           "prune_links", "threshold_couplings", "transition_objective"]
 
 
 def _check_model(model):
@@ -425,6 +425,74 @@ def prune_links(model: HMMGLM, spikes, num_iters: int = 30, *, link_cost="bic", 
         bins = int(np.prod(shape[:-1]))
     cost = _link_cost(link_cost, bins, model.num_states)  # HMMGLM checks cost >= 0
     return fit_hmmglm(dataclasses.replace(model, link_cost=cost), spikes, num_iters, lengths=lengths, **fit_options)
+
+
+class ThresholdResult(NamedTuple):
+    model: HMMGLM  # the couplings at or below ``threshold`` set to zero ("none" for the one-hot prior)
+    threshold: jax.Array  # () the chosen threshold on the coupling size
+    thresholds: jax.Array  # (levels + 2,) the candidates, 0 (nothing dropped) first
+    log_likelihoods: jax.Array  # (levels + 2,) held-out log-likelihood (summed over trials) per candidate
+
+
+def coupling_sizes(model: HMMGLM, per_state: bool = True):
+    """(K, N, N) size of each coupling n <- n': the norm over the history bases of its hard
+    weights; ``per_state=False``: of the state-averaged weights (the same for every state)."""
+    w = model.coupling_weights("hard")
+    if not per_state:
+        w = jnp.broadcast_to(jnp.mean(w, 0), w.shape)
+    return jnp.sqrt(jnp.sum(w ** 2, -1))
+
+
+def _without(model, drop):
+    """The model with the couplings where ``drop`` (K, N, N) is true switched off."""
+    if model.prior == "onehot":  # indicators to "none": q = (e^-30, 1, e^-30), argmax "none"
+        none = jnp.asarray([-30.0, 0.0, -30.0], model.adjacency_logits.dtype)
+        return eqx.tree_at(lambda m: m.adjacency_logits, model,
+                           jnp.where(drop[..., None], none, model.adjacency_logits))
+    return eqx.tree_at(lambda m: m.weights, model, jnp.where(drop[..., None], 0.0, model.weights))
+
+
+@partial(jax.jit, static_argnames=("per_state",))
+def _threshold_scan(model, ys, us, ns, thresholds, per_state):
+    size = coupling_sizes(model, per_state)
+    # self-history couplings are never dropped; couplings already zero are left as they are
+    droppable = ~jnp.eye(model.num_neurons, dtype=bool) & (size > 0)
+
+    def score(th):
+        return jnp.sum(_loglik(_without(model, droppable & (size <= th)), ys, us, ns))
+    lls = lax.map(score, thresholds)
+    best = thresholds[jnp.argmax(lls)]  # the first of equal maxima: the smallest threshold
+    return _without(model, droppable & (size <= best)), best, lls
+
+
+def threshold_couplings(model: HMMGLM, spikes, *, per_state: bool = True, levels: int = 40, inputs=None,
+                        lengths=None) -> ThresholdResult:
+    """Set the weak couplings of a fitted HMM-GLM to zero, the threshold chosen by the
+    log-likelihood of held-out trials ``spikes`` (validation data, not the training data:
+    on those a smaller model never scores higher).
+
+    The candidates are 0 (drop nothing) and the ``levels`` + 1 quantiles (0, 1/levels, ..., 1)
+    of the sizes of the cross-neuron couplings (`coupling_sizes`, the norm over the history
+    bases); each coupling whose size is at or below the candidate is switched off, the
+    self-history couplings never. ``per_state=True`` sizes each state's couplings on their own;
+    ``False`` sizes the state-averaged couplings, so a pair is dropped in every state at
+    once. The same rule serves all three priors: for the plain and Gaussian priors it is
+    how the model says "no connection"; for the one-hot prior (hard indicators) it turns
+    links to "none" whose strength the held-out trials do not support.
+
+    Returns:
+        `ThresholdResult` (model, threshold, thresholds, log_likelihoods); ``model.connectome``
+        and ``model.coupling_weights`` of the result read off the thresholded graph.
+    """
+    _check_model(model)
+    levels = checks.positive_int(levels, "levels")
+    ys, us, ns, _ = _prepare(model, spikes, inputs, lengths)
+    size = np.asarray(coupling_sizes(model, per_state))
+    cross = np.broadcast_to(~np.eye(model.num_neurons, dtype=bool), size.shape)
+    quantiles = np.quantile(size[cross], np.linspace(0.0, 1.0, levels + 1)) if cross.any() else np.zeros(0)
+    thresholds = jnp.asarray(np.concatenate([[0.0], quantiles]), size.dtype)
+    pruned, best, lls = _threshold_scan(model, ys, us, ns, thresholds, per_state)
+    return ThresholdResult(pruned, best, thresholds, lls)
 
 
 def init_hmmglm(key, spikes, num_states: int, *, prior: str = "none", family: str = "poisson",
