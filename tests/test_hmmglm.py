@@ -10,7 +10,8 @@ from scipy.optimize import linear_sum_assignment
 import probssm as ps
 from probssm.models.hmmglm import (HMMGLM, exponential_basis, history_covariates, raised_cosine_basis,
                                    sample_hmmglm, simulate_hmmglm)
-from probssm.learn.hmmglm_em import fit_hmmglm, hmmglm_log_likelihood, init_hmmglm, m_step_objective, prune_links
+from probssm.learn.hmmglm_em import (coupling_sizes, fit_hmmglm, hmmglm_log_likelihood, init_hmmglm,
+                                     m_step_objective, prune_links)
 
 
 def matched_accuracy(pred, truth, K):
@@ -305,15 +306,20 @@ def test_onehot_log_prior_matches_a_direct_sum():
         HMMGLM.create(jax.random.PRNGKey(0), K, N, prior="onehot", link_cost=-1.0)
 
 
+def _two_link_truth(key, num_trials):
+    """One state, N = 4 neurons, links 1 <- 0 (+0.9) and 2 <- 3 (-0.9): (true signs, spikes (M, 500, 4))."""
+    w = np.zeros((1, 4, 4, 1))
+    w[0, 1, 0, 0], w[0, 2, 3, 0] = 0.9, -0.9
+    _, y = sample_hmmglm(key, HMMGLM([1.0], [[1.0]], np.full(4, -0.3), w), 500, num_trials)
+    return np.sign(w[0, ..., 0]), y
+
+
 def test_prune_links_turns_weak_spurious_links_to_none():
     """One state, two true links; the start has every other pair excitatory at the strength
     floor with near-indifferent indicators. EM without a link cost keeps some of them; with the
     BIC link cost exactly the true graph remains, and that objective never decreases."""
     N = 4
-    w = np.zeros((1, N, N, 1))
-    w[0, 1, 0, 0], w[0, 2, 3, 0] = 0.9, -0.9
-    truth = np.sign(w[0, ..., 0])
-    _, y = sample_hmmglm(jax.random.PRNGKey(3), HMMGLM([1.0], [[1.0]], np.full(N, -0.3), w), 500, 2)
+    truth, y = _two_link_truth(jax.random.PRNGKey(3), 2)
     logits = np.zeros((1, N, N, 3))
     logits[..., 2] = 0.3
     logits[0, 1, 0], logits[0, 2, 3] = [0, 0, 4.0], [4.0, 0, 0]
@@ -346,10 +352,7 @@ def test_threshold_couplings_drops_exactly_the_couplings_the_held_out_data_rejec
     the spurious couplings, for both priors, and its log-likelihoods are those of the models
     thresholded by hand."""
     N = 4
-    w = np.zeros((1, N, N, 1))
-    w[0, 1, 0, 0], w[0, 2, 3, 0] = 0.9, -0.9
-    truth = np.sign(w[0, ..., 0])
-    _, y_val = sample_hmmglm(jax.random.PRNGKey(5), HMMGLM([1.0], [[1.0]], np.full(N, -0.3), w), 500, 8)
+    truth, y_val = _two_link_truth(jax.random.PRNGKey(5), 8)
     cross = ~np.eye(N, dtype=bool)
     spurious = cross & (truth == 0)
     signs = np.where(spurious, np.where(np.arange(N)[:, None] > np.arange(N), 1.0, -1.0), truth)
@@ -380,6 +383,12 @@ def test_threshold_couplings_drops_exactly_the_couplings_the_held_out_data_rejec
                                   truth[cross])
     # state-averaged sizes: with one state the same choice
     np.testing.assert_allclose(ps.learn.threshold_couplings(plain, y_val, per_state=False).threshold, 0.3, rtol=1e-12)
+    # with two states and two history bases, the sizes are norms over the bases, per state or of the state mean
+    w2 = np.random.default_rng(3).normal(size=(2, N, N, 2))
+    two = HMMGLM([0.5, 0.5], np.full((2, 2), 0.5), np.zeros(N), w2, basis=raised_cosine_basis(2, 6))
+    np.testing.assert_allclose(coupling_sizes(two), np.linalg.norm(w2, axis=-1), rtol=1e-12)
+    np.testing.assert_allclose(coupling_sizes(two, per_state=False),
+                               np.broadcast_to(np.linalg.norm(w2.mean(0), axis=-1), (2, N, N)), rtol=1e-12)
     with pytest.raises(ValueError, match="levels"):
         ps.learn.threshold_couplings(plain, y_val, levels=0)
     with pytest.raises(ValueError, match="spikes"):

@@ -452,17 +452,21 @@ def _without(model, drop):
     return eqx.tree_at(lambda m: m.weights, model, jnp.where(drop[..., None], 0.0, model.weights))
 
 
-@partial(jax.jit, static_argnames=("per_state",))
-def _threshold_scan(model, ys, us, ns, thresholds, per_state):
+@partial(jax.jit, static_argnames=("per_state", "levels"))
+def _threshold_scan(model, ys, us, ns, per_state, levels):
     size = coupling_sizes(model, per_state)
+    cross = ~np.eye(model.num_neurons, dtype=bool)
+    quantiles = (jnp.quantile(size[:, cross], jnp.linspace(0.0, 1.0, levels + 1)) if cross.any()
+                 else jnp.zeros(0, size.dtype))
+    thresholds = jnp.concatenate([jnp.zeros(1, size.dtype), quantiles])
     # self-history couplings are never dropped; couplings already zero are left as they are
-    droppable = ~jnp.eye(model.num_neurons, dtype=bool) & (size > 0)
+    droppable = cross & (size > 0)
 
     def score(th):
         return jnp.sum(_loglik(_without(model, droppable & (size <= th)), ys, us, ns))
     lls = lax.map(score, thresholds)
     best = thresholds[jnp.argmax(lls)]  # the first of equal maxima: the smallest threshold
-    return _without(model, droppable & (size <= best)), best, lls
+    return ThresholdResult(_without(model, droppable & (size <= best)), best, thresholds, lls)
 
 
 def threshold_couplings(model: HMMGLM, spikes, *, per_state: bool = True, levels: int = 40, inputs=None,
@@ -487,12 +491,7 @@ def threshold_couplings(model: HMMGLM, spikes, *, per_state: bool = True, levels
     _check_model(model)
     levels = checks.positive_int(levels, "levels")
     ys, us, ns, _ = _prepare(model, spikes, inputs, lengths)
-    size = np.asarray(coupling_sizes(model, per_state))
-    cross = np.broadcast_to(~np.eye(model.num_neurons, dtype=bool), size.shape)
-    quantiles = np.quantile(size[cross], np.linspace(0.0, 1.0, levels + 1)) if cross.any() else np.zeros(0)
-    thresholds = jnp.asarray(np.concatenate([[0.0], quantiles]), size.dtype)
-    pruned, best, lls = _threshold_scan(model, ys, us, ns, thresholds, per_state)
-    return ThresholdResult(pruned, best, thresholds, lls)
+    return _threshold_scan(model, ys, us, ns, bool(per_state), levels)
 
 
 def init_hmmglm(key, spikes, num_states: int, *, prior: str = "none", family: str = "poisson",
