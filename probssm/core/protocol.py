@@ -26,7 +26,17 @@ from jax import lax
 
 
 class SSM(eqx.Module):
-    """Abstract state-space model: the protocol."""
+    """Abstract state-space model: the protocol.
+
+    Besides the three distributions, every model answers three questions engines ask
+    (defaults suit a time-invariant model that reads no inputs and no lagged outputs):
+
+    * `num_timesteps`: the length T its time-varying parameters fix, or None;
+    * `input_dim`: columns U of the input rows it reads; 0 when it reads none, None
+      when it does not declare a width (inputs are then passed through unchecked);
+    * `emission_lags`: P when the emission of y_t reads y_{t-1..t-P} as its inputs
+      (autoregressive families); `default_inputs(emissions)` then builds those inputs.
+    """
 
     @abc.abstractmethod
     def initial(self, inputs=None):
@@ -39,6 +49,30 @@ class SSM(eqx.Module):
     @abc.abstractmethod
     def emission(self, z, t, inputs=None):
         """Distribution of y_t given z_t."""
+
+    @property
+    def num_timesteps(self) -> Optional[int]:
+        """Length T fixed by time-varying parameters, or None for a time-invariant model."""
+        return None
+
+    @property
+    def input_dim(self) -> Optional[int]:
+        """Width U of an input row; 0: reads no inputs; None: undeclared (not checked)."""
+        return None
+
+    @property
+    def emission_lags(self) -> int:
+        """P > 0 when the inputs of y_t are the lagged observations y_{t-1}, ..., y_{t-P}."""
+        return 0
+
+    def default_inputs(self, emissions):
+        """Inputs an engine uses when the caller passes none: the stacked lagged
+        observations (first P rows NaN) for an autoregressive model, else None."""
+        if self.emission_lags == 0:
+            return None
+        from probssm.core.lags import lagged_inputs
+
+        return lagged_inputs(emissions, self.emission_lags, fill_value=jnp.nan)
 
 
 class LinearGaussianParams(NamedTuple):
@@ -80,6 +114,71 @@ class AbstractLinearGaussianSSM(SSM):
     def emission_dim(self) -> int: ...
 
 
+class AbstractAdditiveGaussianSSM(SSM):
+    """A model with Gaussian initial state and additive Gaussian noise: unlocks `ps.gaussian`
+    (EKF, IEKF, UKF, CKF, GHKF, statistical linear regression) and `ps.imap`.
+
+        z_0 ~ N(m, P);  z_t = f(z_{t-1}, t, u_t) + N(0, Q_t);  y_t = h(z_t, t, u_t) + N(0, R_t)
+
+    The protocol's three distributions follow from these pieces; the Jacobians default
+    to forward-mode autodiff and may be overridden with closed forms.
+    """
+
+    @abc.abstractmethod
+    def initial_moments(self, inputs=None) -> tuple[jax.Array, jax.Array]:
+        """(m, P): mean (d,) and covariance (d, d) of z_0."""
+
+    @abc.abstractmethod
+    def transition_mean(self, z_prev, t, inputs=None) -> jax.Array:
+        """f(z_{t-1}, t, u_t), shape (d,)."""
+
+    @abc.abstractmethod
+    def transition_noise_cov(self, t, inputs=None) -> jax.Array:
+        """Q_t, shape (d, d)."""
+
+    @abc.abstractmethod
+    def emission_mean(self, z, t, inputs=None) -> jax.Array:
+        """h(z_t, t, u_t), shape (p,)."""
+
+    @abc.abstractmethod
+    def emission_noise_cov(self, t, inputs=None) -> jax.Array:
+        """R_t, shape (p, p)."""
+
+    @property
+    @abc.abstractmethod
+    def state_dim(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def emission_dim(self) -> int: ...
+
+    def transition_jacobian(self, z_prev, t, inputs=None) -> jax.Array:
+        """d f / d z_{t-1}, shape (d, d)."""
+        return jax.jacfwd(lambda z: self.transition_mean(z, t, inputs))(z_prev)
+
+    def emission_jacobian(self, z, t, inputs=None) -> jax.Array:
+        """d h / d z_t, shape (p, d)."""
+        return jax.jacfwd(lambda x: self.emission_mean(x, t, inputs))(z)
+
+    def initial(self, inputs=None):
+        import numpyro.distributions as dist
+
+        mean, cov = self.initial_moments(inputs)
+        return dist.MultivariateNormal(mean, covariance_matrix=cov)
+
+    def transition(self, z_prev, t, inputs=None):
+        import numpyro.distributions as dist
+
+        return dist.MultivariateNormal(self.transition_mean(z_prev, t, inputs),
+                                       covariance_matrix=self.transition_noise_cov(t, inputs))
+
+    def emission(self, z, t, inputs=None):
+        import numpyro.distributions as dist
+
+        return dist.MultivariateNormal(self.emission_mean(z, t, inputs),
+                                       covariance_matrix=self.emission_noise_cov(t, inputs))
+
+
 class DiscreteParams(NamedTuple):
     """Per-step quantities of a finite-state model (K states, T steps).
 
@@ -109,28 +208,49 @@ def _row(inputs, t):
     return None if inputs is None else jax.tree_util.tree_map(lambda a: a[t], inputs)
 
 
-def _sample_impl(key, model: SSM, num_timesteps: int, inputs):
-    key_z0, key_y0, key_scan = jax.random.split(key, 3)
-    z0 = model.initial(_row(inputs, 0)).sample(key_z0)
-    y0 = model.emission(z0, 0, _row(inputs, 0)).sample(key_y0)
+def sample_sequence(key, model: SSM, num_timesteps: int, inputs=None):
+    """`sample` without input checks: traceable, for use inside the caller's jit / vmap.
 
-    def step(z_prev, xs):
+    An autoregressive model (``model.emission_lags = P > 0``) reads as the inputs of y_t
+    its own past draws y_{t-1..t-P} (zeros before the start); ``inputs`` must then be None.
+    """
+    lags = model.emission_lags
+    key_z0, key_y0, key_scan = jax.random.split(key, 3)
+    if lags:
+        width = model.input_dim
+        dtype = jnp.result_type(float)
+        history = jnp.zeros((width,), dtype)
+        row_of = lambda hist, t: hist
+    else:
+        history = None
+        row_of = lambda hist, t: _row(inputs, t)
+    u0 = row_of(history, 0)
+    z0 = model.initial(u0).sample(key_z0)
+    y0 = model.emission(z0, 0, u0).sample(key_y0)
+
+    def push(hist, y):
+        if not lags:
+            return hist
+        return jnp.concatenate([jnp.ravel(y).astype(hist.dtype), hist[: hist.shape[0] - jnp.size(y)]])
+
+    def step(carry, xs):
+        z_prev, hist = carry
         t, k = xs
         kz, ky = jax.random.split(k)
-        u = _row(inputs, t)
+        u = row_of(hist, t)
         z = model.transition(z_prev, t, u).sample(kz)
         y = model.emission(z, t, u).sample(ky)
-        return z, (z, y)
+        return (z, push(hist, y)), (z, y)
 
     ts = jnp.arange(1, num_timesteps)
     keys = jax.random.split(key_scan, num_timesteps - 1)
-    _, (zs, ys) = lax.scan(step, z0, (ts, keys))
+    _, (zs, ys) = lax.scan(step, (z0, push(history, y0)), (ts, keys))
     states = jnp.concatenate([z0[None], zs], axis=0)
     emissions = jnp.concatenate([y0[None], ys], axis=0)
     return states, emissions
 
 
-_sample_jit = eqx.filter_jit(_sample_impl)
+_sample_jit = eqx.filter_jit(sample_sequence)
 
 
 def sample(key, model: SSM, num_timesteps: int, inputs=None):
@@ -156,6 +276,10 @@ def sample(key, model: SSM, num_timesteps: int, inputs=None):
     if not isinstance(model, SSM):
         raise ValueError(f"model: expected a probssm SSM, got {type(model).__name__}")
     num_timesteps = checks.positive_int(num_timesteps, "num_timesteps")
+    if model.emission_lags and inputs is not None:
+        raise ValueError("inputs: an autoregressive model reads its own past emissions as inputs; expected None")
+    if model.emission_lags and not isinstance(model.input_dim, int):
+        raise ValueError(f"model: an autoregressive model must declare input_dim (P * D), got {model.input_dim!r}")
     if inputs is not None:
         for leaf in jax.tree_util.tree_leaves(inputs):
             if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != num_timesteps:
@@ -163,9 +287,4 @@ def sample(key, model: SSM, num_timesteps: int, inputs=None):
                     f"inputs: expected a leading time axis of length {num_timesteps}, "
                     f"got shape {jnp.shape(leaf)}"
                 )
-    if num_timesteps == 1:
-        key_z0, key_y0, _ = jax.random.split(key, 3)
-        z0 = model.initial(_row(inputs, 0)).sample(key_z0)
-        y0 = model.emission(z0, 0, _row(inputs, 0)).sample(key_y0)
-        return z0[None], y0[None]
     return _sample_jit(key, model, num_timesteps, inputs)
