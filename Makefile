@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export MPLBACKEND := Agg
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo lint test test-all bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,10 @@ demo: $(VENV)/.runtime
 	$(BIN)/python examples/bayesian_local_level.py
 	$(BIN)/python examples/rul_cmapss.py
 
-test: $(VENV)/.test
+lint: $(VENV)/.test
+	$(BIN)/python -m ruff check probssm tests examples benchmarks
+
+test: $(VENV)/.test lint
 	$(BIN)/python -m pytest -m "not slow" -q -n 2 --dist loadfile
 
 test-all: $(VENV)/.test

@@ -20,7 +20,6 @@ import numpy as np
 import jax
 
 jax.config.update("jax_enable_x64", True)
-import jax.numpy as jnp  # noqa: E402
 
 import probssm as ps  # noqa: E402
 

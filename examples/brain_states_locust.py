@@ -37,6 +37,7 @@ import numpy as np
 
 import probssm as ps
 from probssm.learn.hmmglm_em import fit_hmmglm, hmmglm_log_likelihood, init_hmmglm, prune_links
+from probssm.models import GaussianPrior, NoPrior, OneHotPrior
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "neural"
 parser = argparse.ArgumentParser(description="HMM-GLM brain states on the locust antennal-lobe recordings")
@@ -94,8 +95,8 @@ for g in args.groups:
 # %% Fit the three priors (all trials of both kinds together; every 5th trial held out)
 K = args.states
 fits, table = {}, []
-for prior in ("none", "gaussian", "onehot"):
-    model = init_hmmglm(jax.random.PRNGKey(1), spikes[~test], K, prior=prior,
+for prior, prior_class in (("none", NoPrior), ("gaussian", GaussianPrior), ("onehot", OneHotPrior)):
+    model = init_hmmglm(jax.random.PRNGKey(1), spikes[~test], K, prior=prior_class,
                         **({"sparsity": 3.0} if prior == "onehot" else {}))
     t = time.perf_counter()
     fitted, history = fit_hmmglm(model, spikes[~test], args.iters, key=jax.random.PRNGKey(2), batch_size=8000)
@@ -110,7 +111,7 @@ for prior in ("none", "gaussian", "onehot"):
 
 # a one-state GLM (no switching) as the reference
 glm1 = init_hmmglm(jax.random.PRNGKey(1), spikes[~test], 1)
-glm1, _ = fit_hmmglm(glm1, spikes[~test], args.iters, batch_size=8000)
+glm1, _ = fit_hmmglm(glm1, spikes[~test], args.iters, key=jax.random.PRNGKey(4), batch_size=8000)  # random mini-batches
 ll1 = float(np.asarray(hmmglm_log_likelihood(glm1, spikes[test])).sum()) / (test.sum() * T)
 
 print(f"\nK={K}, {args.bin_ms:g} ms bins, {int((~test).sum())} training / {int(test.sum())} held-out trials")

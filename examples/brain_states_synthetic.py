@@ -9,7 +9,7 @@
 # %% [markdown]
 # # Switching brain states from simulated spike trains: plain, Gaussian and one-hot HMM-GLMs
 #
-# The synthetic benchmark of the one-hot HMM-GLM card (MODELS.md; Li et al., ICLR 2024):
+# The synthetic benchmark of the one-hot HMM-GLM (Li et al., ICLR 2024):
 # K = 5 hidden states, N = 20 neurons, 50 trials of T = 2000 bins (30 for training, 20 held
 # out). A sparse signed connectome C (inhibitory / none / excitatory) is shared by the states;
 # each state keeps each connection with probability 0.7 and draws its own strength in [0.6, 1.2].
@@ -49,8 +49,9 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 import probssm as ps
+from probssm.datasets import simulate_hmmglm
 from probssm.learn.hmmglm_em import fit_hmmglm, hmmglm_log_likelihood, init_hmmglm, prune_links, threshold_couplings
-from probssm.models.hmmglm import simulate_hmmglm
+from probssm.models import GaussianPrior, NoPrior, OneHotPrior
 
 parser = argparse.ArgumentParser(description=__doc__)
 parser.add_argument("--quick", action="store_true", help="K=3, N=10, T=500, 16 trials (10 train), seed 0")
@@ -86,6 +87,7 @@ CONFIGS = {"none": ("none", {}), "gaussian": ("gaussian", {}),
            "onehot, floor 0.1": ("onehot", {"sparsity": args.sparsity, "min_strength": 0.1, "link_cost": LINK_COST}),
            "onehot, floor 0.3": ("onehot", {"sparsity": args.sparsity, "min_strength": 0.3, "link_cost": LINK_COST})}
 CONFIGS = {n: c for n, c in CONFIGS.items() if c[0] in args.priors.split(",")}
+PRIOR_CLASSES = {"none": NoPrior, "gaussian": GaussianPrior, "onehot": OneHotPrior}
 
 
 def matched_accuracy(pred, truth, K):
@@ -105,7 +107,8 @@ COMPILE_S = {}
 
 
 def fit_prior(name, seed, y_train):
-    prior, options = CONFIGS[name]
+    prior_name, options = CONFIGS[name]
+    prior = PRIOR_CLASSES[prior_name]
     # one-hot: the link cost is charged only once the fit has found the states and their strong links
     # (charged from the start, it keeps links from ever switching on while the states are still mixed)
     options = dict(options)

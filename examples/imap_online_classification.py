@@ -70,7 +70,7 @@ if __name__ == "__main__":
 
     # frozen: fit once on the first 20 batches (IMAP run on them with many steps), then keep
     warm = jax.tree_util.tree_map(lambda a: a[:20], data)
-    fit = ps.imap.filter(lambda p, t: p, loss, params, warm, optimizer=optax.adam(1e-2), num_steps=50)
+    fit = ps.imap.filter(lambda p, t: p, loss, params, warm, optimizer=optax.adam(1e-2), num_iters=50)
     frozen = jax.tree_util.tree_map(lambda a: a[-1], fit.filtered_states)
     acc = jax.vmap(accuracy, in_axes=(None, 0))(frozen, jax.tree_util.tree_map(lambda a: a[1:], data))
     print(f"| {'frozen after 20 batches':<23} | {float(acc.mean()):20.3f} | {float(acc[-100:].mean()):16.3f} | "
@@ -78,7 +78,7 @@ if __name__ == "__main__":
 
     for K in (1, 5, 20):
         t0 = time.perf_counter()
-        out = ps.imap.filter(lambda p, t: p, loss, params, data, optimizer=optax.adam(1e-2), num_steps=K)
+        out = ps.imap.filter(lambda p, t: p, loss, params, data, optimizer=optax.adam(1e-2), num_iters=K)
         acc = jax.block_until_ready(prequential(out.filtered_states))
         dt = time.perf_counter() - t0
         print(f"| {f'IMAP Adam, K = {K}':<23} | {float(acc.mean()):20.3f} | {float(acc[-100:].mean()):16.3f} | "

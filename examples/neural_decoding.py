@@ -14,8 +14,9 @@
 #
 #   KF       the classic linear decoder: x = H z + d + N(0, R) fitted by least squares,
 #            A, G by least squares, run with `ps.kalman.filter`;
-#   DKF-NW   `ps.dkf.fit(..., regressor="nw")`: p(z | x) ~ N(f(x), Q), f by Nadaraya-Watson
-#            (leave-one-out bandwidth), Q from held-out residuals;
+#   DKF-NW   `ps.learn.fit_dkf(key, z, x, regressor="nw")`: p(z | x) ~ N(f(x), Q), f by
+#            Nadaraya-Watson (leave-one-out bandwidth), Q from held-out residuals; run with
+#            `ps.dkf.filter`;
 #   DKF-MLP  the same with a small equinox MLP for f.
 #
 # Counts are square-root transformed first (variance stabilising for Poisson).
@@ -75,7 +76,7 @@ z_tr, x_tr, z_te, x_te = z[:T_TRAIN], x[:T_TRAIN], z[T_TRAIN:], x[T_TRAIN:]
 
 # %%
 def fit_kf(z, x):
-    A, G, mean, S = ps.dkf.fit_dynamics(z)
+    A, G, mean, S = ps.learn.dkf.fit_dynamics(z)
     Z = jnp.concatenate([z, jnp.ones((z.shape[0], 1))], axis=1)
     W = jnp.linalg.lstsq(Z, x)[0]  # x ~ H z + d
     H, d = W[:2].T, W[2]
@@ -94,9 +95,9 @@ def metrics(pred, truth):
 
 decoders = {
     "KF": lambda: ps.kalman.filter(fit_kf(z_tr, x_tr), x_te).filtered_means,
-    "DKF-NW": lambda: ps.dkf.filter(ps.dkf.fit(z_tr, x_tr, regressor="nw"), x_te).filtered_means,
-    "DKF-MLP": lambda: ps.dkf.filter(ps.dkf.fit(z_tr, x_tr, regressor="mlp", key=k_mlp,
-                                                regressor_kwargs=dict(width=64, depth=2, num_steps=1500)),
+    "DKF-NW": lambda: ps.dkf.filter(ps.learn.fit_dkf(k_mlp, z_tr, x_tr, regressor="nw")[0], x_te).filtered_means,
+    "DKF-MLP": lambda: ps.dkf.filter(ps.learn.fit_dkf(k_mlp, z_tr, x_tr, regressor="mlp",
+                                                      regressor_kwargs=dict(width=64, depth=2, num_iters=1500))[0],
                                      x_te).filtered_means,
 }
 

@@ -122,3 +122,37 @@ def test_load_cmapss_fd001():
         ps.datasets.load_cmapss("FD009")
     with pytest.raises(ValueError, match="data_dir"):
         ps.datasets.load_cmapss("FD002")
+
+
+def test_m_step_with_fixed_nonzero_biases_is_weighted_least_squares():
+    """Regression: with biases held fixed at non-zero values the weight update subtracted
+    Sxx b instead of sum_t w_tk x_t b_k^T."""
+    rng = np.random.default_rng(5)
+    K, D, U, T = 2, 2, 3, 200
+    x = rng.normal(size=(T, U)) + 1.0
+    y = rng.normal(size=(T, D))
+    w = rng.dirichlet(np.ones(K), size=T)
+    b = np.array([[1.0, -2.0], [0.5, 3.0]])
+    em = ps.emissions.AutoregressiveGaussian(np.zeros((K, D, U)), b, np.stack([np.eye(D)] * K))
+    new = em.m_step(jnp.asarray(y), jnp.asarray(w), jnp.asarray(x), fixed=("biases",))
+    np.testing.assert_array_equal(new.biases, b)
+    for k in range(K):
+        sw = np.sqrt(w[:, k])[:, None]
+        coef, *_ = np.linalg.lstsq(sw * x, sw * (y - b[k]), rcond=None)  # (U, D)
+        np.testing.assert_allclose(new.weights[k], coef.T, atol=1e-10)
+        r = y - b[k] - x @ coef
+        np.testing.assert_allclose(new.covs[k], (w[:, k, None] * r).T @ r / w[:, k].sum(), atol=1e-10)
+
+
+def test_sample_arhmm_and_refit_its_weights():
+    """Regression: ps.sample failed on an ARHMM (lagged draws were not fed back as inputs)."""
+    weights = np.array([[[0.6, 0.2]], [[-0.5, 0.3]]])
+    model = ps.models.ARHMM(np.ones(2) / 2, np.array([[0.95, 0.05], [0.05, 0.95]]), weights,
+                            np.array([[0.5], [-0.5]]), np.array([[[0.3]], [[0.5]]]))
+    assert model.emission_lags == 2 and model.input_dim == 2
+    z, y = ps.sample(jax.random.PRNGKey(1), model, 4000)
+    assert z.shape == (4000,) and y.shape == (4000, 1)
+    assert np.isfinite(float(ps.hmm.filter(model, y).log_likelihood))
+    fitted = model.emissions.m_step(y, jax.nn.one_hot(z, 2, dtype=y.dtype))  # regress on the true states
+    np.testing.assert_allclose(fitted.weights, weights, atol=0.06)
+    np.testing.assert_allclose(fitted.biases, [[0.5], [-0.5]], atol=0.06)

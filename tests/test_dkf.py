@@ -280,3 +280,109 @@ def test_more_bad_input(linear_case):
         ps.dkf.fit_mlp(jax.random.key(0), np.random.rand(10, 1), np.random.rand(10, 1), learning_rate=0.0)
     with pytest.raises(ValueError, match="observations"):
         ps.dkf.fit_mlp(jax.random.key(0), np.full((10, 1), np.nan), np.random.rand(10, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# The DKF model implements the protocol; the engine reads only declared members (issue 14)
+# ---------------------------------------------------------------------------------------------
+import equinox as eqx  # noqa: E402
+from jax.scipy.stats import multivariate_normal as mvn  # noqa: E402
+
+
+def test_model_is_an_ssm_with_honest_emission(linear_case):
+    # regression: DKFModel was a plain eqx.Module, not a ps.SSM
+    lin, model, y = linear_case
+    assert isinstance(model, ps.SSM) and model.input_dim == 0 and model.emission_dim == y.shape[1]
+    A, G, S = model.transition_matrix, model.transition_cov, model.stationary_cov
+    z = jnp.array([0.3, -1.0, 0.5])
+    np.testing.assert_allclose(model.initial().covariance_matrix, S)
+    np.testing.assert_allclose(model.transition(z, 1).mean, A @ z, atol=1e-14)
+    np.testing.assert_allclose(model.transition(z, 1).covariance_matrix, G)
+    # exact linear-Gaussian DKF: the emission is the likelihood ratio p(x | z) / p(x)
+    H, R = lin.emission_matrix, lin.emission_cov
+    for x in (y[0], y[7]):
+        want = mvn.logpdf(x, H @ z, R) - mvn.logpdf(x, jnp.zeros_like(x), H @ S @ H.T + R)
+        np.testing.assert_allclose(model.emission(z, 0).log_prob(x), want, rtol=1e-10)
+    zs = jnp.stack([z, -z])  # batched states
+    np.testing.assert_allclose(model.emission(zs, 0).log_prob(y[0]),
+                               [model.emission(zs[i], 0).log_prob(y[0]) for i in range(2)], rtol=1e-12)
+    assert float(model.emission(z, 0).log_prob(y[0].at[1].set(jnp.nan))) == 0.0  # missing row: ratio one
+    with pytest.raises(NotImplementedError, match="p\\(z \\| x\\)"):
+        model.emission(z, 0).sample(jax.random.key(0))
+    # the names moved; the old ones are the same objects
+    assert ps.dkf.DKFModel is ps.models.DKFModel and ps.dkf.NadarayaWatson is ps.models.dkf.NadarayaWatson
+    assert ps.dkf.fit_nadaraya_watson is ps.learn.dkf.fit_nadaraya_watson
+
+
+def test_particle_filter_on_dkf_model_matches_dkf(linear_case):
+    # a particle filter on the protocol targets the exact DKF posterior: on the exact
+    # linear-Gaussian DKF that is the Kalman filter (= ps.dkf.filter), up to Monte Carlo error
+    _, model, y = linear_case
+    y = y[:12]
+    ref = ps.dkf.filter(model, y)
+    pf = ps.smc.particle_filter(jax.random.key(0), model, y, 4000)
+    sd = jnp.sqrt(jnp.diagonal(ref.filtered_covs, axis1=1, axis2=2))
+    # max over the 36 entries of |error| / posterior sd: measured over 30 keys, median 0.18, max 0.34
+    assert float(jnp.max(jnp.abs(pf.filtered_means - ref.filtered_means) / sd)) < 0.5
+    # and the data move the posterior well away from the prior mean (the check can fail)
+    assert float(jnp.max(jnp.abs(ref.filtered_means) / sd)) > 1.5
+
+
+class ScaledIdentity(ps.models.dkf.AbstractDiscriminativeSSM):
+    """A user-written discriminative model: f(x) = w * x, Q(x) = q I."""
+
+    transition_matrix: jax.Array
+    transition_cov: jax.Array
+    stationary_mean: jax.Array
+    stationary_cov: jax.Array
+    w: jax.Array
+    q: jax.Array
+
+    def discriminative_mean(self, x):
+        return self.w * x
+
+    def discriminative_cov(self, x):
+        return self.q * jnp.eye(x.shape[0], dtype=x.dtype)
+
+
+def test_user_subclass_and_tree_at_checks():
+    A, G = 0.6 * jnp.eye(2), 0.64 * jnp.eye(2)
+    user = ScaledIdentity(A, G, jnp.zeros(2), jnp.eye(2), jnp.asarray(0.8), jnp.asarray(0.5))
+    xs = jax.random.normal(jax.random.key(1), (6, 2))
+    same = ps.dkf.DKFModel(A, G, jnp.eye(2), lambda x: 0.8 * x, lambda x: 0.5 * jnp.eye(2))
+    np.testing.assert_allclose(ps.dkf.filter(user, xs).filtered_means, ps.dkf.filter(same, xs).filtered_means,
+                               atol=1e-14)
+    # checks run at the filter, so they catch models made by eqx.tree_at
+    with pytest.raises(ValueError, match="stationary_mean"):
+        ps.dkf.filter(eqx.tree_at(lambda m: m.stationary_mean, same, jnp.array([0.0, jnp.nan])), xs)
+    with pytest.raises(ValueError, match="stationary_cov"):
+        ps.dkf.filter(eqx.tree_at(lambda m: m.stationary_cov, user, -jnp.eye(2)), xs)
+    with pytest.raises(ValueError, match="transition_cov"):
+        ps.dkf.filter(eqx.tree_at(lambda m: m.transition_cov, same, jnp.ones((3, 3))), xs)
+    with pytest.raises(ValueError, match="transition_matrix"):
+        ps.dkf.filter(eqx.tree_at(lambda m: m.transition_matrix, same, jnp.full((2, 2), jnp.inf)), xs)
+    with pytest.raises(ValueError, match="emission_dim"):
+        ps.dkf.filter(ps.dkf.DKFModel(A, G, jnp.eye(2), lambda x: x, lambda x: jnp.eye(2), emission_dim=3), xs)
+
+
+def test_batches_lists_lengths_and_learner(linear_case):
+    _, model, y = linear_case
+    ragged = ps.dkf.filter(model, [y, y[:20]])
+    np.testing.assert_allclose(ragged.filtered_means[0], ps.dkf.filter(model, y).filtered_means, atol=1e-12)
+    # a causal filter: the short sequence's means are the first 20 of the full one's
+    np.testing.assert_allclose(ragged.filtered_means[1, :20], ragged.filtered_means[0, :20], atol=1e-12)
+    padded = ps.dkf.filter(model, jnp.stack([y, y]), lengths=jnp.array([50, 20]))
+    np.testing.assert_allclose(padded.filtered_means[1], ragged.filtered_means[1], atol=1e-12)
+    np.testing.assert_allclose(ps.dkf.filter(model, observations=y).filtered_means,
+                               ps.dkf.filter(model, y).filtered_means)  # old keyword name
+    # the learner follows the conventions: key first, (model, history)
+    rng = np.random.default_rng(0)
+    z = np.cumsum(rng.normal(size=(60, 1)), 0) * 0.2
+    x = np.concatenate([z, z ** 2], 1) + 0.1 * rng.normal(size=(60, 2))
+    fitted, history = ps.learn.fit_dkf(jax.random.key(0), z, x, regressor="nw")
+    assert isinstance(fitted, ps.models.DKFModel) and fitted.emission_dim == 2
+    assert history["num_fit"] + history["num_holdout"] == 60 and float(history["holdout_rmse"]) > 0
+    old = ps.dkf.fit(z, observations=x, regressor="nw")
+    np.testing.assert_allclose(old.transition_matrix, fitted.transition_matrix)
+    with pytest.raises(ValueError, match="key"):
+        ps.learn.fit_dkf(None, z, x)

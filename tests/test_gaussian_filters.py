@@ -115,7 +115,7 @@ def test_bad_input_raises(linear_case):
     with pytest.raises(ValueError, match="emissions"):
         ps.gaussian.filter(nl, y[:, :2])
     with pytest.raises(ValueError, match="model"):
-        ps.gaussian.filter(linear_case[0], y)
+        ps.gaussian.filter("not a model", y)
 
 
 @pytest.mark.parametrize("method", ["ekf", "ukf"])
@@ -160,3 +160,75 @@ def test_compiles_once_per_configuration(linear_case):
     n = len(traces)
     ps.gaussian.filter(model, y + 1.0, method="ukf")
     assert len(traces) == n
+
+
+# ---------------------------------------------------------------------------------------------
+# Additive-Gaussian structure: any ps.core.AbstractAdditiveGaussianSSM runs through ps.gaussian
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["ekf", "ukf"])
+def test_linear_gaussian_ssm_itself_equals_kalman(linear_case, method):
+    lin, _, _, y = linear_case
+    assert isinstance(lin, ps.core.AbstractAdditiveGaussianSSM)
+    k = ps.kalman.smoother(lin, y)
+    s = ps.gaussian.smoother(lin, y, method=method)
+    for name, a, b in zip(k._fields, s, k):
+        np.testing.assert_allclose(a, b, atol=TOL, rtol=0, err_msg=name)
+    bad = eqx.tree_at(lambda m: m.emission_cov, lin, -jnp.eye(3))
+    with pytest.raises(ValueError, match="emission_cov"):
+        ps.gaussian.filter(bad, y, method=method)
+
+
+class UserAdditive(ps.core.AbstractAdditiveGaussianSSM):
+    """A user's own additive-Gaussian model: z_t = a sin(z_{t-1}) + u_t + noise, y_t = z_t^2 / 20 + noise."""
+
+    a: jax.Array
+    q: jax.Array
+    r: jax.Array
+
+    @property
+    def state_dim(self):
+        return 1
+
+    @property
+    def emission_dim(self):
+        return 1
+
+    def initial_moments(self, inputs=None):
+        return jnp.zeros(1), jnp.eye(1)
+
+    def transition_mean(self, z_prev, t, inputs=None):
+        return self.a * jnp.sin(z_prev) + inputs
+
+    def transition_noise_cov(self, t, inputs=None):
+        return self.q * jnp.eye(1)
+
+    def emission_mean(self, z, t, inputs=None):
+        return z ** 2 / 20
+
+    def emission_noise_cov(self, t, inputs=None):
+        return self.r * jnp.eye(1)
+
+
+def test_user_additive_subclass_runs_and_matches_the_nonlinear_model():
+    user = UserAdditive(jnp.asarray(0.9), jnp.asarray(0.5), jnp.asarray(1.0))
+    nl = ps.models.NonlinearGaussianSSM(jnp.zeros(1), jnp.eye(1), lambda z, t, u: 0.9 * jnp.sin(z) + (0.0 if u is None else u),
+                                        0.5 * jnp.eye(1), lambda z, t, u: z ** 2 / 20, jnp.eye(1))
+    u = jnp.asarray(np.random.default_rng(0).normal(size=(40, 1)))
+    _, y = ps.sample(jax.random.key(3), user, 40, inputs=u)
+    for method in ("ekf", "ukf"):
+        a = ps.gaussian.smoother(user, y, method=method, inputs=u)
+        b = ps.gaussian.smoother(nl, y, method=method, inputs=u)
+        for name, x, z in zip(a._fields, a, b):
+            np.testing.assert_allclose(x, z, atol=1e-12, err_msg=name)
+    bad = eqx.tree_at(lambda m: m.q, user, jnp.asarray(-1.0))
+    with pytest.raises(ValueError, match="transition_cov"):
+        ps.gaussian.filter(bad, y, inputs=u)
+
+
+def test_lengths_equal_truncated_sequence(linear_case):
+    _, nl, _, y = linear_case
+    ys = jnp.stack([y, jnp.concatenate([y[:25], jnp.zeros((35, 3))])])
+    f = ps.gaussian.filter(nl, ys, method="ukf", lengths=np.array([60, 25]))
+    one = ps.gaussian.filter(nl, y[:25], method="ukf")
+    np.testing.assert_allclose(f.log_likelihood[1], one.log_likelihood, rtol=1e-12)
+    np.testing.assert_allclose(f.filtered_means[1, :25], one.filtered_means, atol=1e-12)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import jax
 import jax.numpy as jnp
+import equinox as eqx
 from scipy import stats
 
 import probssm as ps
@@ -141,12 +142,11 @@ def test_time_varying_and_plausibility_equal_brute_force():
 
 
 class InputHMM(ps.models.HMM):
-    """Transitions that depend on inputs: stickier where u_t > 0."""
+    """Transitions that depend on inputs: stickier where u_t > 0 (one per-step declaration)."""
 
-    def transition_matrices(self, num_timesteps, inputs=None):
+    def transition_matrix_at(self, t, inputs=None):
         A = self.transition_matrix
-        sticky = 0.5 * (A + jnp.eye(A.shape[0]))
-        return jnp.where(inputs[:, :1, None] > 0, sticky[None], A[None])
+        return jnp.where(inputs[0] > 0, 0.5 * (A + jnp.eye(A.shape[0])), A)
 
 
 def test_input_dependent_transitions(tiny):
@@ -160,6 +160,125 @@ def test_input_dependent_transitions(tiny):
     np.testing.assert_allclose(r.log_likelihood, logZ, atol=1e-10)
     np.testing.assert_allclose(r.smoothed_probs, G, atol=1e-10)
     np.testing.assert_array_equal(ps.hmm.viterbi(im, y, inputs=u), path)
+
+
+def test_transition_declaration_shared_by_protocol_and_engine(tiny):
+    """Regression: HMM.transition ignored an overridden transition declaration, so ps.sample and
+    the particle engines simulated another model than the one ps.hmm inferred on."""
+    model, y = tiny
+    im = InputHMM(model.initial_probs, model.transition_matrix, model.emissions)
+    u = np.array([[1.0], [-1.0], [2.0], [0.5], [-3.0], [1.0]])
+    A_t = np.asarray(im.discrete_params(jnp.asarray(y), jnp.asarray(u)).transition_matrices)
+    assert A_t.shape == (len(y), K, K)
+    for t in range(1, len(y)):
+        for i in range(K):
+            np.testing.assert_allclose(im.transition(i, t, jnp.asarray(u[t])).probs, A_t[t, i], atol=1e-12)
+    # ps.sample draws from the same chain: empirical transitions per input sign
+    T = 4000
+    u_long = np.where(np.random.default_rng(3).uniform(size=(T, 1)) < 0.5, 1.0, -1.0)
+    z, _ = ps.sample(jax.random.PRNGKey(4), im, T, inputs=jnp.asarray(u_long))
+    z = np.asarray(z)
+    A = np.asarray(model.transition_matrix)
+    for sign, expected in ((1.0, 0.5 * (A + np.eye(K))), (-1.0, A)):
+        steps = np.nonzero(u_long[1:, 0] == sign)[0] + 1
+        counts = np.zeros((K, K))
+        np.add.at(counts, (z[steps - 1], z[steps]), 1.0)
+        n = counts.sum(1, keepdims=True)
+        freq = counts / np.maximum(n, 1)
+        assert np.all(np.abs(freq - expected) < 5 * np.sqrt(expected * (1 - expected) / np.maximum(n, 1)) + 0.01)
+
+
+@pytest.mark.slow
+def test_particle_filter_on_input_driven_transitions_matches_exact(tiny):
+    """The particle filter reads `transition`, ps.hmm reads `discrete_params`: same model."""
+    model, _ = tiny
+    im = InputHMM(model.initial_probs, model.transition_matrix, model.emissions)
+    u = jnp.asarray(np.where(np.random.default_rng(6).uniform(size=(100, 1)) < 0.5, 1.0, -1.0))
+    _, y = ps.sample(jax.random.PRNGKey(7), im, 100, inputs=u)
+    exact = float(ps.hmm.filter(im, y, inputs=u).log_likelihood)
+    pf = float(ps.smc.particle_filter(jax.random.PRNGKey(5), im, y, 2000, inputs=u).log_likelihood)
+    assert abs(pf - exact) < 1.0, (pf, exact)
+
+
+def test_overriding_transition_matrices_is_deprecated():
+    with pytest.warns(DeprecationWarning, match="transition_matrix_at"):
+        class OldStyle(ps.models.HMM):
+            def transition_matrices(self, num_timesteps, inputs=None):
+                return self.transition_matrix
+
+
+def test_public_cores_under_jit_vmap_grad(batch):
+    model, y, lengths = batch
+    r = ps.hmm.smoother(model, y, lengths=lengths)
+    paths = ps.hmm.viterbi(model, y, lengths=lengths)
+    one = lambda yb, n: (ps.hmm.filter_params(model.discrete_params(yb), length=n),
+                         ps.hmm.smoother_params(model.discrete_params(yb), length=n),
+                         ps.hmm.viterbi_params(model.discrete_params(yb), length=n),
+                         ps.hmm.sample_params(jax.random.PRNGKey(0), model.discrete_params(yb), 2, length=n))
+    f, s, v, z = jax.jit(jax.vmap(one))(jnp.asarray(y), jnp.asarray(lengths))
+    np.testing.assert_allclose(f.log_likelihood, r.log_likelihood, rtol=1e-12)
+    np.testing.assert_allclose(f.filtered_probs, r.filtered_probs, atol=1e-10)
+    np.testing.assert_allclose(s.smoothed_probs, r.smoothed_probs, atol=1e-10)
+    np.testing.assert_allclose(s.transition_counts, r.transition_counts, atol=1e-9)
+    np.testing.assert_array_equal(v, paths)
+    assert z.shape == (3, 2, 120) and np.all(np.asarray(z[1, :, 70:]) == -1) and np.all(np.asarray(z[1, :, :70]) >= 0)
+    # gradient of the log-likelihood in the emission means equals a central difference
+    y0 = jnp.asarray(y[0, :40])
+    loglik = jax.jit(jax.value_and_grad(lambda m: ps.hmm.filter_params(m.discrete_params(y0)).log_likelihood))
+    g = loglik(model)[1].emissions.means
+    h = 1e-6
+    bump = lambda d: eqx.tree_at(lambda m: m.emissions.means, model, model.emissions.means.at[1, 0].add(d))
+    fd = (loglik(bump(h))[0] - loglik(bump(-h))[0]) / (2 * h)
+    np.testing.assert_allclose(g[1, 0], fd, rtol=1e-5)
+
+
+def test_lists_and_batched_inputs_when_batch_size_equals_length(tiny):
+    model, _ = tiny
+    im = InputHMM(model.initial_probs, model.transition_matrix, model.emissions)
+    rng = np.random.default_rng(21)
+    B = T = 6
+    y = rng.normal(size=(B, T, D))
+    u = rng.normal(size=(B, T, 1))
+    r = ps.hmm.smoother(im, y, inputs=u)  # (B, T, U): one input sequence per emission sequence
+    shared = ps.hmm.smoother(im, y, inputs=u[0])  # (T, U): shared by every sequence
+    for b in range(B):
+        np.testing.assert_allclose(r.log_likelihood[b], ps.hmm.smoother(im, y[b], inputs=u[b]).log_likelihood,
+                                   rtol=1e-12)
+        np.testing.assert_allclose(shared.log_likelihood[b],
+                                   ps.hmm.smoother(im, y[b], inputs=u[0]).log_likelihood, rtol=1e-12)
+    # a list of sequences of different lengths is padded and given lengths
+    f = ps.hmm.filter(model, [y[0, :4], y[1]])
+    np.testing.assert_allclose(f.log_likelihood, [ps.hmm.filter(model, y[0, :4]).log_likelihood,
+                                                  ps.hmm.filter(model, y[1]).log_likelihood], rtol=1e-12)
+    assert np.all(np.asarray(f.filtered_probs[0, 4:]) == 0)
+
+
+def test_emissions_outside_the_support_raise():
+    """Regression: labels, binary values and counts outside the family's support were accepted."""
+    pi, A = np.ones(K) / K, np.full((K, K), 1.0 / K)
+    cat = ps.models.HMM(pi, A, ps.emissions.Categorical(np.full((K, 1, 3), 1.0 / 3)))
+    ok = np.array([[0.0], [2.0], [np.nan], [1.0]])
+    assert np.isfinite(float(ps.hmm.filter(cat, ok).log_likelihood))
+    for bad in (3.0, -1.0, 1.5):
+        y = ok.copy()
+        y[1, 0] = bad
+        with pytest.raises(ValueError, match="emissions"):
+            ps.hmm.filter(cat, y)
+        with pytest.raises(ValueError, match="emissions"):
+            ps.hmm.viterbi(cat, [ok, y])
+        with pytest.raises(ValueError, match="emissions"):
+            ps.learn.em(cat, y, 2)
+    # padding beyond a sequence's length is not data
+    padded = np.stack([ok, np.array([[1.0], [7.0], [7.0], [7.0]])])
+    ps.hmm.smoother(cat, padded, lengths=np.array([4, 1]))
+    bern = ps.models.HMM(pi, A, ps.emissions.Bernoulli(np.full((K, 1), 0.5)))
+    with pytest.raises(ValueError, match="emissions"):
+        ps.hmm.smoother(bern, np.array([[0.0], [2.0]]))
+    poi = ps.models.HMM(pi, A, ps.emissions.Poisson(np.ones((K, 1))))
+    with pytest.raises(ValueError, match="emissions"):
+        ps.hmm.smoother(poi, np.array([[0.0], [2.5]]))
+    with pytest.raises(ValueError, match="emissions"):
+        ps.hmm.smoother(poi, np.array([[0.0], [-1.0]]))
 
 
 @pytest.mark.parametrize("covariance_type", ["full", "diag"])

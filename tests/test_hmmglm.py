@@ -1,5 +1,4 @@
-"""HMM-GLM with plain, Gaussian and one-hot weight priors (Li et al., ICLR 2024).
-Checks from MODELS.md ("One-hot HMM-GLM") and issue 4."""
+"""HMM-GLM with plain, Gaussian and one-hot weight priors (Li et al., ICLR 2024): issues 4 and 14."""
 import numpy as np
 import pytest
 import jax
@@ -8,8 +7,10 @@ import scipy.stats as st
 from scipy.optimize import linear_sum_assignment
 
 import probssm as ps
-from probssm.models.hmmglm import (HMMGLM, exponential_basis, history_covariates, raised_cosine_basis,
-                                   sample_hmmglm, simulate_hmmglm)
+from probssm.core import params as core_params
+from probssm.datasets import sample_hmmglm, simulate_hmmglm
+from probssm.models.hmmglm import (HMMGLM, GaussianPrior, NoPrior, OneHotPrior, exponential_basis,
+                                   history_covariates, raised_cosine_basis)
 from probssm.learn.hmmglm_em import (coupling_sizes, fit_hmmglm, hmmglm_log_likelihood, init_hmmglm,
                                      m_step_objective, prune_links)
 
@@ -117,21 +118,21 @@ def test_m_step_objective_gradients_match_finite_differences(prior, link, mode):
     y = rng.poisson(0.8, (2, T, N)).astype(float)
     model = HMMGLM.create(jax.random.PRNGKey(5), K, N, prior=prior, link=link, num_inputs=2, weight_scale=0.3,
                           sparsity=1.5 if prior == "onehot" else 0.0, link_cost=0.7 if prior == "onehot" else 0.0)
-    model = eqx_set(model, "weight_mean", 0.2 * rng.normal(size=model.weight_mean.shape))
-    model = eqx_set(model, "connectome_logits", rng.normal(size=model.connectome_logits.shape))
+    if prior == "gaussian":
+        model = eqx_set(model, "prior.weight_mean", 0.2 * rng.normal(size=model.prior.weight_mean.shape))
+    if prior == "onehot":
+        model = eqx_set(model, "prior.connectome_logits", rng.normal(size=model.prior.connectome_logits.shape))
     u = rng.normal(size=(2, T, 2))
     gamma = rng.dirichlet(np.ones(K), (2, T))
     key = jax.random.PRNGKey(6)
-    names = HMMGLM.LEARNABLE[prior]
+    names = model.emission_paths  # every learnable emission array, as probssm.core.params paths
 
     def f(params):
-        m = model
-        for n in names:
-            m = eqx_set(m, n, params[n])
-        return m_step_objective(m, y, gamma, u, mode=mode, key=key)
+        return m_step_objective(core_params.replace(model, names, tuple(params[n] for n in names)), y, gamma, u,
+                                mode=mode, key=key)
 
     f = jax.jit(f)
-    params = {n: getattr(model, n) for n in names}
+    params = {n: core_params.get(model, n) for n in names}
     g = jax.jit(jax.grad(f))(params)
     for n in names:
         d = jnp.asarray(rng.normal(size=params[n].shape))
@@ -144,10 +145,8 @@ def test_m_step_objective_gradients_match_finite_differences(prior, link, mode):
                                    err_msg=n)
 
 
-def eqx_set(model, name, value):
-    import equinox as eqx
-
-    return eqx.tree_at(lambda m: getattr(m, name), model, jnp.asarray(value, getattr(model, name).dtype))
+def eqx_set(model, path, value):
+    return core_params.replace(model, (path,), (jnp.asarray(value, core_params.get(model, path).dtype),))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,8 +171,9 @@ def test_em_objective_never_decreases(small_sim, prior, family, link):
         y = np.minimum(y, 1.0)
     model = init_hmmglm(jax.random.PRNGKey(8), y, 2, prior=prior, family=family, link=link,
                         **({"sparsity": 2.0, "link_cost": "bic"} if prior == "onehot" else {}))
-    fitted, history, accepted = fit_hmmglm(model, y, 10, key=jax.random.PRNGKey(9), num_m_steps=10,
-                                           return_accepted=True)
+    with pytest.warns(DeprecationWarning, match="return_accepted"):  # learners return (model, history)
+        fitted, history, accepted = fit_hmmglm(model, y, 10, key=jax.random.PRNGKey(9), num_m_steps=10,
+                                               return_accepted=True)
     h = np.asarray(history)
     assert np.all(np.isfinite(h))
     # generalised EM with the hard-indicator acceptance test: monotone up to rounding
@@ -236,11 +236,11 @@ def test_bad_input_raises_value_error_naming_the_argument():
     frac = y.copy()
     frac[1, 2, 0] = 0.5
     for fn in (lambda s: fit_hmmglm(model, s, 1), lambda s: hmmglm_log_likelihood(model, s)):
-        with pytest.raises(ValueError, match="spikes.*non-negative"):
+        with pytest.raises(ValueError, match="emissions.*non-negative"):
             fn(neg)
-        with pytest.raises(ValueError, match="spikes.*integer"):
+        with pytest.raises(ValueError, match="emissions.*integer"):
             fn(frac)
-        with pytest.raises(ValueError, match="spikes.*4 neurons"):
+        with pytest.raises(ValueError, match="emissions.*4 neurons"):
             fn(y[..., :3])
         with pytest.raises(ValueError, match="basis"):
             fn(y[:, :4])  # the exponential basis has length 5
@@ -248,7 +248,7 @@ def test_bad_input_raises_value_error_naming_the_argument():
     with pytest.raises(ValueError, match="basis"):
         fit_hmmglm(long_basis, y, 1)
     bern = init_hmmglm(jax.random.PRNGKey(0), np.minimum(y, 1), 2, family="bernoulli", link="sigmoid")
-    with pytest.raises(ValueError, match="spikes.*0 or 1"):
+    with pytest.raises(ValueError, match="emissions.*0 or 1"):
         fit_hmmglm(bern, y + 1, 1)
     with pytest.raises(ValueError, match="prior"):
         HMMGLM.create(jax.random.PRNGKey(0), 2, 4, prior="laplace")
@@ -281,8 +281,8 @@ def test_onehot_log_prior_matches_a_direct_sum():
     rng = np.random.default_rng(14)
     K, N = 3, 4
     model = HMMGLM.create(jax.random.PRNGKey(15), K, N, prior="onehot", sparsity=2.5, link_cost=1.3)
-    model = eqx_set(model, "adjacency_logits", rng.normal(size=(K, N, N, 3)))
-    model = eqx_set(model, "connectome_logits", rng.normal(size=(N, N, 3)))
+    model = eqx_set(model, "prior.adjacency_logits", rng.normal(size=(K, N, N, 3)))
+    model = eqx_set(model, "prior.connectome_logits", rng.normal(size=(N, N, 3)))
     la, lc = np.asarray(model.adjacency_logits), np.asarray(model.connectome_logits)
     q = np.exp(la) / np.exp(la).sum(-1, keepdims=True)
     p = np.exp(lc) / np.exp(lc).sum(-1, keepdims=True)
@@ -293,7 +293,7 @@ def test_onehot_log_prior_matches_a_direct_sum():
     # tilted prior, p'(c) proportional to p(c) exp(-link_cost [c != none]), the prior term is its
     # log normaliser, the largest value over q
     tilt = p * np.exp(-1.3 * np.array([1.0, 0.0, 1.0]))
-    best = eqx_set(model, "adjacency_logits", np.broadcast_to(np.log(tilt), (K, N, N, 3)))
+    best = eqx_set(model, "prior.adjacency_logits", np.broadcast_to(np.log(tilt), (K, N, N, 3)))
     np.testing.assert_allclose(float(best.log_prior()) - 2.5 * np.log(p[..., 1]).sum(),
                                K * np.log(tilt.sum(-1)).sum(), rtol=1e-12)
     assert float(best.log_prior()) > float(model.log_prior())
@@ -391,7 +391,87 @@ def test_threshold_couplings_drops_exactly_the_couplings_the_held_out_data_rejec
                                np.broadcast_to(np.linalg.norm(w2.mean(0), axis=-1), (2, N, N)), rtol=1e-12)
     with pytest.raises(ValueError, match="levels"):
         ps.learn.threshold_couplings(plain, y_val, levels=0)
-    with pytest.raises(ValueError, match="spikes"):
+    with pytest.raises(ValueError, match="emissions"):
         ps.learn.threshold_couplings(plain, y_val[..., :3])
     with pytest.raises(ValueError, match="model"):
         ps.learn.threshold_couplings("not a model", y_val)
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 14: priors as Module classes, GLM families with the emissions, simulators in ps.datasets,
+# the data argument `emissions`, keys required where randomness is drawn, EM registered
+# ----------------------------------------------------------------------------------------------
+def test_prior_classes_equal_the_deprecated_prior_strings():
+    rng = np.random.default_rng(16)
+    K, N, J = 2, 3, 1
+    sp, logits, conn = rng.normal(size=(K, N, N, J)), rng.normal(size=(K, N, N, 3)), rng.normal(size=(N, N, 3))
+    w, b = 0.3 * rng.normal(size=(K, N, N, J)), np.full(N, -0.3)
+    args = (np.ones(K) / K, np.full((K, K), 0.5), b, w)
+    old = HMMGLM(*args, prior="onehot", strength_params=sp, adjacency_logits=logits, connectome_logits=conn,
+                 sparsity=1.5, link_cost=0.7, min_strength=0.2)
+    new = HMMGLM(*args, prior=OneHotPrior(sp, logits, conn, sparsity=1.5, link_cost=0.7, min_strength=0.2))
+    assert isinstance(old.prior, OneHotPrior) and old.prior.name == "onehot"
+    for m in (old, new):
+        np.testing.assert_allclose(float(m.log_prior()), float(new.prior.log_prior(w)), rtol=1e-12)
+        np.testing.assert_allclose(m.coupling_weights("hard"), new.prior.coupling_weights(w, "hard"), rtol=1e-12)
+    assert old.link_cost == new.link_cost == 0.7 and new.min_strength == 0.2  # deprecated field aliases
+    gauss = HMMGLM(*args, prior=GaussianPrior(np.zeros((N, N, J)), 0.5, min_weight_scale=0.2))
+    np.testing.assert_allclose(float(gauss.log_prior()),
+                               st.norm.logpdf(w, 0.0, 0.2 + np.log1p(np.exp(0.5))).sum(), rtol=1e-12)
+    assert float(HMMGLM(*args, prior=NoPrior()).log_prior()) == 0.0
+    # the learnable arrays, as probssm.core.params paths
+    assert new.emission_paths == ("biases", "input_weights", "prior.strength_params", "prior.adjacency_logits",
+                                  "prior.connectome_logits")
+    assert "prior.weight_mean" in core_params.paths(gauss) and "basis" not in core_params.paths(gauss)
+    with pytest.raises(ValueError, match="adjacency_logits"):
+        HMMGLM(*args, prior=OneHotPrior(sp, logits[:, :2]))
+    with pytest.raises(ValueError, match="sparsity"):
+        HMMGLM(*args, prior=OneHotPrior(sp, logits), sparsity=1.0)  # parameters belong in the prior object
+
+
+def test_layout_aliases_emissions_argument_and_keys():
+    # GLM families live with the emission families; simulators in ps.datasets (old names kept)
+    assert ps.emissions.PoissonGLM is ps.models.PoissonGLM and ps.emissions.BernoulliGLM is ps.models.BernoulliGLM
+    assert ps.models.simulate_hmmglm is ps.datasets.simulate_hmmglm
+    assert ps.models.sample_hmmglm is ps.datasets.sample_hmmglm
+    from probssm.models.hmmglm import sample_hmmglm as old_path
+
+    assert old_path is sample_hmmglm
+    rng = np.random.default_rng(17)
+    y = rng.poisson(0.5, (2, 30, 3)).astype(float)
+    model = init_hmmglm(jax.random.PRNGKey(0), y, 2)
+    ll = np.asarray(hmmglm_log_likelihood(model, y))
+    with pytest.warns(DeprecationWarning, match="spikes"):
+        np.testing.assert_allclose(np.asarray(hmmglm_log_likelihood(model, spikes=y)), ll, rtol=1e-12)
+    with pytest.raises(ValueError, match="spikes"):
+        hmmglm_log_likelihood(model, y, spikes=y)
+    # a list of trials of different lengths equals the padded batch with lengths
+    ragged = np.asarray(hmmglm_log_likelihood(model, [y[0, :20], y[1]]))
+    np.testing.assert_allclose(ragged, hmmglm_log_likelihood(model, y, lengths=np.array([20, 30])), rtol=1e-12)
+    np.testing.assert_allclose(ragged[1], ll[1], rtol=1e-12)
+    # randomness needs a key: the one-hot prior's Gumbel noise, random mini-batches
+    onehot = init_hmmglm(jax.random.PRNGKey(0), y, 2, prior="onehot")
+    with pytest.raises(ValueError, match="key"):
+        fit_hmmglm(onehot, y, 1)
+    with pytest.raises(ValueError, match="key"):
+        fit_hmmglm(model, y, 1, batch_size=10)
+    with pytest.raises(ValueError, match="key"):
+        prune_links(onehot, y, 1)
+
+
+def test_protocol_agrees_with_the_exact_structure_and_integer_counts():
+    """The protocol reads the lagged spikes (zeros before the trial) as its inputs, as declared by
+    emission_lags; its emission log-densities equal discrete_params' for integer and float counts
+    (on the base commit integer counts cast the history basis to int: every history was zero)."""
+    rng = np.random.default_rng(18)
+    y = rng.poisson(1.0, (12, 3))  # integer counts
+    np.testing.assert_allclose(history_covariates(y, exponential_basis()),
+                               history_covariates(y.astype(float), exponential_basis()), rtol=1e-12)
+    for U in (0, 1):
+        model = HMMGLM.create(jax.random.PRNGKey(4), 2, 3, num_inputs=U, weight_scale=0.5)
+        u = rng.normal(size=(12, U)) if U else None
+        assert model.emission_lags == (0 if U else 5) and model.input_dim == (None if U else 15)
+        rows = model.protocol_inputs(y, u) if U else model.default_inputs(y)
+        ll = np.asarray(model.discrete_params(y, u).log_likelihoods)
+        proto = np.array([[float(model.emission(k, t, rows[t]).log_prob(y[t])) for k in range(2)] for t in range(12)])
+        np.testing.assert_allclose(proto, ll, rtol=1e-10)

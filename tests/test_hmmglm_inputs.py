@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 
 import probssm as ps
-from probssm.models.hmmglm import HMMGLM, sample_hmmglm
+from probssm.datasets import sample_hmmglm
+from probssm.models.hmmglm import HMMGLM
 from probssm.learn.hmmglm_em import fit_hmmglm, hmmglm_log_likelihood, init_hmmglm
 
 
@@ -65,7 +66,7 @@ def test_input_driven_transitions_match_path_enumeration():
 def test_input_driven_transition_m_step_matches_scipy():
     """The Newton M-step reaches the maximum of Q_trans found by scipy's BFGS on a numpy version."""
     from scipy.optimize import minimize
-    from probssm.learn.hmmglm_em import _transition_m_step
+    from probssm.learn.hmmglm_transitions import transition_m_step
     rng = np.random.default_rng(12)
     K, N, U, T, M = 3, 2, 2, 60, 3
     model = _input_driven_model(rng, K, N, U, strength=1.0)
@@ -81,7 +82,7 @@ def test_input_driven_transition_m_step_matches_scipy():
         return -(np.sum(counts * log_A) + np.sum(gamma[:, 1:] * (u[:, 1:] @ R.T)) - np.sum(gamma[:, :-1] * lse))
 
     ref = minimize(neg_q, np.zeros(K * K + K * U), method="BFGS", options={"gtol": 1e-9})
-    A, R = _transition_m_step(model, ("transition_matrix", "transition_input_weights"), post.smoothed_probs,
+    A, R = transition_m_step(model, ("transition_matrix", "transition_input_weights"), post.smoothed_probs,
                               jnp.asarray(counts), jnp.asarray(u))
     ours = np.concatenate([np.log(np.asarray(A)).ravel(), np.asarray(R).ravel()])
     np.testing.assert_allclose(-neg_q(ours), -ref.fun, rtol=1e-9)

@@ -199,3 +199,115 @@ def test_each_update_equals_kalman_update_off_steady_state(diag_case):
     out = jax.vmap(one)(m_pred, P_pred, y)
     np.testing.assert_allclose(out, ref.filtered_means, rtol=0, atol=1e-10)
     assert float(jnp.ptp(P_pred[:, 0])) > 0.5  # the gains really vary over time
+
+
+# ---------------------------------------------------------------------------------------------
+# filter_ssm reads only the declared additive-Gaussian structure (issue 14)
+# ---------------------------------------------------------------------------------------------
+import equinox as eqx  # noqa: E402
+
+
+class DiagLinear(ps.core.AbstractAdditiveGaussianSSM):
+    """A user-written additive-Gaussian model: z_t = a z_{t-1} + c u_t + noise, y_t = g(z_t) + noise."""
+
+    a: jax.Array
+    q: jax.Array
+    h: jax.Array
+    r: jax.Array
+    m0: jax.Array
+    p0: jax.Array
+    c: jax.Array = eqx.field(default=None)
+    nonlinear: bool = eqx.field(static=True, default=False)
+
+    def initial_moments(self, inputs=None):
+        return self.m0, jnp.diag(self.p0)
+
+    def transition_mean(self, z_prev, t, inputs=None):
+        return self.a * z_prev + (0.0 if inputs is None else self.c * inputs[0])
+
+    def transition_noise_cov(self, t, inputs=None):
+        return jnp.diag(self.q)
+
+    def emission_mean(self, z, t, inputs=None):
+        return self.h * (jnp.sin(z) + 0.5 * z if self.nonlinear else z)
+
+    def emission_noise_cov(self, t, inputs=None):
+        return jnp.diag(self.r)
+
+    @property
+    def state_dim(self):
+        return self.a.shape[0]
+
+    @property
+    def emission_dim(self):
+        return self.h.shape[0]
+
+
+def test_user_subclass_with_matched_gd_equals_kalman(diag_case):
+    # regression: filter_ssm refused every model but the concrete NonlinearGaussianSSM
+    (a, q, h, r, P), lin, y = diag_case
+    model = DiagLinear(*map(jnp.asarray, (a, q, h, r, np.zeros(3), P)))
+    K = 3
+    eta = ps.imap.matched_step_size(h, r, P, K)
+    y = y.at[11].set(jnp.nan)
+    out = ps.imap.filter_ssm(model, y, optimizer=optax.scale(-eta), num_iters=K)
+    ref = ps.kalman.filter(lin, y)
+    np.testing.assert_allclose(out.filtered_means[:11], ref.filtered_means[:11], rtol=0, atol=1e-10)
+    np.testing.assert_allclose(out.filtered_means[11], a * out.filtered_means[10], atol=1e-12)
+    assert out.filtered_states is out.filtered_means  # old field name still reads
+
+
+def test_user_subclass_with_inputs_equals_general_filter(diag_case):
+    (a, q, h, r, P), _, y = diag_case
+    T = y.shape[0]
+    u = jnp.sin(jnp.arange(T, dtype=y.dtype))[:, None]
+    model = DiagLinear(*map(jnp.asarray, (a, q, h, r, np.ones(3), P)), c=jnp.asarray([0.5, -1.0, 2.0]),
+                       nonlinear=True)
+    opt = optax.adam(0.05)
+    out = ps.imap.filter_ssm(model, y, u, optimizer=opt, num_iters=4)
+    rj = jnp.asarray(r)
+    ref = ps.imap.filter(lambda x, t: model.transition_mean(x, t, u[t]),
+                         lambda x, yt, t: 0.5 * jnp.sum((yt - model.emission_mean(x, t)) ** 2 / rj),
+                         jnp.ones(3), y, optimizer=opt, num_iters=4)
+    np.testing.assert_allclose(out.filtered_means, ref.filtered_means, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(out.final_losses, ref.final_losses, rtol=1e-10, atol=1e-12)
+    # a batch with shared inputs and ragged lengths: each row is the single-sequence run
+    ys = jnp.stack([y, y[::-1]])
+    both = ps.imap.filter_ssm(model, ys, u, optimizer=opt, num_iters=4, lengths=jnp.array([T, 20]))
+    np.testing.assert_allclose(both.filtered_means[0], out.filtered_means, atol=1e-12)
+    short = ps.imap.filter_ssm(model, y[::-1][:20], u[:20], optimizer=opt, num_iters=4)
+    np.testing.assert_allclose(both.filtered_means[1, :20], short.filtered_means, atol=1e-12)
+
+
+def test_linear_gaussian_ssm_matched_gd_equals_kalman(diag_case):
+    # the LGSSM declares the additive-Gaussian structure too: IMAP with the matched step size
+    # started at the steady-state covariance reproduces the Kalman filter's means
+    (a, q, h, r, P), lin, y = diag_case
+    K = 2
+    eta = ps.imap.matched_step_size(h, r, P, K)
+    out = ps.imap.filter_ssm(lin, y, optimizer=optax.scale(-eta), num_iters=K)
+    np.testing.assert_allclose(out.filtered_means, ps.kalman.filter(lin, y).filtered_means, rtol=0, atol=1e-10)
+
+
+def test_checks_run_on_tree_at_models():
+    nl = ps.models.NonlinearGaussianSSM(jnp.zeros(1), jnp.eye(1), lambda z, t, u: z, jnp.eye(1),
+                                        lambda z, t, u: z, jnp.eye(1))
+    y = jnp.zeros((5, 1))
+    bad = eqx.tree_at(lambda m: m.emission_cov, nl, -jnp.eye(1))
+    with pytest.raises(ValueError, match="emission_cov"):
+        ps.imap.filter_ssm(bad, y, optimizer="sgd", learning_rate=0.1, num_iters=1)
+    user = DiagLinear(*(jnp.ones(1),) * 6)
+    with pytest.raises(ValueError, match="emission_cov"):
+        ps.imap.filter_ssm(eqx.tree_at(lambda m: m.r, user, -jnp.ones(1)), y, optimizer="sgd", learning_rate=0.1,
+                           num_iters=1)
+    with pytest.raises(ValueError, match="initial_mean"):
+        ps.imap.filter_ssm(eqx.tree_at(lambda m: m.m0, user, jnp.full(1, jnp.nan)), y, optimizer="sgd",
+                           learning_rate=0.1, num_iters=1)
+    with pytest.raises(ValueError, match="emissions"):
+        ps.imap.filter_ssm(user, jnp.zeros((5, 2)), optimizer="sgd", learning_rate=0.1, num_iters=1)
+    # old keyword names keep working
+    old = ps.imap.filter(lambda x, t: x, lambda x, yt, t: jnp.sum((x - yt) ** 2), jnp.zeros(1),
+                         observations=y, optimizer="sgd", learning_rate=0.1, num_steps=1)
+    new = ps.imap.filter(lambda x, t: x, lambda x, yt, t: jnp.sum((x - yt) ** 2), jnp.zeros(1),
+                         emissions=y, optimizer="sgd", learning_rate=0.1, num_iters=1)
+    np.testing.assert_array_equal(old.filtered_means, new.filtered_means)

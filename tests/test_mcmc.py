@@ -87,15 +87,13 @@ def small_lgssm():
 
 def test_conditional_smc_leaves_the_smoothing_distribution_invariant():
     """Start M chains from exact smoothing draws; after one sweep each is still an exact draw."""
-    from probssm.inference.smc import csmc
-
     model = small_lgssm()
     T, M, N = 15, 4000, 8
     _, y = ps.sample(jax.random.PRNGKey(0), model, T)
     sm = ps.kalman.smoother(model, y)
     refs = ps.kalman.sample(jax.random.PRNGKey(1), model, y, M)
-    sweep = jax.jit(jax.vmap(lambda k, r: csmc._csmc_one(k, model, y, None, r, num_particles=N, proposal=None,
-                                                         ancestor_sampling=True).reference))
+    sweep = jax.jit(jax.vmap(lambda k, r: ps.smc.conditional_smc_sequence(k, model, y, reference=r, num_particles=N,
+                                                                          ancestor_sampling=True).reference))
     out = np.asarray(sweep(jax.random.split(jax.random.PRNGKey(2), M), refs))
     assert not np.allclose(out, np.asarray(refs))  # the sweep moved the paths
     sd = np.sqrt(np.diagonal(np.asarray(sm.smoothed_covs), axis1=1, axis2=2))
@@ -160,6 +158,19 @@ def test_particle_samplers_run_and_convert_to_arviz():
     idata = mcmc.to_arviz(pg, time_coords=np.arange(1871, 1911))
     assert idata.posterior["states"].dims == ("chain", "draw", "time", "state")
     assert int(idata.posterior["time"][0]) == 1871
+
+
+def test_particle_samplers_take_ragged_batches():
+    """pmmh and particle Gibbs on a list of sequences that share the parameters (padding is missing data)."""
+    y, build_nile, priors, init = nile_setup()
+    seqs = [y[:30], y[30:50]]
+    pm = mcmc.pmmh(jax.random.PRNGKey(0), build_nile, priors, seqs, num_particles=20, num_warmup=10,
+                   num_samples=20, num_chains=1, init_params=init)
+    pg = mcmc.particle_gibbs(jax.random.PRNGKey(0), build_nile, priors, seqs, num_particles=8, num_warmup=5,
+                             num_samples=10, num_chains=1, init_params=init)
+    assert pm.samples["q"].shape == (1, 20) and np.all(np.isfinite(np.asarray(pm.log_likelihood)))
+    assert pg.states.shape == (1, 10, 2, 30, 1) and np.all(np.isfinite(np.asarray(pg.states)))
+    assert np.all(np.asarray(pg.samples["r"]) > 0)
 
 
 def test_particle_samplers_bad_input():

@@ -24,7 +24,7 @@ def one_replication(key):
     k_theta, k_y, k_adapt, k_run = jax.random.split(key, 4)
     kq, kr = jax.random.split(k_theta)
     theta = {"q": PRIORS["q"].sample(kq), "r": PRIORS["r"].sample(kr)}
-    _, y = ps.core.protocol._sample_impl(k_y, build(theta), T, None)
+    _, y = ps.core.protocol.sample_sequence(k_y, build(theta), T, None)
     logdensity, to_constrained = ps.mcmc.log_density(build, PRIORS, y)
     u0 = {"q": jnp.zeros(()), "r": jnp.zeros(())}
     warmup = blackjax.window_adaptation(blackjax.nuts, logdensity)

@@ -68,4 +68,20 @@ def test_markov_score_climbing_bad_input():
     with pytest.raises(ValueError, match="num_particles"):
         ps.learn.markov_score_climbing(model, y, family, p, 10, key=jax.random.PRNGKey(0), num_particles=1)
     with pytest.raises(ValueError, match="emissions"):
-        ps.learn.markov_score_climbing(model, np.zeros((2, 5, 1)), family, p, 10, key=jax.random.PRNGKey(0))
+        ps.learn.markov_score_climbing(model, np.zeros((2, 5, 2)), family, p, 10, key=jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="lengths"):
+        ps.learn.markov_score_climbing(model, np.zeros((2, 5, 1)), family, p, 10, key=jax.random.PRNGKey(0),
+                                       lengths=np.array([5, 9]))
+
+
+def test_markov_score_climbing_on_a_ragged_batch():
+    """A list of sequences: one reference per sequence, the scores summed; padding carries no term."""
+    model = ps.models.LinearGaussianSSM(np.zeros(1), np.eye(1), 0.8 * np.eye(1), 0.5 * np.eye(1), np.eye(1),
+                                        0.4 * np.eye(1))
+    _, y = ps.sample(jax.random.PRNGKey(0), model, 12)
+    p = {"a": jnp.asarray(0.0), "b": jnp.asarray(0.5), "l": jnp.asarray(0.0), "c": jnp.asarray(0.5),
+         "l0": jnp.asarray(0.0)}
+    fit, hist = ps.learn.markov_score_climbing(model, [y, y[:7]], family, p, 20, key=jax.random.PRNGKey(1),
+                                               num_particles=10)
+    assert hist.shape == (20,) and np.all(np.isfinite(np.asarray(hist)))
+    assert all(np.isfinite(float(v)) for v in fit.values()) and float(fit["a"]) != 0.0

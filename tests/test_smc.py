@@ -4,7 +4,6 @@ against `particles` 0.3 on stochastic volatility, and statistical tests of the r
 Monte Carlo checks use fixed keys and independent replicates (a batch of copies of one sequence,
 each copy gets its own key); tolerances are z-scores against the replicates' standard error.
 """
-import dataclasses
 
 import numpy as np
 import pytest
@@ -15,8 +14,8 @@ from scipy import stats
 import probssm as ps
 from probssm.core.bounded import AbstractBoundedTransitionSSM
 from probssm.inference.smc import resampling as rs
+from probssm.core import params as P
 from probssm.learn import score as score_mod
-from probssm.learn.mle import from_unconstrained, learnable_fields, to_unconstrained
 
 T, N, R = 20, 400, 48  # steps, particles, independent replicates
 A = np.array([[0.9, 0.2], [-0.1, 0.8]])
@@ -242,20 +241,22 @@ def test_paris_additive_functionals_match_rts(lg, paris_runs, method):
 
 def test_paris_score_equals_grad_of_kalman_log_likelihood(lg):
     model, y, sm = lg
-    fields = learnable_fields(model, ("transition_offset", "emission_offset"))
-    params = to_unconstrained(model, fields)
-    exact = jax.grad(lambda p: ps.kalman.filter(from_unconstrained(model, fields, p), y).log_likelihood)(params)
-    fn = jax.jit(jax.vmap(lambda k: score_mod._paris_score(k, model, fields, params, y, None, False, False,
-                                                           num_particles=100, num_backward=2,
-                                                           use_bound=False)[0]))
+    spec = P.spec(model, ("transition_offset", "emission_offset"))
+    params = P.to_unconstrained(model, spec)
+    exact = jax.grad(lambda p: ps.kalman.filter(P.from_unconstrained(model, spec, p), y).log_likelihood)(params)
+    functional = score_mod.score_functional(model, spec, params)
+    # the public traceable core, inside our own jit / vmap
+    fn = jax.jit(jax.vmap(lambda k: ps.smc.paris_sequence(k, model, y, additive_functional=functional,
+                                                          num_particles=100, num_backward=2,
+                                                          backward="exact").estimate))
     est = fn(jax.random.split(jax.random.PRNGKey(6), 32))
-    for name in fields:
+    for name in spec.paths:
         z = z_scores(est[name], exact[name])
         assert np.abs(z).max() < 4.5, (name, z)
     # score_estimate (public) runs and returns the same structure
     s, ll = score_mod.score_estimate(jax.random.PRNGKey(7), model, y, 100,
                                      fixed=("transition_offset", "emission_offset"))
-    assert set(s) == set(fields) and np.isfinite(float(ll))
+    assert set(s) == set(spec.paths) and np.isfinite(float(ll))
 
 
 def test_ppg_runs_and_tracks_the_smoothed_functional(lg):
@@ -376,19 +377,15 @@ def test_paris_bias_shrinks_like_one_over_n(lg):
 @pytest.mark.slow
 def test_ppg_bias_below_paris_at_equal_cost(lg):
     """Equal cost: PaRIS averaged over K independent runs of N particles vs PPG, K sweeps of N particles."""
-    import importlib
-
-    P = importlib.import_module("probssm.inference.smc.ppg")  # the package exports the function `ppg`
-
     model, y, sm = lg
     exact = np.trace(exact_moments(sm)[1])
     n, k, reps = 10, 30, 200
     f = additive_moments()
     paris = _trace_cross(ps.smc.paris(jax.random.PRNGKey(30), model, batch(y, reps * k), f, n,
                                       backward="exact").estimate).reshape(reps, k).mean(1)
-    ppg = jax.jit(jax.vmap(lambda key: P._run(key, model, y, None, f, num_particles=n, num_backward=2,
-                                              num_iters=k, burn_in=5, use_bound=False, proposal=None,
-                                              ancestor_sampling=False).estimate))
+    ppg = jax.jit(jax.vmap(lambda key: ps.smc.ppg_sequence(key, model, y, additive_functional=f, num_particles=n,
+                                                           num_backward=2, num_iters=k, burn_in=5,
+                                                           backward="exact").estimate))
     ppg_est = _trace_cross(ppg(jax.random.split(jax.random.PRNGKey(31), reps)))
     b_paris, se_paris = paris.mean() - exact, paris.std(ddof=1) / np.sqrt(reps)
     b_ppg, se_ppg = ppg_est.mean() - exact, ppg_est.std(ddof=1) / np.sqrt(reps)
@@ -426,3 +423,145 @@ def test_particle_mle_matches_em(estimator, num_particles, backward, num_seeds):
     print(f"\n{estimator}: EM {em}, particle MLE mean {fits.mean(0)} (SE {se})")
     # Monte Carlo error: spread over seeds; 0.02 floors it at the optimiser's final step size
     assert np.all(np.abs(fits.mean(0) - em) < 4 * se + 0.02)
+
+
+# ----------------------------------------------------------------------------------------------
+# discrete states (HMM), batches, ragged lengths, the public traceable cores
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hmm_data():
+    hmm = ps.models.HMM(np.array([0.6, 0.4]), np.array([[0.85, 0.15], [0.2, 0.8]]),
+                        ps.emissions.Gaussian(np.array([[-1.0], [1.0]]), 0.8 * np.ones((2, 1, 1))))
+    _, y = ps.sample(jax.random.PRNGKey(0), hmm, T)
+    y = y.at[5].set(jnp.nan)
+    return hmm, y, ps.hmm.smoother(hmm, y), ps.hmm.filter(hmm, y)
+
+
+def test_particle_filter_on_hmm_matches_forward_backward(hmm_data):
+    """Regression: the particle engines on an HMM (integer states) raised TypeError (a float dummy
+    state indexed the emission parameters). The estimate is unbiased for ps.hmm's exact p(y)."""
+    hmm, y, sm, fb = hmm_data
+    res = ps.smc.particle_filter(jax.random.PRNGKey(50), hmm, batch(y, 64), 50)
+    assert res.particles.shape == (64, T, 50) and jnp.issubdtype(res.particles.dtype, jnp.integer)
+    ll = np.asarray(res.log_likelihood)
+    ratio = np.exp(ll - float(fb.log_likelihood))
+    assert abs(ratio.mean() - 1.0) < 4 * ratio.std(ddof=1) / np.sqrt(64)
+    assert 0 < ll.std() < 1.0  # random, and reasonably precise at N = 50
+    # filtered means of the integer state = p(z_t = 1 | y_{0:t})
+    assert np.abs(z_scores(res.filtered_means, np.asarray(fb.filtered_probs)[:, 1])).max() < 4.5
+    # backward simulation draws integer paths from p(z | y)
+    paths = ps.smc.backward_sample(jax.random.PRNGKey(51), hmm, res, 16)
+    assert paths.shape == (64, 16, T) and jnp.issubdtype(paths.dtype, jnp.integer)
+    # per-replicate path frequencies of z_t = 1; where p = p(z_t = 1 | y) is ~0 or ~1 every replicate may
+    # agree (zero spread), so the standard error gets the floor of 64 * 16 independent draws
+    freq, p = np.asarray(paths).mean(1), np.asarray(sm.smoothed_probs)[:, 1]
+    se = np.maximum(freq.std(0, ddof=1) / np.sqrt(64), np.sqrt(p * (1 - p) / (64 * 16)))
+    assert np.all(np.abs(freq.mean(0) - p) < 4.5 * se)
+
+
+def test_paris_ppg_csmc_on_hmm(hmm_data):
+    hmm, y, sm, _ = hmm_data
+    f = ps.smc.AdditiveFunctional(initial=lambda z, yy, u: (z == 1).astype(jnp.float64),
+                                  step=lambda zp, z, t, yy, u: (z == 1).astype(jnp.float64))
+    exact = float(np.asarray(sm.smoothed_probs)[:, 1].sum())
+    est = ps.smc.paris(jax.random.PRNGKey(52), hmm, batch(y, 32), f, 50).estimate
+    assert abs(float(z_scores(est, exact))) < 4.5
+    res = ps.smc.ppg(jax.random.PRNGKey(53), hmm, y, f, 20, 20, burn_in=5)
+    assert res.reference.shape == (T,) and jnp.issubdtype(res.reference.dtype, jnp.integer)
+    assert abs(float(res.estimate) - exact) < 3.0
+    ref = np.asarray(ps.hmm.viterbi(hmm, y))
+    out = ps.smc.conditional_smc(jax.random.PRNGKey(54), hmm, y, ref, 8)
+    np.testing.assert_array_equal(np.asarray(out.filter.particles[:, 0]), ref)
+    assert jnp.issubdtype(out.reference.dtype, jnp.integer)
+
+
+def _input_lgssm():
+    return ps.models.LinearGaussianSSM(np.zeros(1), np.eye(1), 0.9 * np.eye(1), 0.3 * np.eye(1), np.eye(1),
+                                       0.5 * np.eye(1), transition_input_matrix=np.eye(1))
+
+
+def test_batch_of_size_T_with_per_sequence_inputs():
+    """Regression: (B, T, U) inputs with B == T were read as one shared (T, U) input, and backward
+    sampling closed over unbatched inputs. Each sequence of a batch gives what it gives alone."""
+    model, n = _input_lgssm(), 5
+    us = jax.random.normal(jax.random.PRNGKey(60), (n, n, 1)) * 3.0
+    ys = jnp.stack([ps.sample(k, model, n, us[b])[1] for b, k in enumerate(jax.random.split(jax.random.PRNGKey(61), n))])
+    key = jax.random.PRNGKey(62)
+    pf = ps.smc.particle_filter(key, model, ys, 16, inputs=us)
+    # backward sampling on a batched result (3 of the sequences: B != T) with per-sequence inputs
+    sub = jax.tree_util.tree_map(lambda a: a[:3], pf)
+    paths = ps.smc.backward_sample(jax.random.PRNGKey(63), model, sub, 4, inputs=us[:3])
+    keys, bkeys = jax.random.split(key, n), jax.random.split(jax.random.PRNGKey(63), 3)
+    for b in range(n):
+        one = ps.smc.particle_filter(keys[b], model, ys[b], 16, inputs=us[b])
+        np.testing.assert_allclose(float(pf.log_likelihood[b]), float(one.log_likelihood), rtol=1e-12)
+        np.testing.assert_allclose(np.asarray(pf.particles[b]), np.asarray(one.particles), rtol=1e-12)
+        if b < 3:
+            alone = ps.smc.backward_sample(bkeys[b], model, one, 4, inputs=us[b])
+            np.testing.assert_allclose(np.asarray(paths[b]), np.asarray(alone), rtol=1e-12)
+    # conditional SMC takes batches too: per-sequence references and inputs
+    refs = jnp.zeros((n, n, 1))
+    cs = ps.smc.conditional_smc(key, model, ys, refs, 8, inputs=us)
+    for b in range(n):
+        one = ps.smc.conditional_smc(keys[b], model, ys[b], refs[b], 8, inputs=us[b])
+        np.testing.assert_allclose(np.asarray(cs.reference[b]), np.asarray(one.reference), rtol=1e-12)
+
+
+def test_ragged_list_padding_is_missing_data(lg):
+    """A list of sequences of different lengths: padding is missing data, so each sequence's
+    log-likelihood estimate is unbiased for its own length, and PaRIS drops the padded terms."""
+    model, y, sm = lg
+    short = 12
+    seqs = [y] * 32 + [y[:short]] * 32
+    res = ps.smc.particle_filter(jax.random.PRNGKey(70), model, seqs, 64, history=False)
+    for part, exact in ((slice(0, 32), sm.log_likelihood), (slice(32, 64), ps.kalman.filter(model, y[:short]).log_likelihood)):
+        ratio = np.exp(np.asarray(res.log_likelihood[part]) - float(exact))
+        assert abs(ratio.mean() - 1.0) < 4 * ratio.std(ddof=1) / np.sqrt(32)
+    f = ps.smc.AdditiveFunctional(initial=lambda z, yy, u: z, step=lambda zp, z, t, yy, u: z)
+    padded = jnp.concatenate([y[:short], jnp.full((T - short, 2), jnp.nan)])
+    est = ps.smc.paris(jax.random.PRNGKey(71), model, batch(padded, 32), f, 50,
+                       lengths=jnp.full((32,), short)).estimate
+    exact = np.asarray(ps.kalman.smoother(model, y[:short]).smoothed_means).sum(0)
+    assert np.abs(z_scores(est, exact)).max() < 4.5
+
+
+def test_score_of_nested_hmm_parameters_matches_forward_backward(hmm_data):
+    """The particle score covers parameters nested in sub-modules (the HMM's emission means),
+    through ps.core.params paths; it matches the gradient of ps.hmm's exact log-likelihood."""
+    hmm, y, _, _ = hmm_data
+    spec = P.spec(hmm, fixed=("emissions.covs",))
+    assert "emissions.means" in spec.paths
+    params = P.to_unconstrained(hmm, spec)
+    exact = jax.grad(lambda p: ps.hmm.filter(P.from_unconstrained(hmm, spec, p), y).log_likelihood)(params)
+    functional = score_mod.score_functional(hmm, spec, params)
+    est = jax.jit(jax.vmap(lambda k: ps.smc.paris_sequence(k, hmm, y, additive_functional=functional,
+                                                           num_particles=50).estimate))(
+        jax.random.split(jax.random.PRNGKey(80), 32))
+    for name in spec.paths:
+        assert np.abs(z_scores(est[name], exact[name])).max() < 4.5, name
+
+
+def test_score_reaches_an_equinox_network_inside_the_model():
+    import equinox as eqx
+
+    class Dynamics(eqx.Module):
+        mlp: eqx.nn.MLP
+
+        def __call__(self, z, t, u):
+            return 0.5 * z + self.mlp(z)
+
+    mlp = eqx.nn.MLP(1, 1, 4, 1, key=jax.random.PRNGKey(90))
+    mlp = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64) if eqx.is_inexact_array(a) else a, mlp)
+    model = ps.models.NonlinearGaussianSSM(np.zeros(1), np.eye(1), Dynamics(mlp), 0.3 * np.eye(1),
+                                           lambda z, t, u: z, 0.5 * np.eye(1))
+    _, y = ps.sample(jax.random.PRNGKey(91), model, 10)
+    fixed = ("initial_mean", "initial_cov", "transition_cov", "emission_cov")
+    score, ll = score_mod.score_estimate(jax.random.PRNGKey(92), model, y, 20, fixed=fixed)
+    assert "transition_fn.mlp.layers.0.weight" in score and np.isfinite(float(ll))
+    assert all(np.all(np.isfinite(np.asarray(v))) for v in score.values())
+    # a ragged list of sequences: their scores add, padding carries no term
+    fit, hist = score_mod.score_mle(model, [y, y[:6]], 3, key=jax.random.PRNGKey(93), num_particles=20,
+                                   fixed=fixed, progress=False)
+    assert hist.shape == (3,) and np.all(np.isfinite(np.asarray(hist)))
+    assert not np.allclose(np.asarray(fit.transition_fn.mlp.layers[0].weight), np.asarray(mlp.layers[0].weight))
+    np.testing.assert_array_equal(np.asarray(fit.transition_cov), np.asarray(model.transition_cov))

@@ -99,11 +99,40 @@ class LinearGaussianParams(NamedTuple):
 
 
 class AbstractLinearGaussianSSM(SSM):
-    """A model whose joint law is linear-Gaussian: unlocks `ps.kalman`."""
+    """A model whose joint law is linear-Gaussian: unlocks `ps.kalman` and `ps.learn.em`.
+
+    A subclass implements `linear_gaussian_params`, `state_dim` and `emission_dim`, and
+    declares `num_timesteps` / `input_dim` when it has time-varying parameters or reads
+    inputs. EM works on any subclass: its E-step is the Kalman smoother, its M-step the
+    closed form `m_step` where the model declares one, otherwise gradient steps on the
+    expected complete-data log-likelihood over the model's learnable arrays
+    (`probssm.core.params`).
+    """
 
     @abc.abstractmethod
     def linear_gaussian_params(self, num_timesteps: int, inputs=None) -> LinearGaussianParams:
-        """Return the system matrices for a sequence of ``num_timesteps`` steps."""
+        """Return the system matrices for a sequence of ``num_timesteps`` steps.
+
+        ``inputs``: None, or the (T, ...) input rows of the sequence (the model folds them
+        into the offsets). Must be traceable (EM and `ps.learn.mle` call it inside jit).
+        """
+
+    def m_step(self, stats, fixed: tuple = ()) -> Optional["AbstractLinearGaussianSSM"]:
+        """Closed-form EM M-step, or None (the default: the model declares no closed form).
+
+        Args:
+            stats: posterior moments of a batch of sequences under the current model
+                (`probssm.models.lgssm.LinearGaussianMoments`: E[z_t], E[z_t z_t^T],
+                E[z_{t+1} z_t^T], E[y_t], E[y_t z_t^T], E[y_t y_t^T], inputs, weights),
+                each with leading axes (B, T).
+            fixed: dotted parameter paths (or prefixes) to hold at their current values.
+
+        Returns:
+            The model maximising the expected complete-data log-likelihood over the free
+            parameters (traceable: called inside EM's jit), or None, in which case
+            `ps.learn.em` takes a generalised M-step by gradient ascent.
+        """
+        return None
 
     @property
     @abc.abstractmethod
@@ -193,15 +222,44 @@ class DiscreteParams(NamedTuple):
 
 
 class AbstractDiscreteSSM(SSM):
-    """A model with a finite latent state: unlocks `ps.hmm` (forward-backward, Viterbi)."""
+    """A model with a finite latent state: unlocks `ps.hmm` (forward-backward, Viterbi).
+
+    Members the engines read (besides `SSM`'s): `num_states`, `emission_dim`,
+    `discrete_params`, `check_emissions` (value checks on concrete data, no-op by default)
+    and `emission_family` (None by default; a model that returns a `ps.emissions` family
+    declares the structure Baum-Welch fits, see its docstring).
+    """
 
     @property
     @abc.abstractmethod
     def num_states(self) -> int: ...
 
+    @property
+    @abc.abstractmethod
+    def emission_dim(self) -> int: ...
+
     @abc.abstractmethod
     def discrete_params(self, emissions, inputs=None) -> DiscreteParams:
-        """Initial and transition probabilities and per-step emission log-likelihoods."""
+        """(T, D) emissions (and (T, U) inputs, or None for `default_inputs`) -> `DiscreteParams`:
+        initial and transition probabilities and per-step emission log-likelihoods. Traceable."""
+
+    def check_emissions(self, emissions) -> None:
+        """Raise ValueError (naming ``emissions``) if concrete data (..., D) with NaN = missing
+        lie outside the support of the emissions (e.g. a label >= the number of classes).
+        Public functions call it once, outside jit, on observed rows only. Default: no check."""
+        return None
+
+    @property
+    def emission_family(self):
+        """The per-state emission family (a `ps.emissions.AbstractEmissions` with a weighted
+        ``m_step``) of an HMM-structured model, or None (the default).
+
+        Returning one declares the structure Baum-Welch fits: the fields ``initial_probs``
+        (K,), ``transition_matrix`` (K, K) (a time-varying (T, K, K) one must be held fixed)
+        and ``emissions`` (this family), which Baum-Welch replaces by their weighted
+        maximisers; `discrete_params` must be built from exactly these.
+        """
+        return None
 
 
 def _row(inputs, t):

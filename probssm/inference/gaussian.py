@@ -36,7 +36,14 @@ Loop run by `lax.scan` (t indexes states and observations from 0)::
         m, P, ll_t = kalman_update(m, P, A, b, R + Om, y_t) # NaN rows dropped exactly
 
 Missing values (NaN) are handled exactly as in `ps.kalman` (its row-dropping update is
-reused), so a step with every entry missing is a pure prediction.
+reused), so a step with every entry missing is a pure prediction; steps beyond a
+sequence's ``lengths`` entry are treated as missing.
+
+The engines read only the declared additive-Gaussian structure of the model
+(`ps.core.AbstractAdditiveGaussianSSM`: ``initial_moments``, ``transition_mean``,
+``transition_noise_cov``, ``emission_mean``, ``emission_noise_cov`` and the Jacobians),
+so `ps.models.NonlinearGaussianSSM`, `ps.models.LinearGaussianSSM` (closed-form
+Jacobians) and user subclasses all run.
 """
 from __future__ import annotations
 
@@ -48,16 +55,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from probssm.core import checks
+from probssm.core import batching, checks
+from probssm.core.batching import Batch
 from probssm.core.linalg import cho_solve_lower, cholesky, mm, symmetrize
-from probssm.inference.kalman import (
-    FilterResult,
-    SmootherResult,
-    _predict,
-    _smoother_element,
-    _update,
-)
-from probssm.models.nonlinear import NonlinearGaussianSSM
+from probssm.core.protocol import AbstractAdditiveGaussianSSM
+from probssm.inference.kalman import FilterResult, SmootherResult, mask_padding
+from probssm.inference.kalman import predict as _predict
+from probssm.inference.kalman import smoother_element as _smoother_element
+from probssm.inference.kalman import update as _update
 
 __all__ = ["METHODS", "FilterResult", "SmootherResult", "filter", "smoother", "sigma_points"]
 
@@ -158,21 +163,23 @@ def _row(inputs, t):
 
 
 def _linearise_transition(model, cfg, m, P, t, u):
-    f = lambda z: model.transition_fn(z, t, u)
+    f = lambda z: model.transition_mean(z, t, u)
+    Q = model.transition_noise_cov(t, u)
     if cfg.method in ("ekf", "iekf"):
-        jac = jax.jacfwd(f) if cfg.transition_jacobian is None else (
+        jac = (lambda z: model.transition_jacobian(z, t, u)) if cfg.transition_jacobian is None else (
             lambda z: cfg.transition_jacobian(z, t, u))
         A, b = _taylor(f, jac, m)
-        return A, b, model.transition_cov
+        return A, b, Q
     A, b, Omega = _slr(f, m, P, cfg)
-    return A, b, symmetrize(model.transition_cov + Omega)
+    return A, b, symmetrize(Q + Omega)
 
 
 def _measure(model, cfg, m, P, t, u, y, mask):
-    h = lambda z: model.emission_fn(z, t, u)
-    R = model.emission_cov
+    h = lambda z: model.emission_mean(z, t, u)
+    R = model.emission_noise_cov(t, u)
     if cfg.method in ("ekf", "iekf"):
-        jac = jax.jacfwd(h) if cfg.emission_jacobian is None else (lambda z: cfg.emission_jacobian(z, t, u))
+        jac = (lambda z: model.emission_jacobian(z, t, u)) if cfg.emission_jacobian is None else (
+            lambda z: cfg.emission_jacobian(z, t, u))
 
         def at(z):
             A, b = _taylor(h, jac, z)
@@ -193,8 +200,8 @@ def _measure(model, cfg, m, P, t, u, y, mask):
 def _filter_core(model, cfg, ys, masks, inputs):
     """Returns the FilterResult and the transition linearisation (A, b, Q_eff) of steps 1..T-1."""
     mask_at = (lambda t: None) if masks is None else (lambda t: masks[t])
-    m0, P0, ll0 = _measure(model, cfg, model.initial_mean, model.initial_cov, 0, _row(inputs, 0), ys[0],
-                           mask_at(0))
+    m1, P1 = model.initial_moments(_row(inputs, 0))
+    m0, P0, ll0 = _measure(model, cfg, m1, P1, 0, _row(inputs, 0), ys[0], mask_at(0))
 
     def step(carry, t):
         m, P, ll = carry
@@ -229,25 +236,54 @@ def _smoother_core(model, cfg, ys, masks, inputs):
 
 
 @eqx.filter_jit
-def _run(model, ys, inputs, cfg, has_missing, batched, batched_u, smooth):
-    def one(y, u):
-        masks = ~jnp.isnan(y) if has_missing else None
+def _run(model, ys, inputs, lengths, cfg, has_missing, batched, inputs_batched, smooth):
+    def one(y, u, n):
+        y = mask_padding(y, n)
+        masks = ~jnp.isnan(y) if (has_missing or n is not None) else None
         if smooth:
             return _smoother_core(model, cfg, y, masks, u)
         return _filter_core(model, cfg, y, masks, u)[0]
 
-    if not batched:
-        return one(ys, inputs)
-    return jax.vmap(one, in_axes=(0, 0 if batched_u else None))(ys, inputs)
+    return Batch(ys, inputs, lengths, batched, inputs_batched).map(one)
 
 
 # ----------------------------------------------------------------------------------------------
 # Public functions
 # ----------------------------------------------------------------------------------------------
-def _prepare(model, emissions, inputs, method, num_iter, alpha, beta, kappa, transition_jacobian,
+def _first_row(batch: Batch, t: int):
+    """Input row t of the first sequence (for the checks), or None."""
+    if batch.inputs is None:
+        return None
+    t = min(t, batch.num_timesteps - 1)
+    return jax.tree_util.tree_map(lambda a: a[0, t] if batch.inputs_batched else a[t], batch.inputs)
+
+
+def _check_model(model, batch: Batch):
+    """Shapes and values of the model's arrays, read through its declared methods (so a model
+    edited with eqx.tree_at is checked too). Noise covariances are checked at steps 0 and 1."""
+    d, p = model.state_dim, model.emission_dim
+    u0, u1 = _first_row(batch, 0), _first_row(batch, 1)
+    m1, P1 = model.initial_moments(u0)
+    Q, R = model.transition_noise_cov(1, u1), model.emission_noise_cov(0, u0)
+    checks.shape(jnp.asarray(m1), "initial_mean", (d,))
+    checks.shape(jnp.asarray(P1), "initial_cov", (d, d))
+    checks.shape(jnp.asarray(Q), "transition_cov", (d, d))
+    checks.shape(jnp.asarray(R), "emission_cov", (p, p))
+    checks.finite(m1, "initial_mean")
+    checks.psd(P1, "initial_cov")
+    checks.psd(Q, "transition_cov", strict=False)
+    checks.psd(R, "emission_cov", strict=False)
+    # The mean functions' output shapes are not traced here (that would retrace user code on
+    # every call); NonlinearGaussianSSM checks them once in its constructor.
+    z = jax.ShapeDtypeStruct((d,), jnp.result_type(m1))
+    return u1, z
+
+
+def _prepare(model, emissions, inputs, lengths, method, num_iter, alpha, beta, kappa, transition_jacobian,
              emission_jacobian):
-    if not isinstance(model, NonlinearGaussianSSM):
-        raise ValueError(f"model: expected a ps.models.NonlinearGaussianSSM, got {type(model).__name__}")
+    if not isinstance(model, AbstractAdditiveGaussianSSM):
+        raise ValueError("model: expected an additive-Gaussian model (ps.core.AbstractAdditiveGaussianSSM, e.g. "
+                         f"ps.models.NonlinearGaussianSSM), got {type(model).__name__}")
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     num_iter = checks.positive_int(num_iter, "num_iter")
@@ -262,22 +298,29 @@ def _prepare(model, emissions, inputs, method, num_iter, alpha, beta, kappa, tra
             raise ValueError(f"kappa: expected a finite number or None, got {kappa!r}")
         if method == "ukf" and alpha ** 2 * (d + kappa) <= 0:
             raise ValueError(f"kappa: expected alpha^2 (d + kappa) > 0 (d = {d}), got kappa = {kappa}")
-    # Covariances are re-checked here: a model edited with eqx.tree_at skips its constructor.
-    checks.shape(model.initial_cov, "initial_cov", (d, d))
-    checks.shape(model.transition_cov, "transition_cov", (d, d))
-    checks.shape(model.emission_cov, "emission_cov", (p, p))
-    checks.psd(model.initial_cov, "initial_cov")
-    checks.psd(model.transition_cov, "transition_cov", strict=False)
-    checks.psd(model.emission_cov, "emission_cov", strict=False)
-    checks.finite(model.initial_mean, "initial_mean")
-    ys, batched = checks.emissions_batch(emissions, p)
-    num_timesteps = ys.shape[-2]
-    u, batched_u = None, False
-    if inputs is not None:
-        u, batched_u = checks.inputs_batch(inputs, num_timesteps, ys.shape[0] if batched else None)
-        checks.finite(u, "inputs")
-    u0 = None if u is None else (u[0, 0] if batched_u else u[0])
-    z = jax.ShapeDtypeStruct((d,), model.initial_mean.dtype)
+    if isinstance(emissions, (list, tuple)):
+        for i, y in enumerate(emissions):
+            if jnp.ndim(y) != 2 or jnp.shape(y)[-1] != p:
+                raise ValueError(f"emissions[{i}]: expected shape (T_b, {p}), got shape {tuple(jnp.shape(y))}")
+    else:
+        checks.emissions_batch(emissions, p)
+    if inputs is not None and model.input_dim == 0:
+        raise ValueError("inputs: the model reads no inputs (input_dim = 0), expected None")
+    if inputs is not None and not isinstance(inputs, list):
+        inputs = jax.tree_util.tree_map(jnp.asarray, inputs)
+        if isinstance(inputs, jax.Array) and inputs.ndim == 1:
+            inputs = inputs[:, None]
+    batch = batching.as_batch(emissions, inputs, lengths)
+    if checks.is_concrete(batch.emissions) and bool(jnp.any(jnp.isinf(batch.emissions))):
+        raise ValueError("emissions: found inf; use NaN to mark missing values")
+    if model.num_timesteps is not None and model.num_timesteps != batch.num_timesteps:
+        raise ValueError(f"model: its time-varying parameters have length {model.num_timesteps}, expected "
+                         f"{batch.num_timesteps} (the number of time steps)")
+    for leaf in jax.tree_util.tree_leaves(batch.inputs):
+        if model.input_dim and jnp.shape(leaf)[-1] != model.input_dim:
+            raise ValueError(f"inputs: expected {model.input_dim} columns, got shape {tuple(jnp.shape(leaf))}")
+        checks.finite(leaf, "inputs")
+    u1, z = _check_model(model, batch)
     for name, jac, expected in (("transition_jacobian", transition_jacobian, (d, d)),
                                 ("emission_jacobian", emission_jacobian, (p, d))):
         if jac is None:
@@ -286,33 +329,39 @@ def _prepare(model, emissions, inputs, method, num_iter, alpha, beta, kappa, tra
             raise ValueError(f"{name}: only used by method 'ekf' or 'iekf', got method {method!r}")
         if not callable(jac):
             raise ValueError(f"{name}: expected a callable (z, t, inputs) -> {expected}, got {jac!r}")
-        out = jax.eval_shape(lambda z: jac(z, 1, u0), z)
+        out = jax.eval_shape(lambda z: jac(z, 1, u1), z)
         if out.shape != expected:
             raise ValueError(f"{name}: expected a Jacobian of shape {expected}, got shape {out.shape}")
+    ys = batch.emissions
     has_missing = (not checks.is_concrete(ys)) or bool(jnp.any(jnp.isnan(ys)))
     cfg = _Config(method, num_iter, float(alpha), float(beta), None if kappa is None else float(kappa),
                   transition_jacobian, emission_jacobian)
-    return ys, u, cfg, dict(has_missing=has_missing, batched=batched, batched_u=batched_u)
+    return batch, cfg, dict(has_missing=has_missing, batched=batch.batched, inputs_batched=batch.inputs_batched)
 
 
-def filter(model, emissions, *, method: str = "ekf", inputs=None, num_iter: int = 5, alpha: float = 1.0,
+def filter(model, emissions, *, method: str = "ekf", inputs=None, lengths=None, num_iter: int = 5,
+           alpha: float = 1.0,
            beta: float = 2.0, kappa: Optional[float] = None, transition_jacobian: Optional[Callable] = None,
            emission_jacobian: Optional[Callable] = None) -> FilterResult:
-    """Gaussian filter (EKF, IEKF, UKF or cubature) for a `NonlinearGaussianSSM`.
+    """Gaussian filter (EKF, IEKF, UKF or cubature) for any additive-Gaussian model.
 
     Args:
-        model: a `ps.models.NonlinearGaussianSSM`.
-        emissions: (T, p) or a batch (B, T, p); NaN marks a missing value (dropped exactly).
+        model: a `ps.core.AbstractAdditiveGaussianSSM` (`ps.models.NonlinearGaussianSSM`,
+            `ps.models.LinearGaussianSSM`, or a user subclass).
+        emissions: (T, p), a batch (B, T, p) or a list of (T_b, p); NaN marks a missing value
+            (dropped exactly; a partly missing row keeps its observed entries).
         method: "ekf", "iekf", "ukf" or "cubature".
-        inputs: optional (T, U) or (B, T, U); row t is passed to f and h at step t.
+        inputs: optional (T, U) shared or (B, T, U) per sequence; row t is passed to f and h at step t.
+        lengths: (B,) true lengths of a padded batch; steps beyond are treated as missing.
         num_iter: IEKF only; the number of linearisations of each update (1 gives the EKF).
         alpha, beta, kappa: UKF sigma-point scaling (see `sigma_points`).
         transition_jacobian: EKF/IEKF only; ``J_f(z, t, inputs) -> (d, d)``; default ``jax.jacfwd``.
         emission_jacobian: EKF/IEKF only; ``J_h(z, t, inputs) -> (p, d)``; default ``jax.jacfwd``.
 
     Returns:
-        `ps.kalman.FilterResult` (with a leading B axis for batches); ``log_likelihood`` is the
-        sum of the approximate one-step predictive log-densities.
+        `ps.kalman.FilterResult`: log_likelihood (), filtered_means (T, d), filtered_covs (T, d, d)
+        (with a leading B axis for batches); ``log_likelihood`` is the sum of the approximate
+        one-step predictive log-densities.
 
     Example:
         >>> model = ps.models.NonlinearGaussianSSM(jnp.zeros(1), jnp.eye(1),
@@ -323,12 +372,13 @@ def filter(model, emissions, *, method: str = "ekf", inputs=None, num_iter: int 
     The model's functions are plain Python callables, so the engine is compiled with
     `equinox.filter_jit`: pass the same function objects again to reuse the compiled code.
     """
-    ys, u, cfg, flags = _prepare(model, emissions, inputs, method, num_iter, alpha, beta, kappa,
+    batch, cfg, flags = _prepare(model, emissions, inputs, lengths, method, num_iter, alpha, beta, kappa,
                                  transition_jacobian, emission_jacobian)
-    return _run(model, ys, u, cfg, smooth=False, **flags)
+    return _run(model, batch.emissions, batch.inputs, batch.lengths, cfg, smooth=False, **flags)
 
 
-def smoother(model, emissions, *, method: str = "ekf", inputs=None, num_iter: int = 5, alpha: float = 1.0,
+def smoother(model, emissions, *, method: str = "ekf", inputs=None, lengths=None, num_iter: int = 5,
+             alpha: float = 1.0,
              beta: float = 2.0, kappa: Optional[float] = None, transition_jacobian: Optional[Callable] = None,
              emission_jacobian: Optional[Callable] = None) -> SmootherResult:
     """RTS-type smoother on top of `filter` (extended RTS for ekf/iekf, unscented/cubature RTS).
@@ -342,8 +392,9 @@ def smoother(model, emissions, *, method: str = "ekf", inputs=None, num_iter: in
             ms[t] = m_t + E (ms[t+1] - mp_{t+1});  Ps[t] = P_t + E (Ps[t+1] - Pp_{t+1}) E^T
 
     Returns:
-        `ps.kalman.SmootherResult`; ``smoothed_cross_covs[t]`` approximates Cov[z_{t+1}, z_t | y].
+        `ps.kalman.SmootherResult`: the filter's fields plus smoothed_means (T, d), smoothed_covs
+        (T, d, d), smoothed_cross_covs (T-1, d, d) (approximating Cov[z_{t+1}, z_t | y]).
     """
-    ys, u, cfg, flags = _prepare(model, emissions, inputs, method, num_iter, alpha, beta, kappa,
+    batch, cfg, flags = _prepare(model, emissions, inputs, lengths, method, num_iter, alpha, beta, kappa,
                                  transition_jacobian, emission_jacobian)
-    return _run(model, ys, u, cfg, smooth=True, **flags)
+    return _run(model, batch.emissions, batch.inputs, batch.lengths, cfg, smooth=True, **flags)

@@ -1,43 +1,27 @@
-"""Exact inference for finite-state models: forward-backward, Viterbi, posterior sampling.
+"""Exact inference for finite-state models (``ps.hmm``): forward-backward, Viterbi, posterior sampling.
 
 Consumes any `AbstractDiscreteSSM` through its `discrete_params` (initial
 probabilities pi, transition matrices A or A_t, per-step emission log-likelihoods).
+The numerical work is in `probssm.inference.forward_backward`, whose traceable
+single-sequence cores are re-exported here:
 
-Sequential forward-backward (scaled; the loops `lax.scan` runs)::
+    filter_params(params, *, length=None, plausibility=None, parallel=False, chunk_size=None)
+    smoother_params(params, *, length=None, plausibility=None, parallel=False, chunk_size=None)
+    viterbi_params(params, *, length=None, plausibility=None)            # (T,) int
+    sample_params(key, params, num_samples=1, *, length=None, plausibility=None)  # (S, T) int
 
-    b_t = exp(ll_t - m_t),  m_t = max_k ll_t[k]                # done once, vectorised
-    alpha_0 = pi * b_0 / c_0
-    for t in 1..T-1:
-        a = (alpha_{t-1} @ A_t) * b_t;  c_t = sum(a);  alpha_t = a / c_t
-    log p(y) = sum_t (log c_t + m_t)
-    beta_{T-1} = 1
-    for t in T-2..0:
-        beta_t = A_{t+1} @ (b_{t+1} * beta_{t+1} / c_{t+1})
-    gamma_t = alpha_t * beta_t                                   # p(z_t | y)
-    xi = sum_t A_t * outer(alpha_{t-1}, b_t * beta_t) / n_t      # expected transition counts
+The model-level functions below (`filter`, `smoother`, `viterbi`, `sample`) check
+their arguments once, outside jit, read a batch with `probssm.core.batching.as_batch`
+(one (T, D) sequence, a padded (B, T, D) batch with ``lengths``, or a list of
+(T_b, D) arrays) and map the cores over it. `log_likelihood` and `posterior` do no
+checks, for use inside the caller's jit (learners, samplers).
 
-The scan bodies are one broadcast-multiply-reduce each (no per-step library calls).
-
-Parallel form (``parallel=True``): the forward pass is the prefix product of the
-matrices E_0 = 1 (pi * b_0)^T (all rows equal) and E_t = A_t diag(b_t), so every
-row of E_0 E_1 ... E_t is proportional to alpha_t; the backward pass is the suffix
-product E_{t+1} ... E_{T-1} 1 1^T, whose columns are proportional to beta_t. Each
-element carries a matrix normalised to unit sum and its log scale, and
-
-    (M_i, s_i) o (M_j, s_j) = (M_i M_j / n, s_i + s_j + log n),  n = sum(M_i M_j)
-
-is associative. It runs in chunks (`probssm.core.scan.chunked_associative_scan`):
-an associative scan inside each chunk, a sequential scan across them, so the
-compiled graph has a fixed size whatever T is.
-
-Missing data: a row whose emission log-likelihood is 0 (NaN in y) contributes
-likelihood 1. Batches (B, T, D) of sequences with different ``lengths`` are padded:
-steps t >= length are skipped (identity transition, no emission) and their outputs
-are zero (-1 for Viterbi and samples).
+Missing data: NaN marks a missing value; how a partly missing row counts is the
+emission family's (see `probssm.models.emissions`). Steps beyond a sequence's length
+are skipped and their outputs are zero (-1 for Viterbi paths and samples).
 
 Plausibilities (ARPHMM; Juesas et al.): ``plausibility`` pl (T, K) in [0, 1]
-multiplies the emission likelihood of state k at step t, i.e. adds log pl_t(k) to
-the log-likelihoods; pl = 1 everywhere is the ordinary HMM.
+multiplies the emission likelihood of state k at step t; pl = 1 is the ordinary HMM.
 """
 from __future__ import annotations
 
@@ -47,326 +31,61 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from probssm.core import checks
-from probssm.core.protocol import AbstractDiscreteSSM, DiscreteParams
-from probssm.core.scan import chunked_associative_scan
+from probssm.core.batching import Batch, as_batch
+from probssm.core.protocol import AbstractDiscreteSSM
+from probssm.inference.forward_backward import (
+    DEFAULT_CHUNK, FilterResult, SmootherResult, filter_params, sample_params, smoother_params, viterbi_params,
+)
 
-__all__ = ["FilterResult", "SmootherResult", "filter", "smoother", "viterbi", "sample", "log_likelihood",
-           "posterior"]
-
-_DEFAULT_CHUNK = 512
-
-
-class FilterResult(NamedTuple):
-    """Forward pass; a leading batch axis B is added for batched emissions."""
-
-    log_likelihood: jax.Array  # ()
-    filtered_probs: jax.Array  # (T, K)  p(z_t | y_{0:t})
-
-
-class SmootherResult(NamedTuple):
-    log_likelihood: jax.Array  # ()
-    filtered_probs: jax.Array  # (T, K)
-    smoothed_probs: jax.Array  # (T, K)  p(z_t | y_{0:T-1})
-    transition_counts: jax.Array  # (K, K)  sum_t p(z_{t-1} = i, z_t = j | y)
+__all__ = ["FilterResult", "SmootherResult", "Posterior", "filter", "smoother", "viterbi", "sample",
+           "log_likelihood", "posterior", "filter_params", "smoother_params", "viterbi_params", "sample_params",
+           "prepare", "check_arguments", "check_lengths", "check_plausibility"]
 
 
 class Posterior(NamedTuple):
     """Everything Baum-Welch needs from one sequence."""
 
-    log_likelihood: jax.Array
+    log_likelihood: jax.Array  # ()
     smoothed_probs: jax.Array  # (T, K), zero on padding
     transition_counts: jax.Array  # (K, K)
 
 
 # ----------------------------------------------------------------------------------------------
-# One sequence
+# Traceable, no checks
 # ----------------------------------------------------------------------------------------------
-def _prepare_params(params: DiscreteParams, plausibility, valid):
-    ll = params.log_likelihoods
-    if plausibility is not None:
-        ll = ll + jnp.log(plausibility)
-    if valid is not None:
-        ll = jnp.where(valid[:, None], ll, 0.0)
-    m = jnp.max(ll, -1)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    b = jnp.exp(ll - m[:, None])
-    return b, m
+def posterior(model, emissions, inputs=None, length=None, plausibility=None, parallel=False,
+              chunk_size=None) -> Posterior:
+    """Traceable smoother for one (T, D) sequence (no checks): `Posterior` for EM.
 
-
-def _next_transitions(A):
-    """The matrix used after step t (A_{t+1}) for every t; the last one is never used."""
-    return jnp.concatenate([A[1:], A[-1:]]) if A.ndim == 3 else None
-
-
-def _forward_sequential(pi, A, b, valid):
-    """Scaled forward pass over all T steps; the carry is the predicted distribution
-    p_t = p(z_t | y_{0:t-1}) (p_0 = pi), so no slicing or concatenation is needed."""
-    tv = A.ndim == 3
-    v_next = None if valid is None else jnp.concatenate([valid[1:], jnp.zeros((1,), bool)])
-
-    def step(p, xs):
-        b_t, A_next, v, vn = xs
-        a = p * b_t
-        c = a.sum()
-        alpha = a / c
-        M = A_next if tv else A
-        p_next = jnp.sum(alpha[:, None] * M, 0)
-        if v is not None:
-            c = jnp.where(v, c, 1.0)
-            p_next = jnp.where(vn, p_next, alpha)
-        return p_next, (alpha, c)
-
-    xs = (b, _next_transitions(A), valid, v_next)
-    _, (alphas, cs) = lax.scan(step, pi, xs)
-    return alphas, cs
-
-
-def _backward_sequential(A, b, cs, valid):
-    """beta_{t-1} = A_t (b_t beta_t / c_t), run from t = T - 1 down; outputs beta_t for every t."""
-    tv = A.ndim == 3
-    K = b.shape[-1]
-    bc = b / cs[:, None]
-    # A v written as a reduction over the leading axis of A^T (vertical SIMD adds on CPU)
-    AT = jnp.swapaxes(A, -1, -2)
-
-    def step(beta, xs):
-        bc_t, AT_t, v = xs
-        M = AT_t if tv else AT
-        prev = jnp.sum(M * (bc_t * beta)[:, None], 0)
-        if v is not None:
-            prev = jnp.where(v, prev, beta)
-        return prev, beta
-
-    xs = (bc, AT if tv else None, valid)
-    _, betas = lax.scan(step, jnp.ones(K, b.dtype), xs, reverse=True)
-    return betas, bc
-
-
-class _Elem(NamedTuple):
-    M: jax.Array
-    s: jax.Array
-
-
-def _combine(e1: _Elem, e2: _Elem) -> _Elem:
-    M = e1.M @ e2.M
-    n = jnp.sum(M)
-    n = jnp.where(n > 0, n, 1.0)
-    return _Elem(M / n, e1.s + e2.s + jnp.log(n))
-
-
-def _step_matrices(A, b, valid):
-    """E_t = A_t diag(b_t) for t = 1..T-1 (identity on padding)."""
-    T, K = b.shape
-    E = (A[1:] if A.ndim == 3 else A[None]) * b[1:, None, :]
-    if valid is not None:
-        E = jnp.where(valid[1:, None, None], E, jnp.eye(K, dtype=b.dtype))
-    return E
-
-
-def _forward_parallel(pi, A, b, valid, chunk_size):
-    T, K = b.shape
-    first = jnp.broadcast_to(pi * b[0], (K, K))[None]
-    E = jnp.concatenate([first, _step_matrices(A, b, valid)])
-    n = E.sum((-2, -1))
-    elems = _Elem(E / n[:, None, None], jnp.log(n))
-    identity = _Elem(jnp.eye(K, dtype=b.dtype), jnp.zeros((), b.dtype))
-    out = chunked_associative_scan(_combine, elems, identity, chunk_size)
-    rows = out.M[:, 0, :]
-    tot = rows.sum(-1)
-    alphas = rows / tot[:, None]
-    log_z = out.s + jnp.log(tot)
-    # normaliser of step t: p(y_t | y_{0:t-1}) / exp(m_t) = exp(log_z_t - log_z_{t-1})
-    cs = jnp.exp(jnp.diff(log_z, prepend=0.0))
-    return alphas, cs, log_z[-1]
-
-
-def _backward_parallel(A, b, valid, chunk_size):
-    T, K = b.shape
-    E = jnp.concatenate([_step_matrices(A, b, valid), jnp.ones((1, K, K), b.dtype)])
-    n = E.sum((-2, -1))
-    elems = _Elem(E / n[:, None, None], jnp.log(n))
-    identity = _Elem(jnp.eye(K, dtype=b.dtype), jnp.zeros((), b.dtype))
-    out = chunked_associative_scan(lambda later, earlier: _combine(earlier, later), elems, identity, chunk_size,
-                                   reverse=True)
-    cols = out.M[:, :, 0]
-    return cols / cols.sum(-1, keepdims=True)
-
-
-def _transition_counts(A, b, alphas, betas, valid):
-    """sum_t A_t * outer(alpha_{t-1}, b_t beta_t) / n_t, with n_t the normaliser of that outer product."""
-    w = b[1:] * betas[1:]
-    if A.ndim == 3:
-        pred = jnp.einsum("ti,tij->tj", alphas[:-1], A[1:])
-    else:
-        pred = alphas[:-1] @ A
-    n = jnp.sum(pred * w, -1)
-    scale = 1.0 / jnp.where(n > 0, n, 1.0)
-    if valid is not None:
-        scale = jnp.where(valid[1:], scale, 0.0)
-    w = w * scale[:, None]
-    if A.ndim == 3:
-        return jnp.einsum("ti,tij,tj->ij", alphas[:-1], A[1:], w)
-    return A * (alphas[:-1].T @ w)
-
-
-def _filter_one(params, plausibility, valid, parallel, chunk_size):
-    b, m = _prepare_params(params, plausibility, valid)
-    A = params.transition_matrices
-    if parallel:
-        alphas, cs, log_z = _forward_parallel(params.initial_probs, A, b, valid, chunk_size)
-        ll = log_z + jnp.sum(m)
-    else:
-        alphas, cs = _forward_sequential(params.initial_probs, A, b, valid)
-        ll = jnp.sum(jnp.log(cs)) + jnp.sum(m)
-    return ll, alphas, cs, b
-
-
-def _smooth_one(params, plausibility, valid, parallel, chunk_size):
-    ll, alphas, cs, b = _filter_one(params, plausibility, valid, parallel, chunk_size)
-    A = params.transition_matrices
-    if parallel:
-        betas = _backward_parallel(A, b, valid, chunk_size)
-        counts = _transition_counts(A, b, alphas, betas, valid)
-    else:
-        betas, bc = _backward_sequential(A, b, cs, valid)
-        # with these scalings the normaliser of step t's pair marginal is exactly 1
-        w = bc * betas if valid is None else bc * betas * valid[:, None]
-        if A.ndim == 3:
-            counts = jnp.einsum("ti,tij,tj->ij", alphas[:-1], A[1:], w[1:])
-        else:
-            counts = A * (alphas[:-1].T @ w[1:])
-    gamma = alphas * betas
-    gamma = gamma / gamma.sum(-1, keepdims=True)
-    if valid is not None:
-        gamma = jnp.where(valid[:, None], gamma, 0.0)
-        alphas = jnp.where(valid[:, None], alphas, 0.0)
-    return SmootherResult(ll, alphas, gamma, counts)
-
-
-def _viterbi_one(params, plausibility, valid):
-    ll = params.log_likelihoods
-    if plausibility is not None:
-        ll = ll + jnp.log(plausibility)
-    A = params.transition_matrices
-    tv = A.ndim == 3
-    logA = jnp.log(A)
-    K = ll.shape[-1]
-    ks = jnp.arange(K)
-    delta0 = jnp.log(params.initial_probs) + ll[0]
-
-    def step(delta, xs):
-        ll_t, logA_t, v = xs
-        s = delta[:, None] + (logA_t if tv else logA)
-        psi = jnp.argmax(s, 0)
-        new = jnp.max(s, 0) + ll_t
-        new = new - jnp.max(new)
-        if v is not None:
-            new = jnp.where(v, new, delta)
-            psi = jnp.where(v, psi, ks)
-        return new, psi
-
-    xs = (ll[1:], logA[1:] if tv else None, None if valid is None else valid[1:])
-    delta, psis = lax.scan(step, delta0 - jnp.max(delta0), xs)
-    last = jnp.argmax(delta)
-
-    def back(z, psi):
-        z = psi[z]
-        return z, z
-
-    _, zs = lax.scan(back, last, psis, reverse=True)
-    path = jnp.concatenate([zs, last[None]])
-    if valid is not None:
-        path = jnp.where(valid, path, -1)
-    return path
-
-
-def _sample_one(key, params, plausibility, valid, num_samples):
-    _, alphas, _, _ = _filter_one(params, plausibility, valid, False, None)
-    A = params.transition_matrices
-    tv = A.ndim == 3
-    T, K = alphas.shape
-    u = jax.random.uniform(key, (T, num_samples), alphas.dtype)
-
-    def draw(p, u_t):
-        cdf = jnp.cumsum(p, -1)
-        return jnp.minimum(jnp.sum(cdf < u_t[:, None] * cdf[:, -1:], -1), K - 1)
-
-    last = draw(jnp.broadcast_to(alphas[-1], (num_samples, K)), u[-1])
-
-    def step(z_next, xs):
-        alpha, A_next, u_t, v = xs
-        M = A_next if tv else A
-        p = alpha[None, :] * M[:, z_next].T
-        z = draw(p, u_t)
-        if v is not None:
-            z = jnp.where(v, z, z_next)
-        return z, z
-
-    xs = (alphas[:-1], A[1:] if tv else None, u[:-1], None if valid is None else valid[1:])
-    _, zs = lax.scan(step, last, xs, reverse=True)
-    paths = jnp.concatenate([zs, last[None]]).T  # (S, T)
-    if valid is not None:
-        paths = jnp.where(valid[None], paths, -1)
-    return paths
-
-
-# ----------------------------------------------------------------------------------------------
-# Jitted cores and the public functions
-# ----------------------------------------------------------------------------------------------
-def _valid(num_timesteps, length):
-    return None if length is None else jnp.arange(num_timesteps) < length
-
-
-def posterior(model, emissions, inputs=None, length=None, plausibility=None, parallel=False, chunk_size=None):
-    """Traceable smoother for one sequence (no checks): `Posterior` for Baum-Welch."""
-    y = jnp.asarray(emissions)
-    params = model.discrete_params(y, inputs)
-    r = _smooth_one(params, plausibility, _valid(y.shape[0], length), parallel, chunk_size)
+    Equivalent to ``smoother_params(model.discrete_params(emissions, inputs), length=length, ...)``.
+    """
+    params = model.discrete_params(jnp.asarray(emissions), inputs)
+    r = smoother_params(params, length=length, plausibility=plausibility, parallel=parallel,
+                        chunk_size=chunk_size)
     return Posterior(r.log_likelihood, r.smoothed_probs, r.transition_counts)
 
 
-def _vmap_seq(fn, batched, batched_u, has_lengths, has_pl):
-    if not batched:
-        return fn
-    return jax.vmap(fn, in_axes=(0, 0 if batched_u else None, 0 if has_lengths else None, 0 if has_pl else None))
+def log_likelihood(model, emissions, *, inputs=None, lengths=None, plausibility=None, parallel: bool = False,
+                   chunk_size: Optional[int] = None) -> jax.Array:
+    """log p(y) for one sequence, summed over a batch; traceable (gradients, samplers, learners).
+
+    Args as `filter`; no value checks (shapes are read as `as_batch` reads them): call it
+    inside your own jit. Returns a scalar.
+    """
+    batch = as_batch(emissions, inputs, lengths)
+
+    def one(y, u, n, pl):
+        return filter_params(model.discrete_params(y, u), length=n, plausibility=pl, parallel=parallel,
+                             chunk_size=chunk_size).log_likelihood
+
+    return jnp.sum(batch.map(one, plausibility, extra_axes=(None if plausibility is None else 0,)))
 
 
-@partial(jax.jit, static_argnames=("mode", "parallel", "chunk_size", "batched", "batched_u"))
-def _run(model, ys, inputs, lengths, plausibility, *, mode, parallel, chunk_size, batched, batched_u):
-    def one(y, u, length, pl):
-        params = model.discrete_params(y, u)
-        valid = _valid(y.shape[0], length)
-        if mode == "filter":
-            ll, alphas, _, _ = _filter_one(params, pl, valid, parallel, chunk_size)
-            if valid is not None:
-                alphas = jnp.where(valid[:, None], alphas, 0.0)
-            return FilterResult(ll, alphas)
-        if mode == "smoother":
-            return _smooth_one(params, pl, valid, parallel, chunk_size)
-        if mode == "viterbi":
-            return _viterbi_one(params, pl, valid)
-        raise AssertionError(mode)
-
-    return _vmap_seq(one, batched, batched_u, lengths is not None, plausibility is not None)(
-        ys, inputs, lengths, plausibility)
-
-
-@partial(jax.jit, static_argnames=("num_samples", "batched", "batched_u"))
-def _run_sample(key, model, ys, inputs, lengths, plausibility, *, num_samples, batched, batched_u):
-    def one(k, y, u, length, pl):
-        params = model.discrete_params(y, u)
-        return _sample_one(k, params, pl, _valid(y.shape[0], length), num_samples)
-
-    if not batched:
-        return one(key, ys, inputs, lengths, plausibility)
-    keys = jax.random.split(key, ys.shape[0])
-    return jax.vmap(one, in_axes=(0, 0, 0 if batched_u else None, None if lengths is None else 0,
-                                  None if plausibility is None else 0))(keys, ys, inputs, lengths, plausibility)
-
-
+# ----------------------------------------------------------------------------------------------
+# Checks (once, outside jit)
+# ----------------------------------------------------------------------------------------------
 def check_lengths(lengths, num_timesteps: int, batch_size: Optional[int]):
     """Validate ``lengths`` against padded data; returns an int array or None."""
     if lengths is None:
@@ -409,32 +128,102 @@ def check_plausibility(plausibility, shape: tuple, dtype):
     return pl
 
 
-def prepare(model, emissions, inputs, lengths, plausibility):
-    """Validate arguments once, outside jit. Returns (ys, inputs, lengths, plausibility, flags)."""
+def _float_inputs(inputs, dtype):
+    if inputs is None or isinstance(inputs, list):
+        return inputs
+
+    def conv(a):
+        a = jnp.asarray(a)
+        a = a[:, None] if a.ndim == 1 else a
+        return a if jnp.issubdtype(a.dtype, jnp.floating) else a.astype(dtype)
+
+    return jax.tree_util.tree_map(conv, inputs)
+
+
+def prepare(model, emissions, inputs=None, lengths=None, plausibility=None) -> tuple[Batch, Optional[jax.Array]]:
+    """Validate arguments once, outside jit: returns ``(batch, plausibility)``.
+
+    ``batch`` is a `probssm.core.batching.Batch` (emissions (T, D) or (B, T, D), inputs,
+    lengths); plausibility is None, (T, K) or (B, T, K). Reads only declared members of
+    the model: `num_states`, `emission_dim`, `num_timesteps`, `input_dim`, `check_emissions`.
+    """
     if not isinstance(model, AbstractDiscreteSSM):
         raise ValueError(f"model: expected a discrete-state model (AbstractDiscreteSSM), got {type(model).__name__}")
-    ys, batched = checks.emissions_batch(emissions, model.emission_dim)
-    T = ys.shape[-2]
-    B = ys.shape[0] if batched else None
-    model_len = getattr(model, "num_timesteps", None)
-    if model_len is not None and model_len != T:
-        raise ValueError(f"model: its time-varying transition matrix has length {model_len}, expected {T} "
+    D = model.emission_dim
+    if lengths is not None and not isinstance(emissions, (list, tuple)):
+        y = jnp.asarray(emissions)
+        if y.ndim in (2, 3):
+            lengths = check_lengths(lengths, y.shape[-2], y.shape[0] if y.ndim == 3 else None)
+    batch = as_batch(emissions, _float_inputs(inputs, jnp.result_type(float)), lengths)
+    ys = batch.emissions
+    if ys.shape[-1] != D:
+        raise ValueError(f"emissions: expected shape (T, {D}) or (B, T, {D}), got shape {tuple(ys.shape)}")
+    T = batch.num_timesteps
+    if checks.is_concrete(ys):
+        a = np.array(ys)
+        if np.any(np.isinf(a)):
+            raise ValueError("emissions: found inf; use NaN to mark missing values")
+        if batch.lengths is not None and checks.is_concrete(batch.lengths):
+            pad = np.arange(T) >= np.asarray(batch.lengths)[..., None]  # (T,) or (B, T)
+            a[pad] = np.nan
+        model.check_emissions(a)
+    if model.num_timesteps is not None and model.num_timesteps != T:
+        raise ValueError(f"model: its time-varying transition matrix has length {model.num_timesteps}, expected {T} "
                          "(the number of time steps)")
-    u, batched_u = checks.inputs_batch(inputs, T, B)
-    if u is not None:
-        u = u.astype(ys.dtype) if not jnp.issubdtype(u.dtype, jnp.floating) else u
-    n = check_lengths(lengths, T, B)
-    K = model.num_states
-    pl = check_plausibility(plausibility, ((B,) if batched else ()) + (T, K), ys.dtype)
-    return ys, u, n, pl, dict(batched=batched, batched_u=batched_u)
+    U = model.input_dim
+    if isinstance(U, int) and U > 0 and batch.inputs is not None:
+        for leaf in jax.tree_util.tree_leaves(batch.inputs):
+            if jnp.shape(leaf)[-1] != U:
+                raise ValueError(f"inputs: expected shape ({T}, {U}) (the model's input_dim), "
+                                 f"got shape {tuple(jnp.shape(leaf))}")
+    lead = (batch.batch_size,) if batch.batched else ()
+    pl = check_plausibility(plausibility, lead + (T, model.num_states), ys.dtype)
+    return batch, pl
+
+
+def check_arguments(model, emissions, inputs=None, lengths=None) -> Batch:
+    """`prepare` without plausibilities: the checked `Batch` (for learners such as `ps.learn.mle`)."""
+    return prepare(model, emissions, inputs, lengths)[0]
 
 
 def _chunk(chunk_size, parallel):
     if not parallel:
         return None
     if chunk_size is None:
-        return _DEFAULT_CHUNK if jax.default_backend() == "cpu" else None
+        return DEFAULT_CHUNK if jax.default_backend() == "cpu" else None
     return checks.positive_int(chunk_size, "chunk_size")
+
+
+# ----------------------------------------------------------------------------------------------
+# Jitted runners and the public functions
+# ----------------------------------------------------------------------------------------------
+@partial(jax.jit, static_argnames=("mode", "parallel", "chunk_size", "batched", "inputs_batched"))
+def _run(model, ys, inputs, lengths, plausibility, *, mode, parallel, chunk_size, batched, inputs_batched):
+    def one(y, u, n, pl):
+        params = model.discrete_params(y, u)
+        if mode == "filter":
+            return filter_params(params, length=n, plausibility=pl, parallel=parallel, chunk_size=chunk_size)
+        if mode == "smoother":
+            return smoother_params(params, length=n, plausibility=pl, parallel=parallel, chunk_size=chunk_size)
+        return viterbi_params(params, length=n, plausibility=pl)
+
+    batch = Batch(ys, inputs, lengths, batched, inputs_batched)
+    return batch.map(one, plausibility, extra_axes=(None if plausibility is None else 0,))
+
+
+@partial(jax.jit, static_argnames=("num_samples", "batched", "inputs_batched"))
+def _run_sample(key, model, ys, inputs, lengths, plausibility, *, num_samples, batched, inputs_batched):
+    def one(y, u, n, k, pl):
+        return sample_params(k, model.discrete_params(y, u), num_samples, length=n, plausibility=pl)
+
+    batch = Batch(ys, inputs, lengths, batched, inputs_batched)
+    keys = jax.random.split(key, ys.shape[0]) if batched else key
+    return batch.map(one, keys, plausibility, extra_axes=(0, None if plausibility is None else 0))
+
+
+def _call(runner, model, batch: Batch, pl, **static):
+    return runner(model, batch.emissions, batch.inputs, batch.lengths, pl, batched=batch.batched,
+                  inputs_batched=batch.inputs_batched, **static)
 
 
 def filter(model, emissions, *, inputs=None, lengths=None, plausibility=None, parallel: bool = False,
@@ -443,10 +232,12 @@ def filter(model, emissions, *, inputs=None, lengths=None, plausibility=None, pa
 
     Args:
         model: a discrete-state model (e.g. `ps.models.HMM`).
-        emissions: (T, D) or a batch (B, T, D) padded to a common T; NaN marks missing values.
-        inputs: (T, U) or (B, T, U) when the emissions (or transitions) read inputs.
-        lengths: (B,) true lengths of the batched sequences (or an int for one sequence);
-            steps beyond a sequence's length are ignored and their outputs are zero.
+        emissions: (T, D), a padded batch (B, T, D) or a list of (T_b, D) arrays; NaN
+            marks missing values.
+        inputs: (T, U) shared, (B, T, U) per sequence, or a list; None: the model's
+            `default_inputs` (lagged observations for autoregressive emissions).
+        lengths: () or (B,) true lengths of padded sequences; steps beyond a sequence's
+            length are ignored and their outputs are zero.
         plausibility: (T, K) or (B, T, K) non-negative weights on the emission likelihood
             (ARPHMM); None means 1.
         parallel: associative scan instead of the sequential scan.
@@ -454,70 +245,53 @@ def filter(model, emissions, *, inputs=None, lengths=None, plausibility=None, pa
             CPU, one chunk on accelerators).
 
     Returns:
-        `FilterResult` (with a leading B axis for batches).
+        `FilterResult`: log_likelihood () and filtered_probs (T, K), with a leading B axis
+        for a batch.
 
     Example:
         >>> f = ps.hmm.filter(hmm, y)
         >>> f.log_likelihood, f.filtered_probs.shape
     """
-    ys, u, n, pl, flags = prepare(model, emissions, inputs, lengths, plausibility)
-    return _run(model, ys, u, n, pl, mode="filter", parallel=bool(parallel),
-                chunk_size=_chunk(chunk_size, parallel), **flags)
+    batch, pl = prepare(model, emissions, inputs, lengths, plausibility)
+    return _call(_run, model, batch, pl, mode="filter", parallel=bool(parallel),
+                 chunk_size=_chunk(chunk_size, parallel))
 
 
 def smoother(model, emissions, *, inputs=None, lengths=None, plausibility=None, parallel: bool = False,
              chunk_size: Optional[int] = None) -> SmootherResult:
     """Forward-backward: smoothed probabilities p(z_t | y) and expected transition counts.
 
-    Same arguments as `filter`. Returns a `SmootherResult`; ``transition_counts[i, j]`` is
-    sum_t p(z_{t-1} = i, z_t = j | y).
+    Same arguments as `filter`. Returns a `SmootherResult`: log_likelihood (),
+    filtered_probs (T, K), smoothed_probs (T, K), transition_counts (K, K) with
+    ``transition_counts[i, j]`` = sum_t p(z_{t-1} = i, z_t = j | y) (leading B axis for a batch).
 
     Example:
         >>> r = ps.hmm.smoother(hmm, y, parallel=True)
         >>> r.smoothed_probs.shape   # (T, K)
     """
-    ys, u, n, pl, flags = prepare(model, emissions, inputs, lengths, plausibility)
-    return _run(model, ys, u, n, pl, mode="smoother", parallel=bool(parallel),
-                chunk_size=_chunk(chunk_size, parallel), **flags)
+    batch, pl = prepare(model, emissions, inputs, lengths, plausibility)
+    return _call(_run, model, batch, pl, mode="smoother", parallel=bool(parallel),
+                 chunk_size=_chunk(chunk_size, parallel))
 
 
-def viterbi(model, emissions, *, inputs=None, lengths=None, plausibility=None):
+def viterbi(model, emissions, *, inputs=None, lengths=None, plausibility=None) -> jax.Array:
     """Most likely state path argmax_z p(z | y) (max-product in log space).
 
     Returns:
         (T,) int states, or (B, T) for a batch (-1 beyond each sequence's length).
     """
-    ys, u, n, pl, flags = prepare(model, emissions, inputs, lengths, plausibility)
-    return _run(model, ys, u, n, pl, mode="viterbi", parallel=False, chunk_size=None, **flags)
+    batch, pl = prepare(model, emissions, inputs, lengths, plausibility)
+    return _call(_run, model, batch, pl, mode="viterbi", parallel=False, chunk_size=None)
 
 
-def sample(key, model, emissions, num_samples: int = 1, *, inputs=None, lengths=None, plausibility=None):
+def sample(key, model, emissions, num_samples: int = 1, *, inputs=None, lengths=None,
+           plausibility=None) -> jax.Array:
     """Posterior state paths z ~ p(z | y) by forward-filter backward-sample.
 
     Returns:
         (num_samples, T) int states, or (B, num_samples, T) for a batch (-1 on padding).
     """
     num_samples = checks.positive_int(num_samples, "num_samples")
-    ys, u, n, pl, flags = prepare(model, emissions, inputs, lengths, plausibility)
-    return _run_sample(key, model, ys, u, n, pl, num_samples=num_samples, **flags)
-
-
-def log_likelihood(model, emissions, *, inputs=None, lengths=None, plausibility=None, parallel: bool = False,
-                   chunk_size: Optional[int] = None):
-    """log p(y) for one sequence, summed over a batch; traceable (gradients, samplers, learners).
-
-    No input checks: call it inside your own jit.
-    """
-    ys = jnp.asarray(emissions)
-    chunk = _chunk(chunk_size, parallel) if parallel else None
-
-    def one(y, u, length, pl):
-        params = model.discrete_params(y, u)
-        return _filter_one(params, pl, _valid(y.shape[0], length), parallel, chunk)[0]
-
-    if ys.ndim == 3:
-        in_u = None if inputs is None or jnp.ndim(inputs) == 2 else 0
-        return jnp.sum(jax.vmap(one, in_axes=(0, in_u, None if lengths is None else 0,
-                                              None if plausibility is None else 0))(ys, inputs, lengths,
-                                                                                    plausibility))
-    return one(ys, inputs, lengths, plausibility)
+    batch, pl = prepare(model, emissions, inputs, lengths, plausibility)
+    return _run_sample(key, model, batch.emissions, batch.inputs, batch.lengths, pl, num_samples=num_samples,
+                       batched=batch.batched, inputs_batched=batch.inputs_batched)

@@ -37,18 +37,20 @@ from __future__ import annotations
 from functools import partial
 from typing import NamedTuple, Optional
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from probssm.core import checks
+from probssm.core import batching, checks
+from probssm.core.batching import Batch
 from probssm.core.linalg import cho_solve_lower, cholesky, mm, solve_lower, symmetrize
 from probssm.core.protocol import AbstractLinearGaussianSSM, LinearGaussianParams
 from probssm.core.scan import chunked_associative_scan
 
 __all__ = ["FilterResult", "SmootherResult", "ForecastResult", "filter", "smoother", "sample", "forecast",
-           "log_likelihood"]
+           "log_likelihood", "filter_params", "smoother_params", "sample_params", "forecast_params",
+           "mask_padding", "check_arguments", "expand_time", "predict", "update", "smoother_element",
+           "SmootherElement"]
 
 _LOG_2PI = 1.8378770664093453
 
@@ -104,6 +106,12 @@ def _broadcast_time(params: LinearGaussianParams, num_timesteps: int):
     )
 
 
+def expand_time(params: LinearGaussianParams, num_timesteps: int) -> LinearGaussianParams:
+    """``params`` with a leading time axis of length ``num_timesteps`` on every per-step field
+    (F, b, Q (T, d, d)/(T, d); H, d, R (T, p, d)/(T, p)/(T, p, p)); the initial moments unchanged."""
+    return _broadcast_time(params, num_timesteps)
+
+
 def _mask_observation(H, d, R, y, mask):
     """Drop missing entries of y_t exactly: zero their rows of H and d, give them unit variance."""
     if mask is None:
@@ -156,6 +164,23 @@ def _filter_sequential(params: LinearGaussianParams, ys, masks, return_predicted
     (_, _, ll), out = lax.scan(step, (m0, P0, ll0), xs)
     result = FilterResult(ll, jnp.concatenate([m0[None], out[0]]), jnp.concatenate([P0[None], out[1]]))
     return (result, out[2], out[3]) if return_predicted else result
+
+
+def predict(m, P, F, b, Q):
+    """Kalman predict: moments of F z + b + N(0, Q) for z ~ N(m, P).
+
+    m (d,), P (d, d), F (d', d), b (d',), Q (d', d') -> (m' (d',), P' (d', d')). Traceable.
+    """
+    return _predict(m, P, F, b, Q)
+
+
+def update(m, P, H, d, R, y, mask=None):
+    """Kalman update of N(m, P) on y = H z + d + N(0, R), dropping the missing entries exactly.
+
+    m (d,), P (d, d), H (p, d), d (p,), R (p, p), y (p,); mask (p,) bool, True = observed
+    (None: every entry observed). Returns (m (d,), P (d, d), log p(y_obs) ()). Traceable.
+    """
+    return _update(m, P, H, d, R, y, mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,10 +277,21 @@ def _filter_parallel(params: LinearGaussianParams, ys, masks, chunk_size):
 # ----------------------------------------------------------------------------------------------
 # Smoother (backward elements shared by the sequential and parallel forms)
 # ----------------------------------------------------------------------------------------------
-class _SmootherElement(NamedTuple):
-    E: jax.Array
-    g: jax.Array
-    L: jax.Array
+class SmootherElement(NamedTuple):
+    """Backward map of step t: z_t = E z_{t+1} + g + N(0, L) given z_{t+1} and y_{0:t}."""
+
+    E: jax.Array  # (d, d)
+    g: jax.Array  # (d,)
+    L: jax.Array  # (d, d)
+
+
+_SmootherElement = SmootherElement
+
+
+def smoother_element(m, P, F, b, Q) -> SmootherElement:
+    """Backward map of step t from its filtered moments m (d,), P (d, d) and the transition into
+    t+1, z_{t+1} = F z_t + b + N(0, Q): z_t = E z_{t+1} + g + N(0, L). Traceable."""
+    return _smoother_element(m, P, F, b, Q)
 
 
 def _smoother_element(m, P, F, b, Q):
@@ -386,79 +422,192 @@ def _forecast(params, ys, masks, num_steps, parallel, chunk_size):
 
 
 # ----------------------------------------------------------------------------------------------
-# Jitted cores (one compile per shape and flag set) and the public functions
+# Public traceable cores: one sequence, arrays only, no checks
+# ----------------------------------------------------------------------------------------------
+def filter_params(params: LinearGaussianParams, emissions, *, parallel: bool = False,
+                  chunk_size: Optional[int] = None) -> FilterResult:
+    """Kalman filter on the arrays of one sequence: the traceable core of `filter`.
+
+    Args:
+        params: `LinearGaussianParams` of the sequence (per-step fields with a leading T axis
+            or time-invariant ones), e.g. ``model.linear_gaussian_params(T, inputs)``.
+        emissions: (T, p); NaN marks a missing entry (dropped exactly, whole or partial rows).
+        parallel: associative scan (O(log T) span) instead of the sequential scan.
+        chunk_size: parallel only; combine elements in chunks of this many steps (static int).
+
+    Returns:
+        `FilterResult`: log_likelihood (), filtered_means (T, d), filtered_covs (T, d, d).
+
+    No input checks: usable inside the caller's jit / vmap / grad (``parallel`` and
+    ``chunk_size`` must be static).
+    """
+    ys = jnp.asarray(emissions)
+    return _filter(params, ys, ~jnp.isnan(ys), parallel, chunk_size)
+
+
+def smoother_params(params: LinearGaussianParams, emissions, *, parallel: bool = False,
+                    chunk_size: Optional[int] = None) -> SmootherResult:
+    """RTS smoother on the arrays of one sequence: the traceable core of `smoother`.
+
+    Args and conventions as `filter_params`. Returns a `SmootherResult`: the filter's fields
+    plus smoothed_means (T, d), smoothed_covs (T, d, d) and smoothed_cross_covs (T-1, d, d),
+    ``smoothed_cross_covs[t] = Cov[z_{t+1}, z_t | y]``.
+    """
+    ys = jnp.asarray(emissions)
+    return _smooth(params, ys, ~jnp.isnan(ys), parallel, chunk_size)
+
+
+def sample_params(key, params: LinearGaussianParams, emissions, num_samples: int = 1, *,
+                  parallel: bool = False, chunk_size: Optional[int] = None) -> jax.Array:
+    """Forward-filter backward-sample on the arrays of one sequence: the core of `sample`.
+
+    Args:
+        key: a `jax.random` key.
+        params, emissions, parallel, chunk_size: as `filter_params`.
+        num_samples: number of joint draws (static int).
+
+    Returns:
+        (num_samples, T, d) draws of z_{0:T-1} from p(z | y).
+    """
+    ys = jnp.asarray(emissions)
+    return _sample_paths(key, params, ys, ~jnp.isnan(ys), num_samples, parallel, chunk_size)
+
+
+def forecast_params(params: LinearGaussianParams, emissions, num_steps: int, *, parallel: bool = False,
+                    chunk_size: Optional[int] = None) -> ForecastResult:
+    """`forecast` on arrays: ``params`` cover T + num_steps steps, emissions (T, p).
+
+    Returns a `ForecastResult`: means (k, d), covs (k, d, d), emission_means (k, p),
+    emission_covs (k, p, p) with k = num_steps (static int).
+    """
+    ys = jnp.asarray(emissions)
+    return _forecast(params, ys, ~jnp.isnan(ys), num_steps, parallel, chunk_size)
+
+
+def mask_padding(emissions, length):
+    """Emissions (T, p) with the rows at and beyond ``length`` (an int, possibly traced)
+    set to NaN, i.e. treated as missing; ``length`` None returns them unchanged."""
+    if length is None:
+        return emissions
+    keep = jnp.arange(emissions.shape[0]) < length
+    return jnp.where(keep[:, None], emissions, jnp.nan)
+
+
+# ----------------------------------------------------------------------------------------------
+# Jitted model-level runs (one compile per shape and flag set) and the public functions
 # ----------------------------------------------------------------------------------------------
 def _masks_of(ys, has_missing):
     return ~jnp.isnan(ys) if has_missing else None
 
 
-def _batched(fn, batched_y, batched_u):
-    """vmap `fn(ys, inputs)` over the batch axis of emissions (and inputs when batched)."""
-    if not batched_y:
-        return fn
-    return jax.vmap(fn, in_axes=(0, 0 if batched_u else None))
+def _one_sequence(model, y, u, n, has_missing, extra_steps=0):
+    """Params and (emissions, masks) of one sequence; padding beyond length n is missing."""
+    y = mask_padding(y, n)
+    params = model.linear_gaussian_params(y.shape[0] + extra_steps, u)
+    return params, y, _masks_of(y, has_missing or n is not None)
 
 
-@partial(jax.jit, static_argnames=("has_missing", "parallel", "chunk_size", "batched", "batched_u", "smooth"))
-def _run(model, ys, inputs, *, has_missing, parallel, chunk_size, batched, batched_u, smooth):
-    def one(y, u):
-        params = model.linear_gaussian_params(y.shape[0], u)
-        masks = _masks_of(y, has_missing)
+@partial(jax.jit, static_argnames=("has_missing", "parallel", "chunk_size", "batched", "inputs_batched", "smooth"))
+def _run(model, ys, inputs, lengths, *, has_missing, parallel, chunk_size, batched, inputs_batched, smooth):
+    def one(y, u, n):
+        params, y, masks = _one_sequence(model, y, u, n, has_missing)
         if smooth:
             return _smooth(params, y, masks, parallel, chunk_size)
         return _filter(params, y, masks, parallel, chunk_size)
 
-    return _batched(one, batched, batched_u)(ys, inputs)
+    return Batch(ys, inputs, lengths, batched, inputs_batched).map(one)
 
 
-@partial(jax.jit, static_argnames=("num_samples", "has_missing", "parallel", "chunk_size", "batched", "batched_u"))
-def _run_sample(key, model, ys, inputs, *, num_samples, has_missing, parallel, chunk_size, batched, batched_u):
-    def one(k, y, u):
-        params = model.linear_gaussian_params(y.shape[0], u)
-        return _sample_paths(k, params, y, _masks_of(y, has_missing), num_samples, parallel, chunk_size)
+@partial(jax.jit, static_argnames=("num_samples", "has_missing", "parallel", "chunk_size", "batched",
+                                   "inputs_batched"))
+def _run_sample(key, model, ys, inputs, lengths, *, num_samples, has_missing, parallel, chunk_size, batched,
+                inputs_batched):
+    def one(y, u, n, k):
+        params, y, masks = _one_sequence(model, y, u, n, has_missing)
+        return _sample_paths(k, params, y, masks, num_samples, parallel, chunk_size)
 
+    batch = Batch(ys, inputs, lengths, batched, inputs_batched)
     if not batched:
-        return one(key, ys, inputs)
-    keys = jax.random.split(key, ys.shape[0])
-    return jax.vmap(one, in_axes=(0, 0, 0 if batched_u else None))(keys, ys, inputs)
+        return batch.map(one, key)
+    return batch.map(one, jax.random.split(key, ys.shape[0]), extra_axes=(0,))
 
 
-@partial(jax.jit, static_argnames=("num_steps", "has_missing", "parallel", "chunk_size", "batched", "batched_u"))
-def _run_forecast(model, ys, inputs, *, num_steps, has_missing, parallel, chunk_size, batched, batched_u):
-    def one(y, u):
-        params = model.linear_gaussian_params(y.shape[0] + num_steps, u)
-        return _forecast(params, y, _masks_of(y, has_missing), num_steps, parallel, chunk_size)
+@partial(jax.jit, static_argnames=("num_steps", "has_missing", "parallel", "chunk_size", "batched",
+                                   "inputs_batched"))
+def _run_forecast(model, ys, inputs, lengths, *, num_steps, has_missing, parallel, chunk_size, batched,
+                  inputs_batched):
+    def one(y, u, n):
+        params, y, masks = _one_sequence(model, y, u, n, has_missing, num_steps)
+        return _forecast(params, y, masks, num_steps, parallel, chunk_size)
 
-    return _batched(one, batched, batched_u)(ys, inputs)
+    return Batch(ys, inputs, lengths, batched, inputs_batched).map(one)
 
 
-def _prepare(model, emissions, inputs, extra_steps: int = 0):
-    """Validate arguments once, outside jit. Returns (ys, inputs, static flags)."""
+def check_arguments(model, emissions, inputs=None, lengths=None, extra_steps: int = 0) -> Batch:
+    """Validate a linear-Gaussian model and its data once, outside jit; return them as a `Batch`.
+
+    Reads only what the model declares: ``model.emission_dim``, ``model.num_timesteps``
+    (None: any length) and ``model.input_dim`` (None: inputs passed unchecked; 0: no inputs
+    allowed; U: inputs (T, U) or (B, T, U) required). ``extra_steps`` is the forecast horizon
+    (inputs and time-varying parameters must then cover T + extra_steps steps).
+
+    Raises:
+        ValueError naming the argument: a model that is not an `AbstractLinearGaussianSSM`,
+        emissions not (T, p) / (B, T, p) / a list of (T_b, p), inf in emissions, inputs of the
+        wrong shape or non-finite, lengths out of range, a time-varying model of another length.
+    """
     if not isinstance(model, AbstractLinearGaussianSSM):
         raise ValueError(
             f"model: expected a linear-Gaussian model (AbstractLinearGaussianSSM), got {type(model).__name__}"
         )
-    ys, batched = checks.emissions_batch(emissions, model.emission_dim)
-    num_timesteps = ys.shape[-2]
+    p = model.emission_dim
+    if isinstance(emissions, (list, tuple)):
+        for i, y in enumerate(emissions):
+            if jnp.ndim(y) != 2 or jnp.shape(y)[-1] != p:
+                raise ValueError(f"emissions[{i}]: expected shape (T_b, {p}), got shape {tuple(jnp.shape(y))}")
+    else:
+        checks.emissions_batch(emissions, p)
+    batch_t = batching.as_batch(emissions, None, lengths)
+    num_timesteps = batch_t.num_timesteps
     needed = num_timesteps + extra_steps
-    model_len = getattr(model, "num_timesteps", None)
+    if checks.is_concrete(batch_t.emissions) and bool(jnp.any(jnp.isinf(batch_t.emissions))):
+        raise ValueError("emissions: found inf; use NaN to mark missing values")
+    model_len = model.num_timesteps
     if model_len is not None and model_len != needed:
         raise ValueError(
             f"model: its time-varying parameters have length {model_len}, expected {needed} "
             f"(the number of time steps{' plus num_steps' if extra_steps else ''})"
         )
-    input_dim = getattr(model, "input_dim", 0)
+    input_dim = model.input_dim
     if input_dim and inputs is None:
         raise ValueError(f"inputs: the model has input matrices, expected shape ({needed}, {input_dim}), got None")
-    if inputs is not None and not input_dim:
-        raise ValueError("inputs: the model has no input matrices, expected None")
-    u, batched_u = checks.inputs_batch(inputs, needed, ys.shape[0] if batched else None)
-    if u is not None and u.shape[-1] != input_dim:
-        raise ValueError(f"inputs: expected {input_dim} columns, got shape {tuple(u.shape)}")
-    if u is not None:
-        checks.finite(u, "inputs")
+    if inputs is not None and input_dim == 0:
+        raise ValueError("inputs: the model reads no inputs (input_dim = 0), expected None")
+    if inputs is not None and not isinstance(inputs, list):
+        inputs = jax.tree_util.tree_map(jnp.asarray, inputs)
+        if input_dim and not isinstance(inputs, jax.Array):
+            raise ValueError(f"inputs: expected an array of shape ({needed}, {input_dim}), got {type(inputs).__name__}")
+        if isinstance(inputs, jax.Array) and inputs.ndim == 1:
+            inputs = inputs[:, None]
+    if extra_steps and inputs is not None:
+        # inputs cover T + extra_steps rows; check them against that length.
+        y_long = jnp.zeros(batch_t.emissions.shape[:-2] + (needed, 1), batch_t.emissions.dtype)
+        ub = batching.as_batch(y_long, inputs)
+        batch = batching.Batch(batch_t.emissions, ub.inputs, batch_t.lengths, batch_t.batched, ub.inputs_batched)
+    else:
+        batch = batching.as_batch(batch_t.emissions, inputs, batch_t.lengths)
+    if batch.inputs is not None:
+        for leaf in jax.tree_util.tree_leaves(batch.inputs):
+            if input_dim and (jnp.ndim(leaf) != (3 if batch.inputs_batched else 2) or jnp.shape(leaf)[-1] != input_dim):
+                raise ValueError(f"inputs: expected {input_dim} columns, got shape {tuple(jnp.shape(leaf))}")
+            checks.finite(leaf, "inputs")
+    return batch
+
+
+def _flags(batch: Batch) -> dict:
+    ys = batch.emissions
     has_missing = (not checks.is_concrete(ys)) or bool(jnp.any(jnp.isnan(ys)))
-    return ys, u, dict(has_missing=has_missing, batched=batched, batched_u=batched_u)
+    return dict(has_missing=has_missing, batched=batch.batched, inputs_batched=batch.inputs_batched)
 
 
 def _chunk(chunk_size):
@@ -467,78 +616,97 @@ def _chunk(chunk_size):
     return checks.positive_int(chunk_size, "chunk_size")
 
 
-def filter(model, emissions, *, inputs=None, parallel: bool = False, chunk_size: Optional[int] = None) -> FilterResult:
+def filter(model, emissions, *, inputs=None, lengths=None, parallel: bool = False,
+           chunk_size: Optional[int] = None) -> FilterResult:
     """Kalman filter: log p(y_{0:T-1}) and the filtered moments of every z_t.
 
     Args:
-        model: a linear-Gaussian model (e.g. `ps.models.LinearGaussianSSM`).
-        emissions: (T, p) or a batch (B, T, p); NaN marks a missing value.
-        inputs: (T, U) or (B, T, U) control inputs, when the model has input matrices.
+        model: a linear-Gaussian model (any `ps.core.AbstractLinearGaussianSSM`).
+        emissions: (T, p), a batch (B, T, p) or a list of (T_b, p) arrays; NaN marks a missing
+            entry (dropped exactly; a partly missing row keeps its observed entries).
+        inputs: (T, U) shared or (B, T, U) per sequence (or a list), when the model reads inputs.
+        lengths: (B,) true lengths of a padded batch; steps beyond are treated as missing, so
+            the log-likelihood is exact and the moments there are predictions.
         parallel: False for the sequential scan, True for the associative scan (O(log T) span).
         chunk_size: parallel only; combine elements in chunks of this length, sequentially
             across chunks (bounds compile time and memory). None: one chunk.
 
     Returns:
-        `FilterResult` (with a leading B axis for batches).
+        `FilterResult`: log_likelihood (), filtered_means (T, d), filtered_covs (T, d, d), with a
+        leading B axis for batches.
 
     Example:
         >>> f = ps.kalman.filter(model, y)
         >>> f.log_likelihood, f.filtered_means.shape
     """
-    ys, u, flags = _prepare(model, emissions, inputs)
-    return _run(model, ys, u, parallel=bool(parallel), chunk_size=_chunk(chunk_size), smooth=False, **flags)
+    batch = check_arguments(model, emissions, inputs, lengths)
+    return _run(model, batch.emissions, batch.inputs, batch.lengths, parallel=bool(parallel),
+                chunk_size=_chunk(chunk_size), smooth=False, **_flags(batch))
 
 
-def smoother(model, emissions, *, inputs=None, parallel: bool = False,
+def smoother(model, emissions, *, inputs=None, lengths=None, parallel: bool = False,
              chunk_size: Optional[int] = None) -> SmootherResult:
     """Rauch-Tung-Striebel smoother: smoothed moments and lag-one cross-covariances.
 
-    Same arguments as `filter`. Returns a `SmootherResult`; ``smoothed_cross_covs[t]``
-    is Cov[z_{t+1}, z_t | all y], which EM uses.
+    Same arguments as `filter`. Returns a `SmootherResult`: the filter's fields plus
+    smoothed_means (T, d), smoothed_covs (T, d, d), smoothed_cross_covs (T-1, d, d), where
+    ``smoothed_cross_covs[t]`` is Cov[z_{t+1}, z_t | all y] (EM uses it).
     """
-    ys, u, flags = _prepare(model, emissions, inputs)
-    return _run(model, ys, u, parallel=bool(parallel), chunk_size=_chunk(chunk_size), smooth=True, **flags)
+    batch = check_arguments(model, emissions, inputs, lengths)
+    return _run(model, batch.emissions, batch.inputs, batch.lengths, parallel=bool(parallel),
+                chunk_size=_chunk(chunk_size), smooth=True, **_flags(batch))
 
 
-def sample(key, model, emissions, num_samples: int = 1, *, inputs=None, parallel: bool = False,
-           chunk_size: Optional[int] = None):
+def sample(key, model, emissions, num_samples: int = 1, *, inputs=None, lengths=None, parallel: bool = False,
+           chunk_size: Optional[int] = None) -> jax.Array:
     """Forward-filter backward-sample: draws of z_{0:T-1} from p(z | y).
 
+    Args: ``key`` (a `jax.random` key, required) and the arguments of `filter`.
+
     Returns:
-        (num_samples, T, d), or (B, num_samples, T, d) for a batch.
+        (num_samples, T, d), or (B, num_samples, T, d) for a batch (one key per sequence,
+        split from ``key``).
     """
     num_samples = checks.positive_int(num_samples, "num_samples")
-    ys, u, flags = _prepare(model, emissions, inputs)
-    return _run_sample(key, model, ys, u, num_samples=num_samples, parallel=bool(parallel),
-                       chunk_size=_chunk(chunk_size), **flags)
+    batch = check_arguments(model, emissions, inputs, lengths)
+    return _run_sample(key, model, batch.emissions, batch.inputs, batch.lengths, num_samples=num_samples,
+                       parallel=bool(parallel), chunk_size=_chunk(chunk_size), **_flags(batch))
 
 
-def forecast(model, emissions, num_steps: int, *, inputs=None, parallel: bool = False,
+def forecast(model, emissions, num_steps: int, *, inputs=None, lengths=None, parallel: bool = False,
              chunk_size: Optional[int] = None) -> ForecastResult:
     """Predict the states and observations ``num_steps`` ahead of the last observation.
 
     A time-varying model must carry parameters (and ``inputs`` rows) for T + num_steps
-    steps; the last num_steps of them drive the forecast.
+    steps; the last num_steps of them drive the forecast. With ``lengths``, a sequence's
+    forecast starts after its padded end (the steps between are predicted as missing).
+
+    Returns a `ForecastResult`: means (k, d), covs (k, d, d), emission_means (k, p),
+    emission_covs (k, p, p), k = num_steps, with a leading B axis for batches.
     """
     num_steps = checks.positive_int(num_steps, "num_steps")
-    ys, u, flags = _prepare(model, emissions, inputs, extra_steps=num_steps)
-    return _run_forecast(model, ys, u, num_steps=num_steps, parallel=bool(parallel),
-                         chunk_size=_chunk(chunk_size), **flags)
+    batch = check_arguments(model, emissions, inputs, lengths, extra_steps=num_steps)
+    return _run_forecast(model, batch.emissions, batch.inputs, batch.lengths, num_steps=num_steps,
+                         parallel=bool(parallel), chunk_size=_chunk(chunk_size), **_flags(batch))
 
 
-def log_likelihood(model, emissions, *, inputs=None):
-    """log p(y) for one sequence, summed over a batch; traceable (for gradients and samplers).
+def log_likelihood(model, emissions, *, inputs=None, lengths=None) -> jax.Array:
+    """log p(y) of one sequence, summed over a batch; traceable (for gradients and samplers).
 
-    No input checks beyond shapes; the learners call this inside their own jit.
+    Args:
+        model: any `AbstractLinearGaussianSSM`.
+        emissions: (T, p), (B, T, p) or a list of (T_b, p); NaN = missing.
+        inputs: (T, U) or (B, T, U), when the model reads inputs.
+        lengths: (B,) true lengths of a padded batch (padding counts as missing: exact).
+
+    Returns:
+        () the total log-likelihood. No value checks (shapes only): the learners call this
+        inside their own jit.
     """
-    ys = jnp.asarray(emissions)
-    masks = ~jnp.isnan(ys)
+    batch = batching.as_batch(emissions, inputs, lengths)
 
-    def one(y, m, u):
-        params = model.linear_gaussian_params(y.shape[0], u)
-        return _filter_sequential(params, y, m).log_likelihood
+    def one(y, u, n):
+        y = mask_padding(y, n)
+        return _filter_sequential(model.linear_gaussian_params(y.shape[0], u), y, ~jnp.isnan(y)).log_likelihood
 
-    if ys.ndim == 3:
-        in_u = None if inputs is None or jnp.ndim(inputs) == 2 else 0
-        return jnp.sum(jax.vmap(one, in_axes=(0, 0, in_u))(ys, masks, inputs))
-    return one(ys, masks, inputs)
+    return jnp.sum(batch.map(one))

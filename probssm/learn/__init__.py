@@ -1,12 +1,16 @@
 """Learning: every learner returns ``(fitted_model, history)`` and leaves its input untouched."""
-from probssm.learn.em import em
+from probssm.learn.em import em, register_em
 from probssm.learn.mle import mle
 from probssm.learn.baum_welch import HMMPrior, baum_welch
 from probssm.learn.hmmglm_em import (fit_hmmglm, hmmglm_log_likelihood, init_hmmglm, prune_links,
                                      threshold_couplings)
 
-__all__ = ["em", "mle", "baum_welch", "HMMPrior", "fit_hmmglm", "hmmglm_log_likelihood", "init_hmmglm", "prune_links",
+__all__ = ["em", "register_em", "mle", "baum_welch", "HMMPrior", "fit_hmmglm", "hmmglm_log_likelihood", "init_hmmglm", "prune_links",
            "threshold_couplings"]
 from probssm.learn.score import markov_score_climbing
 
 __all__ += ["markov_score_climbing"]
+from probssm.learn import dkf  # noqa: E402
+from probssm.learn.dkf import fit_dkf  # noqa: E402
+
+__all__ += ["dkf", "fit_dkf"]

@@ -27,10 +27,10 @@ from typing import Any, NamedTuple, Optional
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from probssm.core import checks, progress as prog
+from probssm.core.protocol import AbstractDiscreteSSM
 from probssm.inference import hmm as hmm_engine
 
 __all__ = ["HMMPrior", "baum_welch"]
@@ -65,7 +65,7 @@ def _normalise_rows(counts, old):
 def _log_prior(model, prior, fix_pi, fix_A):
     if prior is None:
         return jnp.zeros((), model.initial_probs.dtype)
-    lp = model.emissions.log_prior(prior.emissions)
+    lp = model.emission_family.log_prior(prior.emissions)
     if not fix_pi:
         lp = lp + _dirichlet_term(prior.initial_concentration, model.initial_probs)
     if not fix_A:
@@ -77,26 +77,30 @@ def _flatten(a):
     return a.reshape((-1,) + a.shape[2:])
 
 
-def _model_inputs(model, ys, us, batched_u):
-    """Per-sequence inputs as (B, T, U) (lagged observations for autoregressive emissions), or None."""
-    if us is not None:
-        return us if batched_u else jnp.broadcast_to(us, ys.shape[:1] + us.shape)
-    from probssm.models.emissions import AutoregressiveGaussian
-
-    if isinstance(model.emissions, AutoregressiveGaussian):
-        return jax.vmap(lambda y: model.emissions._inputs(y, None))(ys)
-    return None
+def _model_inputs(model, ys, us, inputs_batched):
+    """Per-sequence inputs (B, T, U): the given ones, or the model's `default_inputs` (lagged
+    observations for autoregressive emissions), or None."""
+    if us is None:
+        if model.emission_lags == 0:
+            return None
+        return jax.vmap(model.default_inputs)(ys)
+    if inputs_batched:
+        return us
+    return jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, ys.shape[:1] + a.shape), us)
 
 
 def _e_step(model, ys, us, lengths, pl):
-    one = lambda y, u, n, p: hmm_engine.posterior(model, y, u, n, p)
+    def one(y, u, n, p):
+        r = hmm_engine.smoother_params(model.discrete_params(y, u), length=n, plausibility=p)
+        return hmm_engine.Posterior(r.log_likelihood, r.smoothed_probs, r.transition_counts)
+
     return jax.vmap(one, in_axes=(0, None if us is None else 0, None if lengths is None else 0,
                                   None if pl is None else 0))(ys, us, lengths, pl)
 
 
 def _m_step(model, post, ys, us, prior, fix_pi, fix_A, em_fixed):
     gamma = post.smoothed_probs  # (B, T, K), zero on padding
-    new_pi, new_A, new_em = model.initial_probs, model.transition_matrix, model.emissions
+    new_pi, new_A, new_em = model.initial_probs, model.transition_matrix, model.emission_family
     if not fix_pi:
         counts = gamma[:, 0].sum(0)
         if prior is not None:
@@ -107,8 +111,8 @@ def _m_step(model, post, ys, us, prior, fix_pi, fix_A, em_fixed):
         if prior is not None:
             counts = counts + jnp.asarray(prior.transition_concentration, counts.dtype) - 1.0
         new_A = _normalise_rows(counts, model.transition_matrix)
-    if len(em_fixed) < len(model.emissions.learnable):
-        new_em = model.emissions.m_step(_flatten(ys), _flatten(gamma), None if us is None else _flatten(us),
+    if len(em_fixed) < len(model.emission_family.learnable):
+        new_em = model.emission_family.m_step(_flatten(ys), _flatten(gamma), None if us is None else _flatten(us),
                                         None if prior is None else prior.emissions, em_fixed)
     return eqx.tree_at(lambda m: (m.initial_probs, m.transition_matrix, m.emissions), model,
                        (new_pi, new_A, new_em))
@@ -141,7 +145,7 @@ def _random_model(key, model, ys, us, lengths, fix_pi, fix_A, em_fixed):
     centres = lax.top_k(scores, K)[1]
     d2 = jnp.sum((yt[:, None, :] - yt[centres][None]) ** 2 * observed[:, None, :], -1) / D
     weights = jax.nn.softmax(-2.0 * d2, -1) * row_ok[:, None]
-    em = model.emissions.initialize(key, y, weights, None if us is None else _flatten(us), em_fixed)
+    em = model.emission_family.initialize(key, y, weights, None if us is None else _flatten(us), em_fixed)
     return eqx.tree_at(lambda m: (m.initial_probs, m.transition_matrix, m.emissions), model, (pi, A, em))
 
 
@@ -187,7 +191,7 @@ def _fit(model, ys, us, lengths, pl, prior, key, tol, *, num_iters, num_restarts
 def _parse_fixed(model, fixed):
     if isinstance(fixed, str):
         fixed = (fixed,)
-    learnable = tuple(model.emissions.learnable)
+    learnable = tuple(model.emission_family.learnable)
     allowed = ("initial_probs", "transition_matrix", "emissions") + tuple(f"emissions.{n}" for n in learnable)
     bad = [f for f in fixed if f not in allowed]
     if bad:
@@ -222,12 +226,14 @@ def baum_welch(model, emissions, num_iters: int = 100, *, lengths=None, inputs=N
     """Fit an HMM by Baum-Welch (EM); MAP with ``prior``.
 
     Args:
-        model: a `ps.models.HMM` (the starting point; not modified).
-        emissions: (T, D) or a padded batch (B, T, D); NaN marks missing values.
+        model: the starting point (not modified): a `ps.models.HMM`, or any `AbstractDiscreteSSM`
+            that declares the HMM structure through `emission_family`.
+        emissions: (T, D), a padded batch (B, T, D) or a list of (T_b, D) arrays; NaN marks
+            missing values.
         num_iters: number of EM iterations.
         lengths: (B,) true lengths of the batched sequences (steps beyond are ignored).
-        inputs: (T, U) or (B, T, U) emission inputs; autoregressive emissions build their
-            lagged inputs themselves when None.
+        inputs: (T, U) shared or (B, T, U) per sequence; None: the model's `default_inputs`
+            (the lagged observations for autoregressive emissions).
         plausibility: (T, K) or (B, T, K) ARPHMM weights on the emission likelihoods.
         fixed: parameters to hold: "initial_probs", "transition_matrix", "emissions" or
             "emissions.<field>" (e.g. "emissions.covs").
@@ -243,29 +249,28 @@ def baum_welch(model, emissions, num_iters: int = 100, *, lengths=None, inputs=N
         ``(fitted_model, history)``: history[i] is the (penalised, with a prior)
         log-likelihood of the parameters entering iteration i; it never decreases.
     """
-    from probssm.models.hmm import HMM
-
-    if not isinstance(model, HMM):
-        raise ValueError(f"model: Baum-Welch expects a ps.models.HMM, got {type(model).__name__}")
+    if not isinstance(model, AbstractDiscreteSSM) or model.emission_family is None:
+        raise ValueError("model: Baum-Welch expects a discrete-state model with an HMM structure (an "
+                         "AbstractDiscreteSSM whose emission_family is a ps.emissions family, e.g. "
+                         f"ps.models.HMM), got {type(model).__name__}")
     num_iters = checks.positive_int(num_iters, "num_iters")
     num_restarts = checks.positive_int(num_restarts, "num_restarts")
     if num_restarts > 1 and key is None:
         raise ValueError("key: expected a jax.random key when num_restarts > 1")
-    if key is None:
-        key = jax.random.PRNGKey(0)
     if tol is not None and not (float(tol) > 0):
         raise ValueError(f"tol: expected a positive float or None, got {tol!r}")
     fix_pi, fix_A, em_fixed = _parse_fixed(model, fixed)
     if model.transition_matrix.ndim == 3 and not fix_A:
         raise ValueError("fixed: the transition matrix is time-varying; Baum-Welch learns a fixed one, so "
                          "pass fixed=('transition_matrix', ...)")
-    ys, u, n, pl, flags = hmm_engine.prepare(model, emissions, inputs, lengths, plausibility)
-    if not flags["batched"]:
+    batch, pl = hmm_engine.prepare(model, emissions, inputs, lengths, plausibility)
+    ys, u, n = batch.emissions, batch.inputs, batch.lengths
+    if not batch.batched:
         ys = ys[None]
         n = None if n is None else n[None]
         pl = None if pl is None else pl[None]
     prior = _check_prior(prior, model.num_states, ys.dtype)
-    us = _model_inputs(model, ys, u, flags["batched_u"])
+    us = _model_inputs(model, ys, u, batch.inputs_batched)
     show = prog.default_enabled(progress, num_iters)
     tol_arr = jnp.asarray(0.0 if tol is None else tol, ys.dtype)
     with prog.progress_bar(num_iters, "Baum-Welch", show):

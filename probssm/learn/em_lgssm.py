@@ -1,86 +1,60 @@
-"""EM for linear-Gaussian models with a closed-form M-step.
+"""EM for any linear-Gaussian model (`ps.core.AbstractLinearGaussianSSM`).
 
-E-step: the RTS smoother gives, per sequence, E[z_t], E[z_t z_t^T] and
-E[z_{t+1} z_t^T]. Missing entries of y_t are latent too: given z_t and the
-observed entries, y_t = A_t z_t + c_t + noise with
+E-step: the RTS smoother core (`ps.kalman.smoother_params`) gives, per sequence,
+E[z_t], E[z_t z_t^T] and E[z_{t+1} z_t^T]. Missing entries of y_t are latent too:
+given z_t and the observed entries, y_t = A_t z_t + c_t + noise with
 
     J_t = R Rinv_obs   (Rinv_obs: inverse of the observed block, zero elsewhere)
     A_t = (I - J_t) H,   c_t = (I - J_t) d_t + J_t y_t,   Cov = R - J_t R,
 
 so E[y_t], E[y_t z_t^T] and E[y_t y_t^T] are closed-form (a fully observed row
-gives back y_t itself).
+gives back y_t itself). Steps beyond a sequence's length (``lengths=``) get weight 0.
 
-M-step: each conditional is a linear regression with Gaussian noise,
-z_t ~ [F b B] [z_{t-1}; 1; u_t] and y_t ~ [H d D] [z_t; 1; u_t]; coefficients held
-fixed are moved to the target, the free ones solve the normal equations, and
-the noise covariance is the expected residual outer product. The loop over
-iterations is one `lax.scan`, compiled once per (shapes, fixed set).
+M-step: the model's closed form `model.m_step(moments, fixed)` where it declares one
+(`LinearGaussianSSM`: joint linear regressions); otherwise a generalised M-step,
+L-BFGS steps on the expected complete-data log-likelihood
+
+    Q(theta) = E[log N(z_0; m_1, P_1)] + sum_t E[log N(z_t; F_t z_{t-1} + b_t, Q_t)]
+               + sum_t E[log N(y_t; H_t z_t + d_t, R_t)]
+
+(from `model.linear_gaussian_params`) over the unconstrained free arrays of
+`ps.core.params.spec(model, fixed)`; a step is kept only when it raises Q, so the
+log-likelihood never decreases. The loop over iterations is one `lax.scan`,
+compiled once per (shapes, fixed set).
 """
 from __future__ import annotations
 
 from functools import partial
-from typing import NamedTuple
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
+import optax
 from jax import lax
 
-from probssm.core import checks, progress as prog
-from probssm.core.linalg import psd_solve, symmetrize
+from probssm.core import checks, params as pspec, progress as prog
+from probssm.core.batching import Batch
+from probssm.core.linalg import cholesky, cho_solve_lower, symmetrize
+from probssm.core.protocol import AbstractLinearGaussianSSM, LinearGaussianParams
 from probssm.inference import kalman
+from probssm.models.lgssm import LinearGaussianMoments
 
-# The fields EM can learn, grouped by the regression they belong to.
-TRANSITION_FIELDS = ("transition_matrix", "transition_offset", "transition_input_matrix")
-EMISSION_FIELDS = ("emission_matrix", "emission_offset", "emission_input_matrix")
-LEARNABLE = ("initial_mean", "initial_cov") + TRANSITION_FIELDS + ("transition_cov",) + EMISSION_FIELDS + (
-    "emission_cov",)
+__all__ = ["em_lgssm", "posterior_moments", "expected_log_joint"]
 
-
-class SufficientStats(NamedTuple):
-    z0: jax.Array  # sum_b E[z_0]
-    z0z0: jax.Array  # sum_b E[z_0 z_0^T]
-    num_sequences: jax.Array
-    dyn_xx: jax.Array  # sum E[x x^T], x = [z_{t-1}; 1; u_t]
-    dyn_zx: jax.Array  # sum E[z_t x^T]
-    dyn_zz: jax.Array  # sum E[z_t z_t^T]
-    dyn_n: jax.Array
-    obs_xx: jax.Array  # x = [z_t; 1; u_t]
-    obs_yx: jax.Array
-    obs_yy: jax.Array
-    obs_n: jax.Array
+_LOG_2PI = 1.8378770664093453
 
 
-def _design(mu, Ezz, u):
-    """E[x] and E[x x^T] for x = [z; 1; u] (u may be None)."""
-    one = jnp.ones((mu.shape[0], 1), mu.dtype)
-    parts = [mu, one] + ([u] if u is not None else [])
-    ex = jnp.concatenate(parts, axis=-1)
-    # E[x x^T] = E[x] E[x]^T except the z block, which is E[z z^T].
-    exx = jnp.einsum("ti,tj->tij", ex, ex)
-    d = mu.shape[-1]
-    exx = exx.at[:, :d, :d].set(Ezz)
-    return ex, exx
-
-
-def _sequence_stats(model, y, u):
-    """Expected sufficient statistics of one sequence, and its log-likelihood."""
+def posterior_moments(params: LinearGaussianParams, emissions, length=None):
+    """E-step of one sequence: its `LinearGaussianMoments` (without the batch axis, inputs None)
+    and its log-likelihood. ``emissions`` (T, p), NaN = missing; ``length`` (optional int, may be
+    traced) marks steps at and beyond it as padding (weight 0)."""
+    y = kalman.mask_padding(jnp.asarray(emissions), length)
     num_timesteps = y.shape[0]
-    params = model.linear_gaussian_params(num_timesteps, u)
-    mask = ~jnp.isnan(y)
-    post = kalman._smooth(params, y, mask, False, None)
+    post = kalman.smoother_params(params, y)
     mu, S = post.smoothed_means, post.smoothed_covs
     Ezz = S + jnp.einsum("ti,tj->tij", mu, mu)
     Ez1z0 = post.smoothed_cross_covs + jnp.einsum("ti,tj->tij", mu[1:], mu[:-1])
-
-    dyn_u = None if (u is None or model.transition_input_matrix is None) else u[1:]
-    ex_prev, exx_prev = _design(mu[:-1], Ezz[:-1], dyn_u)
-    d = mu.shape[-1]
-    dyn_zx = jnp.einsum("ti,tj->tij", mu[1:], ex_prev).at[:, :, :d].set(Ez1z0)
-
-    # Emissions: expected y given the observed entries and z (see module docstring).
-    p = _broadcast_emission(params, num_timesteps)
-    H, dd, R = p
+    p = kalman.expand_time(params, num_timesteps)
+    mask = ~jnp.isnan(y)
     obs = mask.astype(y.dtype)
     y0 = jnp.where(mask, y, 0.0)
 
@@ -97,139 +71,171 @@ def _sequence_stats(model, y, u):
         Eyy = A @ Ezz @ A.T + jnp.outer(Am, c) + jnp.outer(c, Am) + jnp.outer(c, c) + symmetrize(R - J @ R)
         return Ey, Eyz, Eyy
 
-    Ey, Eyz, Eyy = jax.vmap(emission_moments)(H, dd, R, obs, y0, mu, Ezz)
-    obs_u = None if (u is None or model.emission_input_matrix is None) else u
-    ex, exx = _design(mu, Ezz, obs_u)
-    obs_yx = jnp.einsum("ti,tj->tij", Ey, ex).at[:, :, :d].set(Eyz)
-
-    stats = SufficientStats(
-        mu[0], Ezz[0], jnp.asarray(1.0, y.dtype),
-        exx_prev.sum(0), dyn_zx.sum(0), Ezz[1:].sum(0), jnp.asarray(num_timesteps - 1, y.dtype),
-        exx.sum(0), obs_yx.sum(0), Eyy.sum(0), jnp.asarray(num_timesteps, y.dtype),
-    )
-    return stats, post.log_likelihood
+    Ey, Eyz, Eyy = jax.vmap(emission_moments)(p.emission_matrix, p.emission_offset, p.emission_cov, obs, y0, mu,
+                                              Ezz)
+    if length is None:
+        weights = jnp.ones(num_timesteps, y.dtype)
+    else:
+        weights = (jnp.arange(num_timesteps) < length).astype(y.dtype)
+    return LinearGaussianMoments(mu, Ezz, Ez1z0, Ey, Eyz, Eyy, None, weights), post.log_likelihood
 
 
-def _broadcast_emission(params, num_timesteps):
-    """Emission matrix, offset (inputs folded in) and covariance with a time axis."""
-    def tv(a, base):
-        return a if a.ndim > base else jnp.broadcast_to(a, (num_timesteps,) + a.shape)
-
-    return tv(params.emission_matrix, 2), tv(params.emission_offset, 1), tv(params.emission_cov, 2)
-
-
-def _regression(Sxx, Syx, Syy, n, blocks, coefs, free):
-    """Solve y ~ W x with some column blocks of W fixed; return (W blocks, noise covariance).
-
-    blocks: list of (start, stop) column ranges of x; coefs: current W blocks;
-    free: tuple of bools, which blocks to estimate.
-    """
-    free_idx = [i for i, f in enumerate(free) if f]
-    fixed_idx = [i for i, f in enumerate(free) if not f]
-    cols = lambda idx: jnp.concatenate([jnp.arange(*blocks[i]) for i in idx]) if idx else jnp.zeros(0, int)
-    W = jnp.concatenate(coefs, axis=1)
-    if free_idx:
-        f_cols, c_cols = cols(free_idx), cols(fixed_idx)
-        target = Syx[:, f_cols]
-        if fixed_idx:
-            target = target - W[:, c_cols] @ Sxx[jnp.ix_(c_cols, f_cols)]
-        W_free = psd_solve(Sxx[jnp.ix_(f_cols, f_cols)], target.T).T
-        W = W.at[:, f_cols].set(W_free)
-    cov = (Syy - W @ Syx.T - Syx @ W.T + W @ Sxx @ W.T) / n
-    out = [W[:, a:b] for a, b in blocks]
-    return out, symmetrize(cov)
+def _expected_gauss(cov, second):
+    """E[log N(r; 0, cov)] given E[r r^T] = second."""
+    L = cholesky(cov)
+    return -0.5 * (jnp.trace(cho_solve_lower(L, second)) + 2.0 * jnp.sum(jnp.log(jnp.diagonal(L)))
+                   + cov.shape[-1] * _LOG_2PI)
 
 
-def _m_step(model, stats: SufficientStats, fixed: frozenset):
-    d = model.state_dim
-    new = {}
-    if "initial_mean" not in fixed:
-        new["initial_mean"] = stats.z0 / stats.num_sequences
-    m1 = new.get("initial_mean", model.initial_mean)
-    if "initial_cov" not in fixed:
-        # E[(z_0 - m1)(z_0 - m1)^T], averaged over sequences (m1 may be held fixed).
-        mean, second = stats.z0 / stats.num_sequences, stats.z0z0 / stats.num_sequences
-        new["initial_cov"] = symmetrize(second - jnp.outer(mean, m1) - jnp.outer(m1, mean) + jnp.outer(m1, m1))
-
-    for names, cov_name, xx, yx, yy, n, out_dim in (
-        (TRANSITION_FIELDS, "transition_cov", stats.dyn_xx, stats.dyn_zx, stats.dyn_zz, stats.dyn_n, d),
-        (EMISSION_FIELDS, "emission_cov", stats.obs_xx, stats.obs_yx, stats.obs_yy, stats.obs_n, None),
-    ):
-        present = [nm for nm in names if getattr(model, nm) is not None]
-        if all(nm in fixed for nm in present + [cov_name]):
-            continue
-        coefs = [getattr(model, nm) if getattr(model, nm).ndim == 2 else getattr(model, nm)[:, None]
-                 for nm in present]
-        widths = [c.shape[1] for c in coefs]
-        starts = [sum(widths[:i]) for i in range(len(widths))]
-        blocks = [(s, s + w) for s, w in zip(starts, widths)]
-        free = tuple(nm not in fixed for nm in present)
-        W_blocks, cov = _regression(xx, yx, yy, n, blocks, coefs, free)
-        for nm, W_b, f in zip(present, W_blocks, free):
-            if f:
-                new[nm] = W_b[:, 0] if getattr(model, nm).ndim == 1 else W_b
-        if cov_name not in fixed:
-            new[cov_name] = cov
-    names = tuple(new)
-    return eqx.tree_at(lambda m: tuple(getattr(m, k) for k in names), model, tuple(new[k] for k in names))
+def _affine_second(W, c, Ea, Eab, Eb, Ebb, Eaa):
+    """E[r r^T] for r = a - W b - c given E[a], E[a b^T], E[b], E[b b^T], E[a a^T]."""
+    Wb = W @ Eb
+    cross = Eab @ W.T  # E[a b^T] W^T
+    out = (Eaa - cross - cross.T + W @ Ebb @ W.T - jnp.outer(Ea - Wb, c) - jnp.outer(c, Ea - Wb)
+           + jnp.outer(c, c))
+    return symmetrize(out)
 
 
-@partial(jax.jit, static_argnames=("num_iters", "fixed", "batched_u", "show"))
-def _fit(model, ys, inputs, *, num_iters, fixed, batched_u, show):
+def expected_log_joint(params: LinearGaussianParams, moments: LinearGaussianMoments) -> jax.Array:
+    """Q = E[log p(z, y)] of one sequence under ``params``, from its posterior moments
+    (single sequence: moments without the batch axis). Traceable; differentiable in params."""
+    T = moments.z.shape[0]
+    p = kalman.expand_time(params, T)
+    w = moments.weights
+    m1, z0 = params.initial_mean, moments.z[0]
+    init = _expected_gauss(params.initial_cov, symmetrize(moments.zz[0] - jnp.outer(z0, m1) - jnp.outer(m1, z0)
+                                                          + jnp.outer(m1, m1)))
+
+    def trans(F, b, Q, Ez, Ezz, Ez1z0, Ezp, Ezzp):
+        return _expected_gauss(Q, _affine_second(F, b, Ez, Ez1z0, Ezp, Ezzp, Ezz))
+
+    def emit(H, d, R, Ey, Eyy, Eyz, Ez, Ezz):
+        return _expected_gauss(R, _affine_second(H, d, Ey, Eyz, Ez, Ezz, Eyy))
+
+    ll_t = jax.vmap(trans)(p.transition_matrix[1:], p.transition_offset[1:], p.transition_cov[1:], moments.z[1:],
+                           moments.zz[1:], moments.z1z0, moments.z[:-1], moments.zz[:-1])
+    ll_e = jax.vmap(emit)(p.emission_matrix, p.emission_offset, p.emission_cov, moments.y, moments.yy, moments.yz,
+                          moments.z, moments.zz)
+    return init + jnp.sum(w[1:] * ll_t) + jnp.sum(w * ll_e)
+
+
+def _generalised_m_step(model, moments: LinearGaussianMoments, spec, num_steps: int):
+    """L-BFGS on -Q over the unconstrained free arrays; the result is kept only if Q rises."""
+    if not spec.paths:
+        return model
+    T = moments.z.shape[1]
+    total = jnp.sum(moments.weights)
+
+    def q_of(m):
+        def one(mom):
+            return expected_log_joint(m.linear_gaussian_params(T, mom.inputs), mom)
+
+        return jnp.sum(jax.vmap(one)(moments))
+
+    def loss(free):
+        return -q_of(pspec.from_unconstrained(model, spec, free)) / total
+
+    start = pspec.to_unconstrained(model, spec)
+    opt = optax.lbfgs()
+    value_and_grad = optax.value_and_grad_from_state(loss)
+
+    def step(carry, _):
+        x, state = carry
+        value, grad = value_and_grad(x, state=state)
+        updates, state = opt.update(grad, state, x, value=value, grad=grad, value_fn=loss)
+        return (optax.apply_updates(x, updates), state), None
+
+    (x, _), _ = lax.scan(step, (start, opt.init(start)), None, length=num_steps)
+    candidate = pspec.from_unconstrained(model, spec, x)
+    q_old, q_new = q_of(model), q_of(candidate)
+    better = jnp.isfinite(q_new) & (q_new >= q_old)
+    kept = tuple(jnp.where(better, pspec.get(candidate, p), pspec.get(model, p)) for p in spec.paths)
+    return pspec.replace(model, spec.paths, kept)
+
+
+@partial(jax.jit, static_argnames=("num_iters", "fixed", "batched", "inputs_batched", "show", "m_step_iters"))
+def _fit(model, ys, inputs, lengths, *, num_iters, fixed, batched, inputs_batched, show, m_step_iters):
     every = prog.report_every(num_iters)
+    batch = Batch(ys, inputs, lengths, batched, inputs_batched)
+    spec = pspec.spec(model, fixed)
+
+    def e_step(model):
+        def one(y, u, n):
+            params = model.linear_gaussian_params(y.shape[0], u)
+            mom, ll = posterior_moments(params, y, n)
+            return mom._replace(inputs=u), ll
+
+        mom, ll = batch.map(one)
+        if not batched:
+            mom, ll = jax.tree_util.tree_map(lambda a: a[None], (mom, ll))
+        return mom, jnp.sum(ll)
 
     def step(model, i):
-        stats, lls = jax.vmap(_sequence_stats, in_axes=(None, 0, 0 if batched_u else None))(model, ys, inputs)
-        stats = jax.tree_util.tree_map(lambda a: a.sum(0), stats)
-        ll = lls.sum()
+        moments, ll = e_step(model)
         if show:
             prog.report(i, ll, every)
-        return _m_step(model, stats, fixed), ll
+        new = model.m_step(moments, fixed)
+        if new is None:
+            new = _generalised_m_step(model, moments, spec, m_step_iters)
+        return new, ll
 
     return lax.scan(step, model, jnp.arange(num_iters))
 
 
-def em_lgssm(model, emissions, num_iters: int = 100, *, inputs=None, fixed=(), progress=None):
-    """EM for a `LinearGaussianSSM`.
+def _normalise_fixed(model, fixed) -> tuple:
+    """Dotted paths (old bare field names are paths); a named field holding None is dropped."""
+    if isinstance(fixed, str):
+        fixed = (fixed,)
+    out = []
+    for f in fixed:
+        if not isinstance(f, str):
+            raise ValueError(f"fixed: expected dotted path strings such as 'emission_cov', got {f!r}")
+        try:
+            node = pspec.get(model, f)
+        except (AttributeError, IndexError, ValueError):
+            node = 0  # unknown: let spec() name it
+        if node is not None:
+            out.append(f)
+    pspec.spec(model, tuple(out))  # raises ValueError naming an unknown path
+    return tuple(sorted(set(out)))
+
+
+def em_lgssm(model, emissions, num_iters: int = 100, *, inputs=None, lengths=None, fixed=(), progress=None,
+             m_step_iters: int = 50):
+    """EM for any `ps.core.AbstractLinearGaussianSSM`.
 
     Args:
         model: the starting model (not modified).
-        emissions: (T, p) or (B, T, p); NaN marks missing values (pad unequal lengths with NaN).
+        emissions: (T, p), (B, T, p) or a list of (T_b, p) arrays; NaN marks missing values.
         num_iters: number of EM iterations.
-        inputs: (T, U) or (B, T, U), when the model has input matrices.
-        fixed: names of fields to hold at their current values, e.g.
-            ``("transition_matrix", "emission_matrix")``. Time-varying fields must be fixed.
+        inputs: (T, U) shared or (B, T, U) per sequence, when the model reads inputs.
+        lengths: (B,) true lengths of a padded batch (steps beyond are left out).
+        fixed: dotted parameter paths (or prefixes) to hold at their current values, e.g.
+            ``("transition_matrix", "emission_matrix")``. For `LinearGaussianSSM`, time-varying
+            fields must be fixed.
         progress: show a progress bar (default: when num_iters >= 100).
+        m_step_iters: L-BFGS steps of the generalised M-step (models without a closed form).
+
+    Raises:
+        ValueError: bad model, emissions, inputs, lengths or fixed paths; sequences of one step.
 
     Returns:
-        ``(fitted_model, log_likelihoods)``; ``log_likelihoods[i]`` is the log-likelihood of the
-        parameters entering iteration i, so the sequence never decreases.
+        ``(fitted_model, log_likelihoods)``; ``log_likelihoods[i]`` (shape (num_iters,)) is the
+        log-likelihood of the parameters entering iteration i, so the sequence never decreases.
     """
-    from probssm.models.lgssm import LinearGaussianSSM
-
-    if not isinstance(model, LinearGaussianSSM):
-        raise ValueError(f"model: expected a LinearGaussianSSM, got {type(model).__name__}")
+    if not isinstance(model, AbstractLinearGaussianSSM):
+        raise ValueError(f"model: expected an AbstractLinearGaussianSSM, got {type(model).__name__}")
     num_iters = checks.positive_int(num_iters, "num_iters")
-    fixed = frozenset(fixed)
-    unknown = fixed - set(LEARNABLE)
-    if unknown:
-        raise ValueError(f"fixed: unknown parameter names {sorted(unknown)}; expected a subset of {list(LEARNABLE)}")
-    for name in LEARNABLE:
-        a = getattr(model, name)
-        base = 1 if name.endswith("offset") or name == "initial_mean" else 2
-        if a is not None and a.ndim > base:
-            group = next((g + (c,) for g, c in ((TRANSITION_FIELDS, "transition_cov"),
-                                                 (EMISSION_FIELDS, "emission_cov")) if name in g + (c,)), (name,))
-            free = [g for g in group if g not in fixed and getattr(model, g) is not None]
-            if free:
-                raise ValueError(
-                    f"fixed: {name} is time-varying; EM learns time-invariant parameters only, so fix it "
-                    f"and the rest of its group {list(group)} (free now: {free})")
-    ys, u, flags = kalman._prepare(model, emissions, inputs)
-    if not flags["batched"]:
-        ys = ys[None]
-    batched_u = flags["batched_u"]
+    m_step_iters = checks.positive_int(m_step_iters, "m_step_iters")
+    fixed = _normalise_fixed(model, fixed)
+    batch = kalman.check_arguments(model, emissions, inputs, lengths)
+    if batch.num_timesteps < 2:
+        raise ValueError("emissions: EM needs sequences of at least 2 time steps (with T = 1 the transition is "
+                         "unobserved and the emission regression fits the data exactly, a degenerate maximum); "
+                         f"got shape {tuple(batch.emissions.shape)}")
     show = prog.default_enabled(progress, num_iters)
     with prog.progress_bar(num_iters, "EM", show):
-        fitted, history = _fit(model, ys, u, num_iters=num_iters, fixed=fixed, batched_u=batched_u, show=show)
+        fitted, history = _fit(model, batch.emissions, batch.inputs, batch.lengths, num_iters=num_iters,
+                               fixed=fixed, batched=batch.batched, inputs_batched=batch.inputs_batched, show=show,
+                               m_step_iters=m_step_iters)
     return fitted, history

@@ -27,10 +27,17 @@ step costs nothing: the next iteration draws new Gumbel noise from the same E-st
 
     fitted, history = fit_hmmglm(model, spikes, 100, key=key)     # spikes (M, T, N)
     ll = hmmglm_log_likelihood(fitted, held_out)                   # (M',) per trial
+    fitted, history = ps.learn.em(model, spikes, 100, key=key)     # the same (registered with em)
+
+The data argument is ``emissions`` (spike counts (M, T, N), (T, N) or a list of (T_m, N) trials);
+``spikes=`` is a deprecated keyword alias. Randomness (Gumbel noise of the one-hot prior, random
+mini-batches) needs ``key``; fits without randomness run without one.
 """
 from __future__ import annotations
 
-import dataclasses
+import functools
+import inspect
+import warnings
 from functools import partial
 from typing import NamedTuple, Optional
 
@@ -41,8 +48,10 @@ import numpy as np
 import optax
 from jax import lax
 
-from probssm.core import checks, progress as prog
-from probssm.inference import hmm as hmm_engine
+from probssm.core import batching, checks, params as core_params, progress as prog
+from probssm.inference.hmm import filter_params, smoother_params
+from probssm.learn.em import register_em
+from probssm.learn.hmmglm_transitions import transition_m_step, transition_q
 from probssm.models.hmmglm import HMMGLM, check_spikes
 
 __all__ = ["ThresholdResult", "coupling_sizes", "fit_hmmglm", "hmmglm_log_likelihood", "init_hmmglm", "m_step_objective",
@@ -50,42 +59,57 @@ __all__ = ["ThresholdResult", "coupling_sizes", "fit_hmmglm", "hmmglm_log_likeli
 
 
 def _check_model(model):
+    # the HMM-GLM's own public API checks its argument (no engine dispatches on this class)
     if not isinstance(model, HMMGLM):
         raise ValueError(f"model: expected a ps.models.HMMGLM, got {type(model).__name__}")
 
 
-def _prepare(model, spikes, inputs, lengths=None, name="spikes"):
-    """Validated (ys (M, T, N), us (M, T, U) or None, lengths (M,) or None, batched flag)."""
-    ns = None
-    if lengths is not None:
-        # padding beyond each trial's length may hold anything (NaN included): it is zeroed, and
-        # its bins get zero weight in every sum (history covariates only look back)
-        a = np.array(spikes, dtype=float)
-        if a.ndim != 3:
-            raise ValueError(f"lengths: only for a batch of trials (M, T, N); spikes have shape {a.shape}")
-        ns = hmm_engine.check_lengths(lengths, a.shape[1], a.shape[0])
-        a[np.arange(a.shape[1])[None, :] >= np.asarray(ns)[:, None]] = 0.0
-        spikes = a
-    ys, batched = check_spikes(spikes, model.family, model.num_neurons, model.history_length, name)
-    if not batched:
-        ys = ys[None]
+def _accepts_spikes(fn):
+    """Let ``fn``'s data argument ``emissions`` also be given as ``spikes=`` (deprecated alias)."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if "spikes" in kwargs:
+            if "emissions" in kwargs or "emissions" in signature.bind_partial(*args).arguments:
+                raise ValueError("spikes: a deprecated alias of emissions; give only one of them")
+            warnings.warn("spikes= is deprecated; pass the data as emissions", DeprecationWarning, stacklevel=2)
+            kwargs["emissions"] = kwargs.pop("spikes")
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _prepare(model, emissions, inputs, lengths=None):
+    """Validated (ys (M, T, N), us (M, T, U) or None, lengths (M,) or None, batched flag).
+
+    ``emissions``: (T, N), (M, T, N) or a list of (T_m, N) trials (padded, lengths filled in).
+    Padding beyond each trial's length may hold anything (NaN included): it is zeroed, and its
+    bins get zero weight in every sum (history covariates only look back)."""
+    batch = batching.as_batch(emissions, inputs, lengths)
+    ys, us, ns = batch.emissions, batch.inputs, batch.lengths
+    if not batch.batched:
+        ys, ns = ys[None], (None if ns is None else ns[None])
+        us = None if us is None else us[None]
+    elif us is not None and not batch.inputs_batched:
+        us = jnp.broadcast_to(jnp.asarray(us), (ys.shape[0],) + jnp.shape(us))
+    if ns is not None:
+        ys = jnp.where((jnp.arange(ys.shape[1])[None, :] < ns[:, None])[..., None], ys, 0.0)
+    ys, _ = check_spikes(ys, model.family, model.num_neurons, model.history_length, "emissions")
     M, T, _ = ys.shape
-    us = None
-    if model.num_inputs or inputs is not None:
-        if inputs is None:
+    if model.num_inputs or us is not None:
+        if us is None:
             raise ValueError(f"inputs: the model has {model.num_inputs} external covariates; "
                              f"pass inputs (T, {model.num_inputs}) or (M, T, {model.num_inputs})")
-        us = jnp.asarray(inputs, ys.dtype)
-        if us.ndim == 2:
-            us = jnp.broadcast_to(us, (M,) + us.shape)
+        us = jnp.asarray(us, ys.dtype)
         checks.shape(us, "inputs", (M, T, model.num_inputs),
                      f"({T}, {model.num_inputs}) or ({M}, {T}, {model.num_inputs})")
         checks.finite(us, "inputs")
-    return ys, us, ns, batched
+    return ys, us, ns, batch.batched
 
 
 def _replace(model, names, values):
-    return eqx.tree_at(lambda m: tuple(getattr(m, n) for n in names), model, tuple(values[n] for n in names))
+    return core_params.replace(model, names, tuple(values[n] for n in names))
 
 
 def _expected_loglik(model, ys, xs, gamma, mode, key, normalized=True, noise=None):
@@ -93,7 +117,8 @@ def _expected_loglik(model, ys, xs, gamma, mode, key, normalized=True, noise=Non
     return jnp.sum(gamma * model.emission_log_likelihoods(ys, xs, mode, key, normalized, noise))
 
 
-def m_step_objective(model, spikes, state_probs, inputs=None, *, mode: str = "hard", key=None):
+@_accepts_spikes
+def m_step_objective(model, emissions, state_probs, inputs=None, *, mode: str = "hard", key=None):
     """Q_em(theta) = sum_t,k gamma_t(k) log p(x_t | z_t = k, history) + log prior(theta).
 
     The part of the EM objective that the inner Adam loop maximises (the transition part is
@@ -102,28 +127,17 @@ def m_step_objective(model, spikes, state_probs, inputs=None, *, mode: str = "ha
 
     Args:
         model: `HMMGLM`.
-        spikes: (T, N) or (M, T, N).
+        emissions: spike counts (T, N) or (M, T, N).
         state_probs: (T, K) or (M, T, K) posterior state probabilities gamma.
         inputs: external covariates (T, U) or (M, T, U), when the model has them.
         mode: indicators for the one-hot prior: "hard", "expected" or "relaxed" (needs ``key``).
     """
-    ys = jnp.asarray(spikes)
+    ys = jnp.asarray(emissions)
     g = jnp.asarray(state_probs)
     xs = model.covariates(ys, inputs)
     U = xs.shape[-1]
     return (_expected_loglik(model, ys.reshape(-1, ys.shape[-1]), xs.reshape(-1, U), g.reshape(-1, g.shape[-1]),
                              mode, key) + model.log_prior())
-
-
-def _transition_q(log_A, R, gamma, counts, us, lengths=None):
-    """Q_trans of `transition_objective` for gamma (M, T, K) (zero beyond each trial's length),
-    summed counts (K, K), us (M, T, U)."""
-    drive = us[:, 1:] @ R.T  # (M, T-1, K): r_j . u_t
-    lse = jax.nn.logsumexp(log_A + drive[..., None, :], -1)  # (M, T-1, K): normaliser of row i at step t
-    leaving = gamma[:, :-1]
-    if lengths is not None:  # the last step of a trial has no successor
-        leaving = leaving * (jnp.arange(1, gamma.shape[1]) < lengths[:, None])[..., None]
-    return jnp.sum(counts * log_A) + jnp.sum(gamma[:, 1:] * drive) - jnp.sum(leaving * lse)
 
 
 def transition_objective(model, state_probs, transition_counts, inputs):
@@ -153,55 +167,10 @@ def transition_objective(model, state_probs, transition_counts, inputs):
     u = jnp.broadcast_to(jnp.asarray(inputs, g.dtype), g.shape[:2] + (model.num_inputs,))
     counts = jnp.asarray(transition_counts, g.dtype)
     counts = counts.sum(0) if counts.ndim == 3 else counts
-    return _transition_q(model.log_transition_matrix, model.transition_input_weights, g, counts, u)
+    return transition_q(model.log_transition_matrix, model.transition_input_weights, g, counts, u)
 
 
-_NEWTON_STEPS = 8
-_NEWTON_STEP_SIZES = (1.0, 0.5, 0.25, 0.1, 0.01)
-
-
-def _transition_m_step(model, trans_names, gamma, counts, us, lengths=None):
-    """Maximise Q_trans over log A and R (those in ``trans_names``) by damped Newton steps.
-
-    Q_trans is concave but flat along row shifts of log A and shifts of R shared by all
-    states, so the Newton system gets a small ridge. Each step tries the step sizes in
-    ``_NEWTON_STEP_SIZES`` at once and keeps the best one that does not lower Q_trans, so the
-    result never scores below the start (the generalised-EM inequality holds for this block
-    on its own: Q separates into emission and transition parameters)."""
-    K, U = model.num_states, model.num_inputs
-    log_A0, R0 = model.log_transition_matrix, model.transition_input_weights
-    free_A, free_R = "transition_matrix" in trans_names, "transition_input_weights" in trans_names
-    n_A = K * K if free_A else 0
-
-    def unpack(theta):
-        log_A = theta[:n_A].reshape(K, K) if free_A else log_A0
-        R = theta[n_A:].reshape(K, U) if free_R else R0
-        return log_A, R
-
-    def q(theta):
-        log_A, R = unpack(theta)
-        return _transition_q(log_A, R, gamma, counts, us, lengths)
-
-    theta0 = jnp.concatenate(([log_A0.ravel()] if free_A else []) + ([R0.ravel()] if free_R else []))
-    sizes = jnp.asarray(_NEWTON_STEP_SIZES, theta0.dtype)
-    eye = jnp.eye(theta0.size, dtype=theta0.dtype)
-
-    def newton(theta, _):
-        g = jax.grad(q)(theta)
-        H = jax.hessian(q)(theta)
-        ridge = 1e-6 * jnp.trace(-H) / theta.size + jnp.finfo(theta.dtype).eps
-        step = jnp.linalg.solve(-H + ridge * eye, g)
-        candidates = theta + sizes[:, None] * step
-        values = jax.vmap(q)(candidates)
-        values = jnp.where(jnp.isfinite(values), values, -jnp.inf)
-        best = jnp.argmax(values)
-        better = values[best] >= q(theta)
-        return jnp.where(better, candidates[best], theta), None
-
-    theta, _ = lax.scan(newton, theta0, None, length=_NEWTON_STEPS)
-    log_A, R = unpack(theta)
-    A = jax.nn.softmax(log_A, -1) if free_A else model.transition_matrix
-    return A, R
+_transition_m_step = transition_m_step  # the old private name (tests)
 
 
 def _normalise_rows(counts, old):
@@ -211,7 +180,7 @@ def _normalise_rows(counts, old):
 
 
 def _posteriors(model, ys, us, ns):
-    one = lambda y, u, n: hmm_engine.posterior(model, y, u, length=n)
+    one = lambda y, u, n: smoother_params(model.discrete_params(y, u), length=n)
     return jax.vmap(one, in_axes=(0, None if us is None else 0, None if ns is None else 0))(ys, us, ns)
 
 
@@ -224,7 +193,8 @@ def _fit(model, ys, us, ns, key, learning_rate, *, num_iters, num_m_steps, batch
     xs = model.covariates(ys, us)
     yf, xf = ys.reshape(M * T, N), xs.reshape(M * T, -1)
     scale = 1.0 / ((M * T if ns is None else jnp.sum(ns)) * N)  # per observed count: same steps whatever the padding
-    train_mode = "relaxed" if model.prior == "onehot" else "hard"
+    relaxed = model.prior.relaxed  # train on Gumbel-softmax samples of the indicators
+    train_mode = "relaxed" if relaxed else "hard"
     opt = optax.scale_by_adam()
     every = prog.report_every(num_iters)
 
@@ -232,9 +202,8 @@ def _fit(model, ys, us, ns, key, learning_rate, *, num_iters, num_m_steps, batch
         return _expected_loglik(m, yf, xf, gamma, "hard", None, False) + m.log_prior()
 
     R = M * T
-    onehot = model.prior == "onehot"
-    logits_shape = model.adjacency_logits.shape
-    n_noise = int(np.prod(logits_shape))
+    noise_shape = model.prior.noise_shape
+    n_noise = int(np.prod(noise_shape)) if relaxed else 0
 
     def loss(params, m, gamma, rows, noise):
         mm = _replace(m, names, params)
@@ -252,26 +221,26 @@ def _fit(model, ys, us, ns, key, learning_rate, *, num_iters, num_m_steps, batch
         # all the randomness of this M-step from one uniform draw (random-number kernels are slow to
         # compile): rows of the mini-batches and standard Gumbel noise for the indicators
         rows, noise = None, None
-        width = (0 if batch_size is None else batch_size) + (n_noise if onehot else 0)
+        width = (0 if batch_size is None else batch_size) + n_noise
         if width:
             u = jax.random.uniform(jax.random.fold_in(key, i), (num_m_steps, width), yf.dtype,
                                    minval=jnp.finfo(yf.dtype).tiny, maxval=1.0)
             if batch_size is not None:
                 rows = jnp.minimum((u[:, :batch_size] * R).astype(jnp.int32), R - 1)
-            if onehot:
-                noise = -jnp.log(-jnp.log(u[:, width - n_noise:])).reshape((num_m_steps,) + logits_shape)
+            if relaxed:
+                noise = -jnp.log(-jnp.log(u[:, width - n_noise:])).reshape((num_m_steps,) + noise_shape)
         post = _posteriors(m, ys, us, ns)
         objective = jnp.sum(post.log_likelihood) + m.log_prior()
         gamma = post.smoothed_probs.reshape(M * T, K)
         pi = m.initial_probs if fix_pi else _normalise_rows(post.smoothed_probs[:, 0].sum(0), m.initial_probs)
         if trans_names:  # input-driven: no closed form, a few Newton steps on the concave Q_trans
             counts = post.transition_counts.sum(0)
-            A, Rin = _transition_m_step(m, trans_names, post.smoothed_probs, counts, us, ns)
+            A, Rin = transition_m_step(m, trans_names, post.smoothed_probs, counts, us, ns)
         else:
             A = m.transition_matrix if fix_A else _normalise_rows(post.transition_counts.sum(0), m.transition_matrix)
             Rin = m.transition_input_weights
 
-        params = {n: getattr(m, n) for n in names}
+        params = {n: core_params.get(m, n) for n in names}
 
         def adam_step(c, xs):
             p, s = c
@@ -284,8 +253,8 @@ def _fit(model, ys, us, ns, key, learning_rate, *, num_iters, num_m_steps, batch
         q_old, q_new = q_hard(m, gamma), q_hard(proposal, gamma)
         accept = jnp.isfinite(q_new) & (q_new >= q_old)
         kept = jax.tree_util.tree_map(lambda a, b: jnp.where(accept, a, b), new_params, params)
-        m = eqx.tree_at(lambda mm: (mm.initial_probs, mm.transition_matrix, mm.transition_input_weights),
-                        _replace(m, names, kept), (pi, A, Rin))
+        m = core_params.replace(_replace(m, names, kept),
+                                ("initial_probs", "transition_matrix", "transition_input_weights"), (pi, A, Rin))
         # step-size control: halve after a rejected M-step, recover towards learning_rate after an accepted one
         lr = jnp.where(accept, jnp.minimum(1.5 * lr, learning_rate), 0.5 * lr)
         if show:
@@ -296,32 +265,48 @@ def _fit(model, ys, us, ns, key, learning_rate, *, num_iters, num_m_steps, batch
     return model, history, accepted
 
 
-def fit_hmmglm(model: HMMGLM, spikes, num_iters: int = 50, *, inputs=None, lengths=None, key=None,
-               num_m_steps: int = 50,
-               learning_rate: float = 0.05, batch_size: Optional[int] = None, fixed=(),
+def _fixed_paths(model, fixed):
+    """``fixed`` (paths or the bare names of the prior's fields) -> paths, checked."""
+    if isinstance(fixed, str):
+        fixed = (fixed,)
+    allowed = ("initial_probs",) + model.transition_paths + model.emission_paths
+    out = tuple(f if f in allowed else f"prior.{f}" for f in fixed)
+    bad = [f for f, p in zip(fixed, out) if p not in allowed]
+    if bad:
+        raise ValueError(f"fixed: unknown parameter names {bad}; expected a subset of {list(allowed)}")
+    return out
+
+
+@register_em(HMMGLM)
+@_accepts_spikes
+def fit_hmmglm(model: HMMGLM, emissions, num_iters: int = 50, *, inputs=None, lengths=None, key=None,
+               num_m_steps: int = 50, learning_rate: float = 0.05, batch_size: Optional[int] = None, fixed=(),
                progress: Optional[bool] = None, return_accepted: bool = False):
     """Fit an HMM-GLM to many trials by generalised EM (compiled once per problem shape).
 
     Args:
         model: the starting `HMMGLM` (e.g. from `init_hmmglm`); its prior, family and link
             stay as they are.
-        spikes: (M, T, N) trials of spike counts (or one trial (T, N)); Poisson counts are
-            non-negative integers, Bernoulli bins 0/1.
+        emissions: (M, T, N) trials of spike counts, one trial (T, N) or a list of (T_m, N)
+            trials; Poisson counts are non-negative integers, Bernoulli bins 0/1.
+            (``spikes=``: deprecated alias.)
         num_iters: EM iterations.
         inputs: external covariates (T, U) shared by the trials or (M, T, U).
         lengths: (M,) trial lengths when trials of different lengths are padded to T; the
             padding may hold anything (NaN included) and is ignored.
-        key: `jax.random` key for the Gumbel-softmax samples (one-hot prior).
+        key: `jax.random` key, required when the fit draws randomness: the Gumbel-softmax samples
+            of a relaxed prior (`OneHotPrior`) or the mini-batches of ``batch_size``.
         num_m_steps: Adam steps per M-step (50).
         learning_rate: Adam step size.
         batch_size: time bins (pooled over trials) per Adam step, drawn at random; None
             uses all M * T bins. Subsampling makes the inner loop cheaper; the acceptance test
             always uses all bins, so the objective still never decreases.
-        fixed: parameter names to hold ("initial_probs", "transition_matrix",
-            "transition_input_weights" of input-driven transitions, or any
-            learnable emission field of the model's prior, e.g. "biases").
+        fixed: parameters to hold, as `probssm.core.params` paths: "initial_probs",
+            "transition_matrix", "transition_input_weights" (input-driven transitions) or any
+            of ``model.emission_paths`` (e.g. "biases", "prior.connectome_logits"; the prior's
+            fields may also be named bare, "connectome_logits").
         progress: show a progress bar (default: when num_iters >= 100).
-        return_accepted: also return the (num_iters,) flags of accepted M-steps.
+        return_accepted: deprecated: also return the (num_iters,) flags of accepted M-steps.
 
     Returns:
         ``(fitted_model, history)``; history[i] = sum_m log p(x^m) + log prior of the parameters
@@ -332,30 +317,29 @@ def fit_hmmglm(model: HMMGLM, spikes, num_iters: int = 50, *, inputs=None, lengt
     num_m_steps = checks.positive_int(num_m_steps, "num_m_steps")
     if not float(learning_rate) > 0:
         raise ValueError(f"learning_rate: expected a positive float, got {learning_rate!r}")
-    if isinstance(fixed, str):
-        fixed = (fixed,)
-    learnable = HMMGLM.LEARNABLE[model.prior]
-    transition_fields = ("transition_matrix", "transition_input_weights") if model.input_driven else ()
-    allowed = ("initial_probs", "transition_matrix") + transition_fields[1:] + learnable
-    bad = [f for f in fixed if f not in allowed]
-    if bad:
-        raise ValueError(f"fixed: unknown parameter names {bad}; expected a subset of {list(allowed)}")
-    names = tuple(n for n in learnable if n not in fixed)
-    trans_names = tuple(n for n in transition_fields if n not in fixed)
-    ys, us, ns, _ = _prepare(model, spikes, inputs, lengths)
+    fixed = _fixed_paths(model, fixed)
+    names = tuple(n for n in model.emission_paths if n not in fixed)
+    trans_names = tuple(n for n in model.transition_paths if n not in fixed) if model.input_driven else ()
+    ys, us, ns, _ = _prepare(model, emissions, inputs, lengths)
     if batch_size is not None:
         batch_size = checks.positive_int(batch_size, "batch_size")
         if batch_size >= ys.shape[0] * ys.shape[1]:
             batch_size = None
-    key = jax.random.PRNGKey(0) if key is None else key
+    if key is None:
+        if model.prior.relaxed or batch_size is not None:
+            raise ValueError(f"key: this fit draws random numbers (the {type(model.prior).__name__}'s Gumbel-softmax "
+                             "samples or random mini-batches); pass key=jax.random.PRNGKey(...)")
+        key = jax.random.PRNGKey(0)  # a placeholder argument: nothing is drawn from it
     show = prog.default_enabled(progress, num_iters)
-    with prog.progress_bar(num_iters, f"HMM-GLM EM ({model.prior})", show):
+    with prog.progress_bar(num_iters, f"HMM-GLM EM ({model.prior.name})", show):
         fitted, history, accepted = _fit(model, ys, us, ns, key, jnp.asarray(learning_rate, ys.dtype),
                                          num_iters=num_iters, num_m_steps=num_m_steps, batch_size=batch_size,
                                          names=names, trans_names=trans_names,
                                          fix_pi="initial_probs" in fixed, fix_A="transition_matrix" in fixed,
                                          show=show)
     if return_accepted:
+        warnings.warn("return_accepted is deprecated: learners return (model, history)", DeprecationWarning,
+                      stacklevel=2)
         return fitted, history, accepted
     return fitted, history
 
@@ -363,17 +347,17 @@ def fit_hmmglm(model: HMMGLM, spikes, num_iters: int = 50, *, inputs=None, lengt
 @jax.jit
 def _loglik(model, ys, us, ns):
     def one(y, u, n):  # the forward pass only
-        valid = None if n is None else jnp.arange(y.shape[0]) < n
-        return hmm_engine._filter_one(model.discrete_params(y, u), None, valid, False, None)[0]
+        return filter_params(model.discrete_params(y, u), length=n).log_likelihood
     return jax.vmap(one, in_axes=(0, None if us is None else 0, None if ns is None else 0))(ys, us, ns)
 
 
-def hmmglm_log_likelihood(model: HMMGLM, spikes, inputs=None, lengths=None):
+@_accepts_spikes
+def hmmglm_log_likelihood(model: HMMGLM, emissions, inputs=None, lengths=None):
     """log p(x^m) of every trial under the model (hard one-hot indicators), conditioning on
-    zero spikes before each trial. Returns (M,) for (M, T, N) spikes, or () for (T, N);
-    ``lengths`` (M,) as in `fit_hmmglm`."""
+    zero spikes before each trial. Returns (M,) for (M, T, N) emissions (or a list of M trials),
+    or () for (T, N); ``lengths`` (M,) as in `fit_hmmglm`."""
     _check_model(model)
-    ys, us, ns, batched = _prepare(model, spikes, inputs, lengths)
+    ys, us, ns, batched = _prepare(model, emissions, inputs, lengths)
     ll = _loglik(model, ys, us, ns)
     return ll if batched else ll[0]
 
@@ -401,7 +385,8 @@ def _link_cost(link_cost, bins, num_states):
     return link_cost
 
 
-def prune_links(model: HMMGLM, spikes, num_iters: int = 30, *, link_cost="bic", lengths=None, **fit_options):
+@_accepts_spikes
+def prune_links(model: HMMGLM, emissions, num_iters: int = 30, *, link_cost="bic", lengths=None, **fit_options):
     """Continue a one-hot fit with a price on every connection switched on, so that links
     whose likelihood gain is below ``link_cost`` nats turn to "none".
 
@@ -410,21 +395,17 @@ def prune_links(model: HMMGLM, spikes, num_iters: int = 30, *, link_cost="bic", 
     removes the weak spurious links that the relaxed indicators leave at the strength floor.
     ``link_cost="bic"``: 0.5 log(observed bins / K). The objective with the cost is a new
     one; it never decreases within this call. ``fit_options`` go to `fit_hmmglm` (``key``,
-    ``inputs``, ``batch_size``, ...).
+    required; ``inputs``, ``batch_size``, ...). ``emissions`` as in `fit_hmmglm`.
 
     Returns:
-        ``(fitted_model, history)`` as `fit_hmmglm`; the model keeps ``link_cost``.
+        ``(fitted_model, history)`` as `fit_hmmglm`; the model's prior keeps ``link_cost``.
     """
     _check_model(model)
-    if model.prior != "onehot":
-        raise ValueError(f"model: prune_links needs the one-hot prior, got prior {model.prior!r}")
-    shape = np.shape(spikes)
-    if lengths is not None and len(shape) == 3:
-        bins = int(jnp.sum(hmm_engine.check_lengths(lengths, shape[1], shape[0])))
-    else:  # fit_hmmglm rejects lengths without a batch of trials
-        bins = int(np.prod(shape[:-1]))
-    cost = _link_cost(link_cost, bins, model.num_states)  # HMMGLM checks cost >= 0
-    return fit_hmmglm(dataclasses.replace(model, link_cost=cost), spikes, num_iters, lengths=lengths, **fit_options)
+    ys, _, ns, _ = _prepare(model, emissions, fit_options.get("inputs"), lengths)
+    bins = int(np.prod(ys.shape[:2])) if ns is None else int(jnp.sum(ns))
+    prior = model.prior.with_link_cost(_link_cost(link_cost, bins, model.num_states))  # checks cost >= 0
+    return fit_hmmglm(eqx.tree_at(lambda m: m.prior, model, prior), emissions, num_iters, lengths=lengths,
+                      **fit_options)
 
 
 class ThresholdResult(NamedTuple):
@@ -443,15 +424,6 @@ def coupling_sizes(model: HMMGLM, per_state: bool = True):
     return jnp.sqrt(jnp.sum(w ** 2, -1))
 
 
-def _without(model, drop):
-    """The model with the couplings where ``drop`` (K, N, N) is true switched off."""
-    if model.prior == "onehot":  # indicators to "none": q = (e^-30, 1, e^-30), argmax "none"
-        none = jnp.asarray([-30.0, 0.0, -30.0], model.adjacency_logits.dtype)
-        return eqx.tree_at(lambda m: m.adjacency_logits, model,
-                           jnp.where(drop[..., None], none, model.adjacency_logits))
-    return eqx.tree_at(lambda m: m.weights, model, jnp.where(drop[..., None], 0.0, model.weights))
-
-
 @partial(jax.jit, static_argnames=("per_state", "levels"))
 def _threshold_scan(model, ys, us, ns, per_state, levels):
     size = coupling_sizes(model, per_state)
@@ -463,16 +435,17 @@ def _threshold_scan(model, ys, us, ns, per_state, levels):
     droppable = cross & (size > 0)
 
     def score(th):
-        return jnp.sum(_loglik(_without(model, droppable & (size <= th)), ys, us, ns))
+        return jnp.sum(_loglik(model.without_couplings(droppable & (size <= th)), ys, us, ns))
     lls = lax.map(score, thresholds)
     best = thresholds[jnp.argmax(lls)]  # the first of equal maxima: the smallest threshold
-    return ThresholdResult(_without(model, droppable & (size <= best)), best, thresholds, lls)
+    return ThresholdResult(model.without_couplings(droppable & (size <= best)), best, thresholds, lls)
 
 
-def threshold_couplings(model: HMMGLM, spikes, *, per_state: bool = True, levels: int = 40, inputs=None,
+@_accepts_spikes
+def threshold_couplings(model: HMMGLM, emissions, *, per_state: bool = True, levels: int = 40, inputs=None,
                         lengths=None) -> ThresholdResult:
     """Set the weak couplings of a fitted HMM-GLM to zero, the threshold chosen by the
-    log-likelihood of held-out trials ``spikes`` (validation data, not the training data:
+    log-likelihood of held-out trials ``emissions`` (validation data, not the training data:
     on those a smaller model never scores higher).
 
     The candidates are 0 (drop nothing) and the ``levels`` + 1 quantiles (0, 1/levels, ..., 1)
@@ -490,11 +463,12 @@ def threshold_couplings(model: HMMGLM, spikes, *, per_state: bool = True, levels
     """
     _check_model(model)
     levels = checks.positive_int(levels, "levels")
-    ys, us, ns, _ = _prepare(model, spikes, inputs, lengths)
+    ys, us, ns, _ = _prepare(model, emissions, inputs, lengths)
     return _threshold_scan(model, ys, us, ns, bool(per_state), levels)
 
 
-def init_hmmglm(key, spikes, num_states: int, *, prior: str = "none", family: str = "poisson",
+@_accepts_spikes
+def init_hmmglm(key, emissions, num_states: int, *, prior="none", family: str = "poisson",
                 link: str = "softplus", basis=None, num_inputs: int = 0, stickiness: float = 0.98,
                 weight_scale: float = 0.1, temperature: float = 0.2, min_strength: float = 0.1,
                 min_weight_scale: float = 0.1, sparsity: float = 0.0, link_cost=0.0,
@@ -504,10 +478,13 @@ def init_hmmglm(key, spikes, num_states: int, *, prior: str = "none", family: st
 
     ``link_cost="bic"`` (one-hot prior) charges each connection switched on in a state
     0.5 log(T_total / K) nats, T_total the number of time bins in ``spikes``: the BIC price of
-    the strength parameter it adds, estimated from the bins a state sees on average."""
-    y = np.asarray(spikes, float)
+    the strength parameter it adds, estimated from the bins a state sees on average.
+
+    ``emissions``: spike counts (T, N) or (M, T, N); ``prior``: a prior class (e.g.
+    `probssm.models.OneHotPrior`), a prior object or a (deprecated) name, as in `HMMGLM.create`."""
+    y = np.asarray(emissions, float)
     if y.ndim not in (2, 3):
-        raise ValueError(f"spikes: expected shape (T, N) or (M, T, N), got shape {y.shape}")
+        raise ValueError(f"emissions: expected shape (T, N) or (M, T, N), got shape {y.shape}")
     N = y.shape[-1]
     link_cost = _link_cost(link_cost, int(np.prod(y.shape[:-1])), checks.positive_int(num_states, "num_states"))
     rate = y.reshape(-1, N).mean(0)

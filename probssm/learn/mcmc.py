@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple, Optional
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -33,7 +34,11 @@ from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
 
 from probssm.core import checks
-from probssm.core.protocol import SSM, AbstractDiscreteSSM, AbstractLinearGaussianSSM, sample as ssm_sample
+from probssm.core.batching import as_batch
+from probssm.core.protocol import SSM, AbstractDiscreteSSM, AbstractLinearGaussianSSM, sample_sequence
+from probssm.inference.smc import common as C
+from probssm.inference.smc.csmc import conditional_smc_sequence
+from probssm.inference.smc.filter import particle_filter_sequence
 
 
 class MarginalLikelihood(dist.Distribution):
@@ -55,14 +60,14 @@ class MarginalLikelihood(dist.Distribution):
         self.ssm = ssm
         self.num_timesteps = int(num_timesteps)
         self.inputs = inputs
-        emission_dim = _emission_dim(ssm)
-        super().__init__(batch_shape=(), event_shape=(self.num_timesteps, emission_dim),
+        emission_shape = _emission_shape(ssm, inputs)
+        super().__init__(batch_shape=(), event_shape=(self.num_timesteps,) + emission_shape,
                          validate_args=validate_args)
 
     def sample(self, key, sample_shape=()):
         n = int(np.prod(sample_shape)) if sample_shape else 1
         keys = jax.random.split(key, n)
-        ys = jax.vmap(lambda k: ssm_sample(k, self.ssm, self.num_timesteps, self.inputs)[1])(keys)
+        ys = _sample_emissions(keys, self.ssm, self.num_timesteps, self.inputs)
         return ys.reshape(tuple(sample_shape) + ys.shape[1:])
 
     def log_prob(self, value):
@@ -71,10 +76,20 @@ class MarginalLikelihood(dist.Distribution):
         return exact_log_likelihood(self.ssm, value, self.inputs)
 
 
-def _emission_dim(ssm) -> int:
+@eqx.filter_jit
+def _sample_emissions(keys, ssm, num_timesteps, inputs):
+    """Emission sequences, one per key (the model traced, so numpyro validates nothing here)."""
+    return jax.vmap(lambda k: sample_sequence(k, ssm, num_timesteps, inputs)[1])(keys)
+
+
+def _emission_shape(ssm, inputs=None) -> tuple:
+    """Event shape of one emission row: the declared ``emission_dim`` of a linear-Gaussian model,
+    else the event shape of the emission distribution at a state drawn like ``ssm.initial``'s."""
     if isinstance(ssm, AbstractLinearGaussianSSM):
-        return ssm.emission_dim
-    return int(getattr(ssm, "emission_dim"))
+        return (ssm.emission_dim,)
+    u0 = C.first_input_row(ssm, inputs)
+    z = C.state_struct(ssm, u0)
+    return tuple(ssm.emission(jnp.zeros(z.shape, z.dtype), 0, u0).event_shape)
 
 
 def _check_priors(priors: dict, build: Optional[Callable] = None, num_probes: int = 16):
@@ -106,32 +121,38 @@ def _check_priors(priors: dict, build: Optional[Callable] = None, num_probes: in
 def numpyro_model(build: Callable[[dict], SSM], priors: dict, emissions, inputs=None):
     """A numpyro model: parameters from ``priors``, likelihood by `MarginalLikelihood`."""
     _check_priors(priors, build)
-    ys = jnp.asarray(emissions)
+    batch = as_batch(emissions, inputs)
+    ys = batch.emissions
 
     def model():
         params = {name: numpyro.sample(name, prior) for name, prior in priors.items()}
         ssm = build(params)
-        if ys.ndim == 3:
+        if batch.batched:
             with numpyro.plate("sequences", ys.shape[0]):
-                numpyro.sample("y", _Batched(ssm, ys.shape[1], inputs), obs=ys)
+                numpyro.sample("y", _Batched(ssm, ys.shape[1], batch.inputs, batch.inputs_batched), obs=ys)
         else:
-            numpyro.sample("y", MarginalLikelihood(ssm, ys.shape[0], inputs), obs=ys)
+            numpyro.sample("y", MarginalLikelihood(ssm, ys.shape[0], batch.inputs), obs=ys)
 
     return model
 
 
 class _Batched(MarginalLikelihood):
-    """One MarginalLikelihood per sequence of a batch (batch shape B)."""
+    """One MarginalLikelihood per sequence of a batch (batch shape B); ``inputs_batched`` says
+    whether the inputs carry the B axis (as `probssm.core.batching.as_batch` read them)."""
 
-    def __init__(self, ssm, num_timesteps, inputs=None):
-        super().__init__(ssm, num_timesteps, inputs)
+    pytree_aux_fields = ("num_timesteps", "inputs_batched")
+
+    def __init__(self, ssm, num_timesteps, inputs=None, inputs_batched: bool = False):
+        self.inputs_batched = bool(inputs_batched)
+        u0 = C.row(inputs, 0) if inputs_batched else inputs
+        super().__init__(ssm, num_timesteps, u0)
+        self.inputs = inputs
 
     def log_prob(self, value):
         from probssm.learn.mle import exact_log_likelihood
 
-        u = self.inputs
-        in_u = None if u is None or jnp.ndim(u) == 2 else 0
-        return jax.vmap(lambda y, uu: exact_log_likelihood(self.ssm, y, uu), in_axes=(0, in_u))(value, u)
+        in_u = 0 if self.inputs_batched else None
+        return jax.vmap(lambda y, uu: exact_log_likelihood(self.ssm, y, uu), in_axes=(0, in_u))(value, self.inputs)
 
 
 def log_density(build: Callable[[dict], SSM], priors: dict, emissions, inputs=None):
@@ -242,12 +263,12 @@ def _draw_states(key, build, flat_params, ys, inputs):
         def one(k, p):
             ssm = build(p)
             params = ssm.linear_gaussian_params(ys.shape[0], inputs)
-            return kalman._sample_paths(k, params, ys, ~jnp.isnan(ys), 1, False, None)[0]
+            return kalman.sample_params(k, params, ys, 1)[0]
     else:
         from probssm.inference import hmm
 
         def one(k, p):
-            return hmm.sample(k, build(p), ys, 1)[0]
+            return hmm.sample_params(k, build(p).discrete_params(ys, inputs), 1)[0]
 
     return jax.jit(jax.vmap(one))(keys, flat_params)
 
@@ -374,15 +395,18 @@ def _pmmh_chain(key, u0, log_target, *, num_warmup, num_samples, target_accept):
 
 
 def pmmh(key, build: Callable[[dict], SSM], priors: dict, emissions, *, num_particles: int = 500,
-         num_warmup: int = 1000, num_samples: int = 2000, num_chains: int = 2, inputs=None, init_params=None,
-         resampling: str = "systematic", target_accept: float = 0.15) -> MCMCResult:
+         num_warmup: int = 1000, num_samples: int = 2000, num_chains: int = 2, inputs=None, lengths=None,
+         init_params=None, resampling: str = "systematic", target_accept: float = 0.15) -> MCMCResult:
     """Particle marginal Metropolis-Hastings: random-walk MH with a bootstrap-filter likelihood.
 
     Works for any model (only the protocol is needed). The estimate exp(log Zhat) is
     unbiased, so the chain targets the exact posterior of the parameters.
 
     Args:
-        build, priors, emissions, init_params: as in `nuts`; emissions (T, D).
+        build, priors, init_params: as in `nuts`.
+        emissions: (T, D), (B, T, D) or a list of (T_b, D) arrays (the sequences share the
+            parameters; their log-likelihood estimates add).
+        inputs, lengths: as for `ps.smc.particle_filter` (padding beyond a length is missing data).
         num_particles: particles of the bootstrap filter at each proposal.
         target_accept: warm-up tunes the proposal scale towards this acceptance rate
             (about 0.07-0.15 is efficient for pseudo-marginal chains).
@@ -390,8 +414,6 @@ def pmmh(key, build: Callable[[dict], SSM], priors: dict, emissions, *, num_part
     Returns:
         `MCMCResult` with ``stats["accepted"]``; ``log_likelihood`` holds the particle estimates.
     """
-    from probssm.inference.smc import filter as pf
-
     _check_priors(priors, build)
     num_particles = checks.positive_int(num_particles, "num_particles", minimum=2)
     num_warmup = checks.positive_int(num_warmup, "num_warmup", minimum=0)
@@ -399,9 +421,8 @@ def pmmh(key, build: Callable[[dict], SSM], priors: dict, emissions, *, num_part
     num_chains = checks.positive_int(num_chains, "num_chains")
     if not 0.0 < float(target_accept) < 1.0:
         raise ValueError(f"target_accept: expected a value in (0, 1), got {target_accept}")
-    ys = jnp.asarray(emissions)
-    if ys.ndim != 2:
-        raise ValueError(f"emissions: expected shape (T, D), got shape {tuple(ys.shape)}")
+    resampling = C.check_resampling(resampling)
+    batch = as_batch(emissions, inputs, lengths)
     _check_init(priors, init_params)
     bijectors = {k: biject_to(p.support) for k, p in priors.items()}
 
@@ -412,8 +433,13 @@ def pmmh(key, build: Callable[[dict], SSM], priors: dict, emissions, *, num_part
             theta[name] = bijectors[name](u[name])
             total = total + jnp.sum(prior.log_prob(theta[name]))
             total = total + jnp.sum(bijectors[name].log_abs_det_jacobian(u[name], theta[name]))
-        ll = pf._filter_one(k, build(theta), ys, inputs, 1.0, num_particles=num_particles, resampling=resampling,
-                            proposal=None, auxiliary=None, history=False).log_likelihood
+        model = build(theta)
+
+        def one(y, uu, n, kk):
+            return particle_filter_sequence(kk, model, y, uu, num_particles=num_particles, resampling=resampling,
+                                            ess_threshold=1.0, history=False, length=n).log_likelihood
+
+        ll = jnp.sum(batch.map(one, C.sequence_keys(k, batch), extra_axes=(0,)))
         return total + ll, ll
 
     key_init, key_run = jax.random.split(key)
@@ -428,15 +454,16 @@ def pmmh(key, build: Callable[[dict], SSM], priors: dict, emissions, *, num_part
 # ------------------------------------------------------------------------------------------------
 # Particle Gibbs
 # ------------------------------------------------------------------------------------------------
-def _row(inputs, t):
-    return None if inputs is None else jax.tree_util.tree_map(lambda a: a[t], inputs)
+def complete_log_likelihood(model: SSM, states, emissions, inputs=None, *, length=None):
+    """log p(z_{0:T-1}, y_{0:T-1}) for one path (traceable).
 
-
-def complete_log_likelihood(model: SSM, states, emissions, inputs=None):
-    """log p(z_{0:T-1}, y_{0:T-1}) for one path; a row of y with a NaN counts as missing."""
+    states (T, d); emissions (T, D); a row of y with a NaN counts as missing, and so do the rows
+    at and beyond ``length`` (their transitions still count: the path covers all T steps).
+    Inputs None: the model's `default_inputs`.
+    """
+    emissions, inputs = C.prepare_sequence(model, emissions, inputs, length)
     T = states.shape[0]
     ts = jnp.arange(T)
-    rows = None if inputs is None else inputs
     missing = jnp.any(jnp.isnan(emissions), axis=tuple(range(1, emissions.ndim)))
     y_safe = jnp.where(jnp.isnan(emissions), 0.0, emissions)
 
@@ -446,11 +473,10 @@ def complete_log_likelihood(model: SSM, states, emissions, inputs=None):
     def transition_lp(z_prev, z, t, u):
         return model.transition(z_prev, t, u).log_prob(z)
 
-    in_u = None if rows is None else 0
-    lg = jax.vmap(emission_lp, in_axes=(0, 0, 0, in_u))(states, ts, y_safe, rows)
-    lf = jax.vmap(transition_lp, in_axes=(0, 0, 0, in_u))(
-        states[:-1], states[1:], ts[1:], None if rows is None else jax.tree_util.tree_map(lambda a: a[1:], rows))
-    return model.initial(_row(inputs, 0)).log_prob(states[0]) + jnp.sum(lf) + jnp.sum(jnp.where(missing, 0.0, lg))
+    in_u = None if inputs is None else 0
+    lg = jax.vmap(emission_lp, in_axes=(0, 0, 0, in_u))(states, ts, y_safe, inputs)
+    lf = jax.vmap(transition_lp, in_axes=(0, 0, 0, in_u))(states[:-1], states[1:], ts[1:], C.rest(inputs))
+    return model.initial(C.row(inputs, 0)).log_prob(states[0]) + jnp.sum(lf) + jnp.sum(jnp.where(missing, 0.0, lg))
 
 
 def _pg_chain(key, u0, log_conditional, sweep, draw_reference, update, *, num_warmup, num_samples,
@@ -491,7 +517,7 @@ def _pg_chain(key, u0, log_conditional, sweep, draw_reference, update, *, num_wa
 
 def particle_gibbs(key, build: Callable[[dict], SSM], priors: dict, emissions, *, num_particles: int = 100,
                    num_warmup: int = 500, num_samples: int = 1000, num_chains: int = 2, inputs=None,
-                   init_params=None, update: Optional[Callable] = None, num_param_steps: int = 5,
+                   lengths=None, init_params=None, update: Optional[Callable] = None, num_param_steps: int = 5,
                    target_accept: float = 0.3) -> MCMCResult:
     """Particle Gibbs with ancestor sampling over parameters and latent states, for any model.
 
@@ -503,19 +529,22 @@ def particle_gibbs(key, build: Callable[[dict], SSM], priors: dict, emissions, *
     the proposal adapts during warm-up only).
 
     Args:
-        build, priors, emissions, init_params: as in `nuts`; emissions (T, D).
+        build, priors, init_params: as in `nuts`.
+        emissions: (T, D), (B, T, D) or a list of (T_b, D) arrays (one conditional sweep per
+            sequence; the sequences share the parameters).
+        inputs, lengths: as for `ps.smc.conditional_smc`. A padded sequence's path still covers
+            all T steps (beyond its length the states follow the model's prediction).
         num_particles: N >= 2 particles of each conditional sweep (the reference included).
         update: optional ``update(key, params, states) -> params`` drawing from
-            p(params | states, y) (constrained values, same keys as ``priors``).
+            p(params | states, y) (constrained values, same keys as ``priors``; states (T, d), or
+            (B, T, d) for a batch).
         num_param_steps: MH steps per sweep when ``update`` is None.
 
     Returns:
-        `MCMCResult` with ``states`` (chains, draws, T, d); ``log_likelihood`` holds the
-        complete-data log p(z, y | theta) of each draw; ``stats["accept_rate"]`` the
-        parameter steps' acceptance rate.
+        `MCMCResult` with ``states`` (chains, draws, T, d) ((chains, draws, B, T, d) for a batch);
+        ``log_likelihood`` holds the complete-data log p(z, y | theta) of each draw;
+        ``stats["accept_rate"]`` the parameter steps' acceptance rate.
     """
-    from probssm.inference.smc import csmc
-
     _check_priors(priors, build)
     num_particles = checks.positive_int(num_particles, "num_particles", minimum=2)
     num_warmup = checks.positive_int(num_warmup, "num_warmup", minimum=0)
@@ -526,12 +555,10 @@ def particle_gibbs(key, build: Callable[[dict], SSM], priors: dict, emissions, *
         raise ValueError(f"target_accept: expected a value in (0, 1), got {target_accept}")
     if update is not None and not callable(update):
         raise ValueError("update: expected a callable update(key, params, states) -> params")
-    ys = jnp.asarray(emissions)
-    if ys.ndim != 2:
-        raise ValueError(f"emissions: expected shape (T, D), got shape {tuple(ys.shape)}")
+    batch = as_batch(emissions, inputs, lengths)
     _check_init(priors, init_params)
     bijectors = {k: biject_to(p.support) for k, p in priors.items()}
-    T = ys.shape[0]
+    T = batch.num_timesteps
 
     def theta_of(u):
         return {k: bijectors[k](u[k]) for k in priors}
@@ -542,24 +569,34 @@ def particle_gibbs(key, build: Callable[[dict], SSM], priors: dict, emissions, *
             theta = bijectors[name](u[name])
             total = total + jnp.sum(prior.log_prob(theta))
             total = total + jnp.sum(bijectors[name].log_abs_det_jacobian(u[name], theta))
-        ll = complete_log_likelihood(build(theta_of(u)), z, ys, inputs)
+        model = build(theta_of(u))
+        ll = jnp.sum(batch.map(lambda y, uu, n, zz: complete_log_likelihood(model, zz, y, uu, length=n), z,
+                               extra_axes=(0,)))
         return total + ll, ll
 
     def sweep(k, u, z):
-        return csmc._csmc_one(k, build(theta_of(u)), ys, inputs, z, num_particles=num_particles, proposal=None,
-                              ancestor_sampling=True).reference
+        model = build(theta_of(u))
+
+        def one(y, uu, n, kk, ref):
+            return conditional_smc_sequence(kk, model, y, uu, reference=ref, num_particles=num_particles,
+                                            ancestor_sampling=True, length=n).reference
+
+        return batch.map(one, C.sequence_keys(k, batch), z, extra_axes=(0, 0))
 
     def draw_reference(k, u):
-        # A path from the model's prior; warm-up sweeps move it to the posterior.
-        from probssm.core.protocol import _sample_impl
+        # A path from the model's prior (in the state's own dtype); warm-up sweeps move it to the posterior.
+        model = build(theta_of(u))
 
-        return _sample_impl(k, build(theta_of(u)), T, inputs)[0].astype(ys.dtype)
+        def one(y, uu, n, kk):  # an autoregressive model reads its own draws as inputs
+            return sample_sequence(kk, model, T, None if model.emission_lags else uu)[0]
+
+        return batch.map(one, C.sequence_keys(k, batch), extra_axes=(0,))
 
     update_u = None
     if update is not None:
         def update_u(k, u, z):
             new = update(k, theta_of(u), z)
-            return {name: bijectors[name].inv(jnp.asarray(new[name], ys.dtype)) for name in priors}
+            return {name: bijectors[name].inv(jnp.asarray(new[name], batch.emissions.dtype)) for name in priors}
 
     key_init, key_run = jax.random.split(key)
     u0 = _initial_unconstrained(key_init, priors, init_params, num_chains)

@@ -17,7 +17,6 @@ estimate of log p(y) at each iteration.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import equinox as eqx
@@ -26,15 +25,14 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from probssm.core import checks, progress as prog
-from probssm.inference.smc import _common as C
-from probssm.inference.smc.filter import _filter_one
-from probssm.inference.smc.csmc import trace_ancestry
-from probssm.inference.smc.paris import AdditiveFunctional, _paris_one, resolve_backward
-from probssm.inference.smc.ppg import ppg_sweep
-from probssm.learn.mle import from_unconstrained, learnable_fields, to_unconstrained
+from probssm.core import checks, params as P, progress as prog
+from probssm.inference.smc import common as C
+from probssm.inference.smc.csmc import conditional_smc_sequence, trace_ancestry
+from probssm.inference.smc.filter import check_proposal, particle_filter_sequence
+from probssm.inference.smc.paris import AdditiveFunctional, paris_sequence, resolve_backward
+from probssm.inference.smc.ppg import ppg_sequence
 
-__all__ = ["score_functional", "score_estimate", "score_mle", "markov_score_climbing"]
+__all__ = ["score_functional", "score_estimate", "score_mle", "markov_score_climbing", "default_optimizer"]
 
 
 def _emission_term(model, z, t, y, u):
@@ -42,87 +40,97 @@ def _emission_term(model, z, t, y, u):
     return jnp.where(observed, model.emission(z, t, u).log_prob(y_safe), 0.0)
 
 
-def score_functional(model, fields: dict, params: dict) -> AdditiveFunctional:
-    """Fisher's identity as an `AdditiveFunctional` whose value is a dict of gradients w.r.t. ``params``
-    (unconstrained values of ``fields``)."""
+def _as_spec(spec) -> P.ParamSpec:
+    if isinstance(spec, P.ParamSpec):
+        return spec
+    if isinstance(spec, dict):  # {path: constraint}, the older form
+        return P.ParamSpec(tuple(spec), tuple(spec.values()))
+    raise ValueError(f"spec: expected a ps.core.params.ParamSpec, got {type(spec).__name__}")
+
+
+def score_functional(model, spec, params: dict) -> AdditiveFunctional:
+    """Fisher's identity as an `AdditiveFunctional` whose value is a dict of gradients w.r.t. ``params``.
+
+    Args:
+        model: the model (its free arrays are replaced by the images of ``params``).
+        spec: a `probssm.core.params.ParamSpec` (``ps.core.params.spec(model, fixed)``), or a
+            dict ``{path: constraint}``.
+        params: ``{path: unconstrained array}`` (``ps.core.params.to_unconstrained(model, spec)``).
+    """
+    spec = _as_spec(spec)
 
     def log0(p, z, y, u):
-        m = from_unconstrained(model, fields, p)
+        m = P.from_unconstrained(model, spec, p)
         return m.initial(u).log_prob(z) + _emission_term(m, z, 0, y, u)
 
     def logt(p, zp, z, t, y, u):
-        m = from_unconstrained(model, fields, p)
+        m = P.from_unconstrained(model, spec, p)
         return m.transition(zp, t, u).log_prob(z) + _emission_term(m, z, t, y, u)
 
     return AdditiveFunctional(lambda z, y, u: jax.grad(log0)(params, z, y, u),
                               lambda zp, z, t, y, u: jax.grad(logt)(params, zp, z, t, y, u))
 
 
-def _sum_batch(tree):
-    return jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), tree)
+def _sum_batch(tree, batched):
+    return jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), tree) if batched else tree
 
 
-def _paris_score(key, model, fields, params, ys, inputs, batched, batched_u, *, num_particles, num_backward,
-                 use_bound):
-    m = from_unconstrained(model, fields, params)
-    functional = score_functional(model, fields, params)
-    thr = jnp.asarray(0.5, ys.dtype)
-    fn = lambda k, y, u: _paris_one(k, m, y, u, thr, functional, num_particles=num_particles,
-                                    num_backward=num_backward, resampling="systematic", proposal=None,
-                                    auxiliary=None, use_bound=use_bound)
-    if not batched:
-        r = fn(key, ys, inputs)
+def _paris_score(key, model, spec, params, batch, *, num_particles, num_backward, backward):
+    m = P.from_unconstrained(model, spec, params)
+    functional = score_functional(model, spec, params)
+
+    def one(y, u, n, k):
+        r = paris_sequence(k, m, y, u, additive_functional=functional, num_particles=num_particles,
+                           num_backward=num_backward, backward=backward, length=n)
         return r.estimate, r.log_likelihood
-    r = jax.vmap(fn, in_axes=(0, 0, 0 if batched_u else None))(jax.random.split(key, ys.shape[0]), ys, inputs)
-    return _sum_batch(r.estimate), jnp.sum(r.log_likelihood)
+
+    est, ll = batch.map(one, C.sequence_keys(key, batch), extra_axes=(0,))
+    return _sum_batch(est, batch.batched), _sum_batch(ll, batch.batched)
 
 
-def _ppg_score(key, model, fields, params, ys, inputs, refs, batched, batched_u, *, num_particles, num_backward,
-               use_bound):
-    m = from_unconstrained(model, fields, params)
-    functional = score_functional(model, fields, params)
-    fn = lambda k, y, u, ref: ppg_sweep(k, m, y, u, functional, ref, num_particles=num_particles,
-                                        num_backward=num_backward, use_bound=use_bound)
-    if not batched:
-        est, ll, ref = fn(key, ys, inputs, refs)
-        return est, ll, ref
-    est, ll, ref = jax.vmap(fn, in_axes=(0, 0, 0 if batched_u else None, 0))(
-        jax.random.split(key, ys.shape[0]), ys, inputs, refs)
-    return _sum_batch(est), jnp.sum(ll), ref
+def _ppg_score(key, model, spec, params, batch, refs, *, num_particles, num_backward, backward):
+    m = P.from_unconstrained(model, spec, params)
+    functional = score_functional(model, spec, params)
+
+    def one(y, u, n, k, ref):
+        r = ppg_sequence(k, m, y, u, additive_functional=functional, num_particles=num_particles, num_iters=1,
+                         num_backward=num_backward, backward=backward, reference=ref, length=n)
+        return r.estimate, r.log_likelihood[0], r.reference
+
+    est, ll, ref = batch.map(one, C.sequence_keys(key, batch), refs, extra_axes=(0, 0))
+    return _sum_batch(est, batch.batched), _sum_batch(ll, batch.batched), ref
 
 
-def _initial_refs(key, model, ys, inputs, batched, batched_u, num_particles):
-    def one(k, y, u):
+def _initial_refs(key, model, batch, num_particles, proposal=None):
+    """One path per sequence, traced back through a particle filter."""
+    def one(y, u, n, k):
         k1, k2 = jax.random.split(k)
-        pf = _filter_one(k1, model, y, u, jnp.asarray(0.5, y.dtype), num_particles=num_particles,
-                         resampling="systematic", proposal=None, auxiliary=None, history=True)
+        pf = particle_filter_sequence(k1, model, y, u, num_particles=num_particles, proposal=proposal,
+                                      history=True, length=n)
         return trace_ancestry(k2, pf.particles, pf.log_weights[-1], pf.ancestors)
 
-    if not batched:
-        return one(key, ys, inputs)
-    return jax.vmap(one, in_axes=(0, 0, 0 if batched_u else None))(jax.random.split(key, ys.shape[0]), ys, inputs)
+    return batch.map(one, C.sequence_keys(key, batch), extra_axes=(0,))
 
 
 @eqx.filter_jit
-def _fit(key, model, ys, inputs, params, *, names, optimizer, num_iters, estimator, num_particles, num_backward,
-         use_bound, batched, batched_u, show):
-    meta = {f.name: f.metadata.get("constraint") for f in dataclasses.fields(model)}
-    fields = {n: meta[n] for n in names}
+def _fit(key, model, batch, params, *, fixed, optimizer, num_iters, estimator, num_particles, num_backward,
+         backward, show):
+    spec = P.spec(model, fixed)
+    ys = batch.emissions
     num_obs = jnp.maximum(jnp.sum(~jnp.isnan(ys)), 1).astype(ys.dtype)
     every = prog.report_every(num_iters)
     k_init, k_iters = jax.random.split(key)
-    refs = _initial_refs(k_init, model, ys, inputs, batched, batched_u, num_particles) if estimator == "ppg" else None
+    refs = _initial_refs(k_init, model, batch, num_particles) if estimator == "ppg" else None
 
     def step(carry, xs):
         params, state, refs = carry
         i, k = xs
         if estimator == "paris":
-            score, ll = _paris_score(k, model, fields, params, ys, inputs, batched, batched_u,
-                                     num_particles=num_particles, num_backward=num_backward, use_bound=use_bound)
+            score, ll = _paris_score(k, model, spec, params, batch, num_particles=num_particles,
+                                     num_backward=num_backward, backward=backward)
         else:
-            score, ll, refs = _ppg_score(k, model, fields, params, ys, inputs, refs, batched, batched_u,
-                                         num_particles=num_particles, num_backward=num_backward,
-                                         use_bound=use_bound)
+            score, ll, refs = _ppg_score(k, model, spec, params, batch, refs, num_particles=num_particles,
+                                         num_backward=num_backward, backward=backward)
         grad = jax.tree_util.tree_map(lambda g: -g / num_obs, score)  # optax minimises
         updates, state = optimizer.update(grad, state, params)
         params = optax.apply_updates(params, updates)
@@ -132,7 +140,7 @@ def _fit(key, model, ys, inputs, params, *, names, optimizer, num_iters, estimat
 
     (params, _, _), history = lax.scan(step, (params, optimizer.init(params), refs),
                                        (jnp.arange(num_iters), jax.random.split(k_iters, num_iters)))
-    return from_unconstrained(model, fields, params), history
+    return P.from_unconstrained(model, spec, params), history
 
 
 _DEFAULT_OPTIMIZERS = {}
@@ -145,52 +153,65 @@ def default_optimizer(num_iters: int):
     return _DEFAULT_OPTIMIZERS[num_iters]
 
 
-def _prepare(model, emissions, inputs, fixed, estimator, num_particles, num_backward, backward):
+def _fixed_paths(fixed) -> tuple:
+    if isinstance(fixed, str):
+        return (fixed,)
+    return tuple(fixed)
+
+
+def _prepare(model, emissions, inputs, lengths, fixed, estimator, num_particles, num_backward, backward):
     C.check_model(model)
     if estimator not in ("paris", "ppg"):
         raise ValueError(f"estimator: expected 'paris' or 'ppg', got {estimator!r}")
     num_particles = C.check_num_particles(num_particles)
     num_backward = checks.positive_int(num_backward, "num_backward")
-    unknown = set(fixed) - {f.name for f in dataclasses.fields(model)}
-    if unknown:
-        raise ValueError(f"fixed: unknown field names {sorted(unknown)} for {type(model).__name__}")
-    fields = learnable_fields(model, fixed)
-    if not fields:
-        raise ValueError("fixed: every learnable field is fixed; nothing to fit")
-    use_bound = resolve_backward(model, backward)
-    ys, inputs, batched, batched_u = C.prepare_emissions(model, emissions, inputs)
-    return fields, num_particles, num_backward, use_bound, ys, inputs, batched, batched_u
+    fixed = _fixed_paths(fixed)
+    spec = P.spec(model, fixed)  # raises a ValueError naming an unknown path
+    if not spec.paths:
+        raise ValueError("fixed: every learnable array is fixed; nothing to fit")
+    resolve_backward(model, backward)
+    batch = C.prepare(model, emissions, inputs, lengths)
+    return fixed, spec, num_particles, num_backward, batch
 
 
 def score_estimate(key, model, emissions, num_particles: int = 500, *, fixed=(), num_backward: int = 2,
-                   backward: str = "auto", inputs=None):
-    """PaRIS estimate of the score (gradient of log p(y) w.r.t. the unconstrained learnable fields).
+                   backward: str = "auto", inputs=None, lengths=None):
+    """PaRIS estimate of the score (gradient of log p(y) w.r.t. the unconstrained free arrays).
 
-    Returns ``(score, log_likelihood)`` with ``score`` a dict keyed by field name.
+    Args:
+        key: a `jax.random` key.
+        model: any `SSM`; its learnable arrays are those of `probssm.core.params.spec`, nested
+            modules included (``"emissions.means"``, ``"transition_fn.layers.0.weight"``).
+        emissions: (T, D), (B, T, D) or a list of (T_b, D) arrays (a batch sums the scores).
+        fixed: dotted paths (or prefixes) held fixed.
+        inputs, lengths: as for `ps.smc.paris`.
+
+    Returns:
+        ``(score, log_likelihood)``; ``score`` a dict keyed by dotted path.
     """
-    fields, num_particles, num_backward, use_bound, ys, inputs, batched, batched_u = _prepare(
-        model, emissions, inputs, fixed, "paris", num_particles, num_backward, backward)
-    params = to_unconstrained(model, fields)
-    return _score_jit(key, model, ys, inputs, params, names=tuple(fields), num_particles=num_particles,
-                      num_backward=num_backward, use_bound=use_bound, batched=batched, batched_u=batched_u)
+    fixed, spec, num_particles, num_backward, batch = _prepare(
+        model, emissions, inputs, lengths, fixed, "paris", num_particles, num_backward, backward)
+    params = P.to_unconstrained(model, spec)
+    return _score_jit(key, model, batch, params, fixed=fixed, num_particles=num_particles,
+                      num_backward=num_backward, backward=backward)
 
 
 @eqx.filter_jit
-def _score_jit(key, model, ys, inputs, params, *, names, num_particles, num_backward, use_bound, batched, batched_u):
-    meta = {f.name: f.metadata.get("constraint") for f in dataclasses.fields(model)}
-    fields = {n: meta[n] for n in names}
-    return _paris_score(key, model, fields, params, ys, inputs, batched, batched_u, num_particles=num_particles,
-                        num_backward=num_backward, use_bound=use_bound)
+def _score_jit(key, model, batch, params, *, fixed, num_particles, num_backward, backward):
+    return _paris_score(key, model, P.spec(model, fixed), params, batch, num_particles=num_particles,
+                        num_backward=num_backward, backward=backward)
 
 
 def score_mle(model, emissions, num_iters: int, *, key, estimator: str = "paris", num_particles: int = 500,
-              optimizer=None, fixed=(), progress=None, inputs=None, num_backward: int = 2, backward: str = "auto"):
+              optimizer=None, fixed=(), progress=None, inputs=None, lengths=None, num_backward: int = 2,
+              backward: str = "auto"):
     """Stochastic-gradient MLE with the particle score (PaRIS or PPG).
 
     Args:
-        model: starting model; its learnable fields (those with a ``constraint`` in their
-            field metadata, minus ``fixed``) are fitted.
-        emissions: (T, D) or (B, T, D); NaN marks missing steps.
+        model: starting model; its learnable arrays (`probssm.core.params.spec`: every array
+            field that declares a constraint, walked into sub-modules such as an HMM's emission
+            family or an equinox network), minus ``fixed``, are fitted.
+        emissions: (T, D), (B, T, D) or a list of (T_b, D) arrays; NaN marks missing steps.
         num_iters: gradient steps (one particle sweep each).
         key: a `jax.random` key (required).
         estimator: "paris" (fresh PaRIS run each step) or "ppg" (one conditional PaRIS sweep per
@@ -198,8 +219,10 @@ def score_mle(model, emissions, num_iters: int, *, key, estimator: str = "paris"
         num_particles: N per sweep.
         optimizer: an optax optimiser (it receives minus the score per observation); default Adam
             with a decaying step, see `default_optimizer`.
-        fixed: field names to hold fixed.
+        fixed: dotted paths (or prefixes) held fixed, e.g. ``("emissions.covs",)``.
         progress: progress bar (default: when num_iters >= 100).
+        inputs, lengths: as for `ps.smc.paris` (a batch sums the sequences' scores).
+        num_backward, backward: as for `ps.smc.paris`.
 
     Returns:
         ``(fitted_model, history)``; history: (num_iters,) particle log-likelihood estimates.
@@ -210,57 +233,69 @@ def score_mle(model, emissions, num_iters: int, *, key, estimator: str = "paris"
     if key is None:
         raise ValueError("key: the particle score needs a jax.random key, got None")
     num_iters = checks.positive_int(num_iters, "num_iters")
-    fields, num_particles, num_backward, use_bound, ys, inputs, batched, batched_u = _prepare(
-        model, emissions, inputs, fixed, estimator, num_particles, num_backward, backward)
+    fixed, spec, num_particles, num_backward, batch = _prepare(
+        model, emissions, inputs, lengths, fixed, estimator, num_particles, num_backward, backward)
     if optimizer is None:
         optimizer = default_optimizer(num_iters)
-    params = to_unconstrained(model, fields)
+    params = P.to_unconstrained(model, spec)
     show = prog.default_enabled(progress, num_iters)
     with prog.progress_bar(num_iters, f"MLE ({estimator})", show):
-        return _fit(key, model, ys, inputs, params, names=tuple(fields), optimizer=optimizer, num_iters=num_iters,
+        return _fit(key, model, batch, params, fixed=fixed, optimizer=optimizer, num_iters=num_iters,
                     estimator=estimator, num_particles=num_particles, num_backward=num_backward,
-                    use_bound=use_bound, batched=batched, batched_u=batched_u, show=show)
+                    backward=backward, show=show)
 
 
 # ----------------------------------------------------------------------------------------------
 # Markov score climbing (Naesseth, Lindsten & Blei, 2020)
 # ----------------------------------------------------------------------------------------------
-def _markov_log_prob(family, params, path, ys, inputs):
-    """log q_params(z_{0:T-1}) = log q_0(z_0 | y_0) + sum_t log q_t(z_t | z_{t-1}, y_t)."""
+def _markov_log_prob(family, params, path, ys, inputs, length: Optional[jax.Array] = None):
+    """log q_params(z_{0:n-1}) = log q_0(z_0 | y_0) + sum_{t<n} log q_t(z_t | z_{t-1}, y_t), n = length or T."""
     prop = family(params)
     num_timesteps = ys.shape[0]
     lp0 = prop(None, 0, ys[0], C.row(inputs, 0)).log_prob(path[0])
     if num_timesteps == 1:
         return lp0
-    u_rest = None if inputs is None else jax.tree_util.tree_map(lambda a: a[1:], inputs)
-    rest = jax.vmap(lambda t, zp, z, y, u: prop(zp, t, y, u).log_prob(z))(
-        jnp.arange(1, num_timesteps), path[:-1], path[1:], ys[1:], u_rest)
+    ts = jnp.arange(1, num_timesteps)
+    y_rest = ys[1:]
+    if length is not None:  # padded steps: a finite stand-in for y (their terms are dropped below)
+        y_rest = jnp.where((ts < length)[:, None], y_rest, 0.0)
+    rest = jax.vmap(lambda t, zp, z, y, u: prop(zp, t, y, u).log_prob(z))(ts, path[:-1], path[1:], y_rest,
+                                                                            C.rest(inputs))
+    if length is not None:
+        rest = jnp.where(ts < length, rest, 0.0)
     return lp0 + jnp.sum(rest)
 
 
 @eqx.filter_jit
-def _msc_fit(key, model, ys, inputs, params, *, family, optimizer, num_iters, num_particles, ancestor_sampling,
+def _msc_fit(key, model, batch, params, *, family, optimizer, num_iters, num_particles, ancestor_sampling,
              show):
-    from probssm.inference.smc.csmc import _csmc_one
-
     every = prog.report_every(num_iters)
-    k_init, k_ref, k_iters = jax.random.split(key, 3)
-    pf = _filter_one(k_init, model, ys, inputs, jnp.asarray(0.5, ys.dtype), num_particles=num_particles,
-                     resampling="systematic", proposal=family(params), auxiliary=None, history=True)
-    ref = trace_ancestry(k_ref, pf.particles, pf.log_weights[-1], pf.ancestors)
-    num_timesteps = jnp.asarray(ys.shape[0], ys.dtype)
+    k_init, k_iters = jax.random.split(key)
+    ref = _initial_refs(k_init, model, batch, num_particles, proposal=family(params))
+    lengths = batch.lengths
+    num_steps = (jnp.sum(lengths) if lengths is not None else
+                 batch.num_timesteps * (batch.batch_size or 1))
+    num_steps = jnp.asarray(num_steps, batch.emissions.dtype)
+
+    def one_sweep(params, k, ref):
+        def one(y, u, n, kk, r):
+            out = conditional_smc_sequence(kk, model, y, u, reference=r, num_particles=num_particles,
+                                           proposal=family(params), ancestor_sampling=ancestor_sampling, length=n)
+            new_ref = lax.stop_gradient(out.reference)
+            ys, uu = C.prepare_sequence(model, y, u, n)
+            score = jax.grad(_markov_log_prob, argnums=1)(family, params, new_ref, ys, uu, n)
+            return new_ref, score, out.filter.log_likelihood
+
+        new_ref, score, ll = batch.map(one, C.sequence_keys(k, batch), ref, extra_axes=(0, 0))
+        return new_ref, _sum_batch(score, batch.batched), _sum_batch(ll, batch.batched)
 
     def step(carry, xs):
         params, state, ref = carry
         i, k = xs
-        out = _csmc_one(k, model, ys, inputs, ref, num_particles=num_particles, proposal=family(params),
-                        ancestor_sampling=ancestor_sampling)
-        ref = lax.stop_gradient(out.reference)
-        score = jax.grad(_markov_log_prob, argnums=1)(family, params, ref, ys, inputs)
-        grad = jax.tree_util.tree_map(lambda g: -g / num_timesteps, score)  # optax minimises
+        ref, score, ll = one_sweep(params, k, ref)
+        grad = jax.tree_util.tree_map(lambda g: -g / num_steps, score)  # optax minimises
         updates, state = optimizer.update(grad, state, params)
         params = optax.apply_updates(params, updates)
-        ll = out.filter.log_likelihood
         if show:
             prog.report(i, ll, every)
         return (params, state, ref), ll
@@ -271,7 +306,8 @@ def _msc_fit(key, model, ys, inputs, params, *, family, optimizer, num_iters, nu
 
 
 def markov_score_climbing(model, emissions, family, params, num_iters: int, *, key, num_particles: int = 100,
-                          optimizer=None, ancestor_sampling: bool = True, inputs=None, progress=None):
+                          optimizer=None, ancestor_sampling: bool = True, inputs=None, lengths=None,
+                          progress=None):
     """Markov score climbing: fit a Markov variational family q to p(z | y) by minimising KL(p || q).
 
     The family is q(z_{0:T-1}) = q_0(z_0 | y_0) prod_t q_t(z_t | z_{t-1}, y_t); ``family(params)``
@@ -284,7 +320,8 @@ def markov_score_climbing(model, emissions, family, params, num_iters: int, *, k
 
     Args:
         model: any `SSM` (the target p(z, y)).
-        emissions: (T, D), one sequence.
+        emissions: (T, D), (B, T, D) or a list of (T_b, D) arrays (a batch: one reference path
+            per sequence, the scores summed).
         family: ``family(params) -> proposal`` with ``proposal(z_prev, t, y_t, inputs)`` returning a
             distribution over z_t (``z_prev`` is None at t = 0).
         params: initial variational parameters (a pytree of float arrays).
@@ -294,11 +331,13 @@ def markov_score_climbing(model, emissions, family, params, num_iters: int, *, k
         optimizer: an optax optimiser (it receives minus the score per time step); default Adam
             with a decaying step, see `default_optimizer`.
         ancestor_sampling: ancestor sampling in the conditional sweeps (better mixing).
+        inputs, lengths: as for `ps.smc.particle_filter`; the padding beyond a length is missing
+            data and carries no term of log q.
         progress: progress bar (default: when num_iters >= 100).
 
     Returns:
         ``(fitted_params, history)``; history: (num_iters,) log-likelihood estimates of the
-        conditional sweeps.
+        conditional sweeps (summed over a batch).
     """
     if key is None:
         raise ValueError("key: Markov score climbing needs a jax.random key, got None")
@@ -307,19 +346,15 @@ def markov_score_climbing(model, emissions, family, params, num_iters: int, *, k
     num_particles = C.check_num_particles(num_particles)
     if not callable(family):
         raise ValueError("family: expected a callable family(params) -> proposal(z_prev, t, y_t, inputs)")
-    ys, inputs, batched, batched_u = C.prepare_emissions(model, emissions, inputs)
-    if batched:
-        raise ValueError(f"emissions: markov_score_climbing takes one sequence (T, D), got shape {tuple(ys.shape)}")
+    batch = C.prepare(model, emissions, inputs, lengths)
     leaves = jax.tree_util.tree_leaves(params)
     if not leaves or not all(jnp.issubdtype(jnp.result_type(a), jnp.floating) for a in leaves):
         raise ValueError("params: expected a non-empty pytree of float arrays")
-    from probssm.inference.smc.filter import check_proposal
-
-    check_proposal(key, model, ys, inputs, family(params), False, False)
+    check_proposal(key, model, batch, family(params))
     if optimizer is None:
         optimizer = default_optimizer(num_iters)
     params = jax.tree_util.tree_map(jnp.asarray, params)
     show = prog.default_enabled(progress, num_iters)
     with prog.progress_bar(num_iters, "Markov score climbing", show):
-        return _msc_fit(key, model, ys, inputs, params, family=family, optimizer=optimizer, num_iters=num_iters,
+        return _msc_fit(key, model, batch, params, family=family, optimizer=optimizer, num_iters=num_iters,
                         num_particles=num_particles, ancestor_sampling=bool(ancestor_sampling), show=show)

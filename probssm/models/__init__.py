@@ -5,7 +5,23 @@ from probssm.models import emissions
 from probssm.models.hmm import HMM, ARHMM
 from probssm.models.stochastic_volatility import StochasticVolatility
 from probssm.models import hmmglm
-from probssm.models.hmmglm import HMMGLM, BernoulliGLM, PoissonGLM, sample_hmmglm, simulate_hmmglm
+from probssm.models.hmmglm import HMMGLM
+from probssm.models.emissions.glm import BernoulliGLM, PoissonGLM
+from probssm.models.hmmglm_priors import GaussianPrior, NoPrior, OneHotPrior
 
 __all__ = ["LinearGaussianSSM", "NonlinearGaussianSSM", "emissions", "HMM", "ARHMM", "StochasticVolatility", "hmmglm", "HMMGLM",
-           "PoissonGLM", "BernoulliGLM", "simulate_hmmglm", "sample_hmmglm"]
+           "PoissonGLM", "BernoulliGLM", "NoPrior", "GaussianPrior", "OneHotPrior", "simulate_hmmglm", "sample_hmmglm"]
+from probssm.models import dkf  # noqa: E402
+from probssm.models.dkf import AbstractDiscriminativeSSM, DKFModel  # noqa: E402
+
+__all__ += ["dkf", "AbstractDiscriminativeSSM", "DKFModel"]
+
+
+def __getattr__(name):
+    """Deprecated aliases: ``ps.models.simulate_hmmglm`` / ``sample_hmmglm`` moved to `probssm.datasets`
+    (imported on first use, so that the models never import the datasets at import time)."""
+    if name in ("simulate_hmmglm", "sample_hmmglm"):
+        from probssm.datasets import hmmglm as simulators
+
+        return vars(simulators)[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

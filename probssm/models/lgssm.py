@@ -6,10 +6,14 @@
 
 Any of F, Q, H, R, b, d may carry a leading time axis of length T (then entry
 t = 0 of F, b, Q is unused). B and D act on the optional input rows u_t.
+
+The model declares two exact structures: linear-Gaussian (`ps.kalman`, closed-form
+EM via `LinearGaussianSSM.m_step`) and additive-Gaussian with closed-form
+Jacobians (`ps.gaussian`, `ps.imap`; EKF and UKF are then exact).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import equinox as eqx
 import jax
@@ -18,7 +22,11 @@ import numpyro.distributions as dist
 from numpyro.distributions import constraints
 
 from probssm.core import checks
-from probssm.core.protocol import AbstractLinearGaussianSSM, LinearGaussianParams
+from probssm.core.linalg import psd_solve, symmetrize
+from probssm.core.params import get as pget, replace as preplace
+from probssm.core.protocol import AbstractAdditiveGaussianSSM, AbstractLinearGaussianSSM, LinearGaussianParams
+
+__all__ = ["LinearGaussianSSM", "LinearGaussianMoments"]
 
 PSD = {"constraint": constraints.positive_definite}
 REAL = {"constraint": constraints.real}
@@ -28,7 +36,54 @@ def _at(a, t, base_ndim):
     return a[t] if a.ndim > base_ndim else a
 
 
-class LinearGaussianSSM(AbstractLinearGaussianSSM):
+class LinearGaussianMoments(NamedTuple):
+    """Posterior moments of a batch of B sequences of length T: what an EM M-step reads.
+
+    Steps with weight 0 (padding beyond a sequence's length) are left out of every sum.
+    Missing entries of y_t are latent too: their moments are conditional expectations.
+    """
+
+    z: jax.Array  # (B, T, d)        E[z_t]
+    zz: jax.Array  # (B, T, d, d)    E[z_t z_t^T]
+    z1z0: jax.Array  # (B, T-1, d, d) E[z_{t+1} z_t^T]
+    y: jax.Array  # (B, T, p)        E[y_t]
+    yz: jax.Array  # (B, T, p, d)    E[y_t z_t^T]
+    yy: jax.Array  # (B, T, p, p)    E[y_t y_t^T]
+    inputs: Optional[jax.Array]  # None or (B, T, U)
+    weights: jax.Array  # (B, T)     1 for a real step, 0 for padding
+
+
+def _design(mu, Ezz, u):
+    """E[x] and E[x x^T] for x = [z; 1; u] (u may be None); leading axes (B, T)."""
+    one = jnp.ones(mu.shape[:-1] + (1,), mu.dtype)
+    ex = jnp.concatenate([mu, one] + ([u.astype(mu.dtype)] if u is not None else []), axis=-1)
+    exx = jnp.einsum("...i,...j->...ij", ex, ex)  # exact except the z block
+    d = mu.shape[-1]
+    return ex, exx.at[..., :d, :d].set(Ezz)
+
+
+def _regression(Sxx, Syx, Syy, n, blocks, coefs, free):
+    """Solve y ~ W x with some column blocks of W held fixed; return (W blocks, noise covariance)."""
+    free_idx = [i for i, f in enumerate(free) if f]
+    fixed_idx = [i for i, f in enumerate(free) if not f]
+    cols = lambda idx: jnp.concatenate([jnp.arange(*blocks[i]) for i in idx]) if idx else jnp.zeros(0, int)
+    W = jnp.concatenate(coefs, axis=1)
+    if free_idx:
+        f_cols, c_cols = cols(free_idx), cols(fixed_idx)
+        target = Syx[:, f_cols]
+        if fixed_idx:
+            target = target - W[:, c_cols] @ Sxx[jnp.ix_(c_cols, f_cols)]
+        W_free = psd_solve(Sxx[jnp.ix_(f_cols, f_cols)], target.T).T
+        W = W.at[:, f_cols].set(W_free)
+    cov = (Syy - W @ Syx.T - Syx @ W.T + W @ Sxx @ W.T) / jnp.maximum(n, 1.0)
+    return [W[:, a:b] for a, b in blocks], symmetrize(cov)
+
+
+_TRANSITION_FIELDS = ("transition_matrix", "transition_offset", "transition_input_matrix")
+_EMISSION_FIELDS = ("emission_matrix", "emission_offset", "emission_input_matrix")
+
+
+class LinearGaussianSSM(AbstractLinearGaussianSSM, AbstractAdditiveGaussianSSM):
     """Linear-Gaussian SSM with fixed or time-varying matrices and control inputs.
 
     Args:
@@ -168,6 +223,37 @@ class LinearGaussianSSM(AbstractLinearGaussianSSM):
         mean = _at(self.emission_matrix, t, 2) @ z + d
         return dist.MultivariateNormal(mean, covariance_matrix=_at(self.emission_cov, t, 2))
 
+    # --- additive-Gaussian structure (closed-form Jacobians) ---------------------------
+    def initial_moments(self, inputs=None):
+        """(m_1 (d,), P_1 (d, d))."""
+        return self.initial_mean, self.initial_cov
+
+    def transition_mean(self, z_prev, t, inputs=None):
+        """F_t z_{t-1} + b_t + B u_t, shape (d,)."""
+        b, _ = self._offsets(t, inputs)
+        return _at(self.transition_matrix, t, 2) @ z_prev + b
+
+    def transition_noise_cov(self, t, inputs=None):
+        """Q_t, shape (d, d)."""
+        return _at(self.transition_cov, t, 2)
+
+    def emission_mean(self, z, t, inputs=None):
+        """H_t z_t + d_t + D u_t, shape (p,)."""
+        _, d = self._offsets(t, inputs)
+        return _at(self.emission_matrix, t, 2) @ z + d
+
+    def emission_noise_cov(self, t, inputs=None):
+        """R_t, shape (p, p)."""
+        return _at(self.emission_cov, t, 2)
+
+    def transition_jacobian(self, z_prev, t, inputs=None):
+        """F_t, shape (d, d)."""
+        return _at(self.transition_matrix, t, 2)
+
+    def emission_jacobian(self, z, t, inputs=None):
+        """H_t, shape (p, d)."""
+        return _at(self.emission_matrix, t, 2)
+
     # --- exact structure -------------------------------------------------------------
     def linear_gaussian_params(self, num_timesteps: int, inputs=None) -> LinearGaussianParams:
         b, d = self.transition_offset, self.emission_offset
@@ -181,3 +267,81 @@ class LinearGaussianSSM(AbstractLinearGaussianSSM):
             self.transition_matrix, b, self.transition_cov,
             self.emission_matrix, d, self.emission_cov,
         )
+
+    # --- closed-form EM M-step ----------------------------------------------------------
+    def m_step(self, stats: LinearGaussianMoments, fixed: tuple = ()) -> "LinearGaussianSSM":
+        """Closed-form M-step: each conditional is a linear regression with Gaussian noise,
+        z_t ~ [F b B] [z_{t-1}; 1; u_t] and y_t ~ [H d D] [z_t; 1; u_t]; coefficients held fixed
+        move to the target, the free ones solve the normal equations, and the noise covariance
+        is the expected residual outer product. With no transitions observed (T = 1) the
+        transition parameters are kept.
+
+        Args:
+            stats: `LinearGaussianMoments` of a batch (B, T).
+            fixed: paths (field names) held at their current values.
+
+        Raises:
+            ValueError: a time-varying parameter (or another in its regression) is free.
+        """
+        is_fixed = lambda nm: any(nm == f or nm.startswith(f + ".") for f in fixed)
+        groups = ((_TRANSITION_FIELDS, "transition_cov"), (_EMISSION_FIELDS, "emission_cov"))
+        for name in ("initial_mean", "initial_cov") + _TRANSITION_FIELDS + ("transition_cov",) + _EMISSION_FIELDS + (
+                "emission_cov",):
+            a = pget(self, name)
+            base = 1 if name.endswith("offset") or name == "initial_mean" else 2
+            if a is not None and a.ndim > base:
+                group = next((g + (c,) for g, c in groups if name in g + (c,)), (name,))
+                free = [g for g in group if not is_fixed(g) and pget(self, g) is not None]
+                if free:
+                    raise ValueError(
+                        f"fixed: {name} is time-varying; EM learns time-invariant parameters only, so fix it "
+                        f"and the rest of its group {list(group)} (free now: {free})")
+        w = stats.weights.astype(stats.z.dtype)
+        d = self.state_dim
+        new = {}
+        n0 = jnp.sum(w[:, 0])
+        z0, z0z0 = jnp.einsum("b,bi->i", w[:, 0], stats.z[:, 0]) / n0, \
+            jnp.einsum("b,bij->ij", w[:, 0], stats.zz[:, 0]) / n0
+        if not is_fixed("initial_mean"):
+            new["initial_mean"] = z0
+        m1 = new.get("initial_mean", self.initial_mean)
+        if not is_fixed("initial_cov"):
+            # E[(z_0 - m1)(z_0 - m1)^T] averaged over sequences (m1 may be held fixed).
+            new["initial_cov"] = symmetrize(z0z0 - jnp.outer(z0, m1) - jnp.outer(m1, z0) + jnp.outer(m1, m1))
+
+        u = stats.inputs
+        # Transitions: x_t = [z_{t-1}; 1; u_t], target z_t, steps t = 1..T-1.
+        w_dyn = w[:, 1:]
+        ex, exx = _design(stats.z[:, :-1], stats.zz[:, :-1],
+                          None if (u is None or self.transition_input_matrix is None) else u[:, 1:])
+        zx = jnp.einsum("bti,btj->btij", stats.z[:, 1:], ex).at[..., :d].set(stats.z1z0)
+        dyn = (jnp.einsum("bt,btij->ij", w_dyn, exx), jnp.einsum("bt,btij->ij", w_dyn, zx),
+               jnp.einsum("bt,btij->ij", w_dyn, stats.zz[:, 1:]), jnp.sum(w_dyn))
+        # Emissions: x_t = [z_t; 1; u_t], target y_t.
+        ex, exx = _design(stats.z, stats.zz, None if (u is None or self.emission_input_matrix is None) else u)
+        yx = jnp.einsum("bti,btj->btij", stats.y, ex).at[..., :d].set(stats.yz)
+        obs = (jnp.einsum("bt,btij->ij", w, exx), jnp.einsum("bt,btij->ij", w, yx),
+               jnp.einsum("bt,btij->ij", w, stats.yy), jnp.sum(w))
+
+        for (names, cov_name), (xx, yx, yy, n) in zip(groups, (dyn, obs)):
+            present = [nm for nm in names if pget(self, nm) is not None]
+            if all(is_fixed(nm) for nm in present + [cov_name]):
+                continue
+            coefs = [pget(self, nm) if pget(self, nm).ndim == 2 else pget(self, nm)[:, None]
+                     for nm in present]
+            widths = [c.shape[1] for c in coefs]
+            starts = [sum(widths[:i]) for i in range(len(widths))]
+            blocks = [(s, s + wd) for s, wd in zip(starts, widths)]
+            free = tuple(not is_fixed(nm) for nm in present)
+            # Solve on a safe system when nothing was observed (T = 1), then keep the old values.
+            seen = n > 0
+            eye = jnp.eye(xx.shape[0], dtype=xx.dtype)
+            W_blocks, cov = _regression(jnp.where(seen, xx, eye), yx, yy, n, blocks, coefs, free)
+            for nm, W_b, f in zip(present, W_blocks, free):
+                if f:
+                    old = pget(self, nm)
+                    new[nm] = jnp.where(seen, W_b[:, 0] if old.ndim == 1 else W_b, old)
+            if not is_fixed(cov_name):
+                new[cov_name] = jnp.where(seen, cov, pget(self, cov_name))
+        names = tuple(new)
+        return preplace(self, names, tuple(new[k] for k in names))

@@ -5,7 +5,9 @@
     y_t = h(z_t, t, u_t) + N(0, R)              t = 0..T-1
 
 ``f`` and ``h`` are plain functions or equinox modules (whose arrays are then
-learnable parameters); ``u_t`` is None when no inputs are given.
+learnable parameters); ``u_t`` is None when no inputs are given. The model is an
+`ps.core.AbstractAdditiveGaussianSSM` (Jacobians by forward-mode autodiff), which is
+what `ps.gaussian` and `ps.imap` read.
 """
 from __future__ import annotations
 
@@ -14,14 +16,13 @@ from typing import Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpyro.distributions as dist
 
 from probssm.core import checks
-from probssm.core.protocol import SSM
+from probssm.core.protocol import AbstractAdditiveGaussianSSM
 from probssm.models.lgssm import PSD, REAL
 
 
-class NonlinearGaussianSSM(SSM):
+class NonlinearGaussianSSM(AbstractAdditiveGaussianSSM):
     """Nonlinear dynamics and emissions with additive Gaussian noise.
 
     Args:
@@ -86,11 +87,23 @@ class NonlinearGaussianSSM(SSM):
     def emission_dim(self) -> int:
         return self.emission_cov.shape[0]
 
-    def initial(self, inputs=None):
-        return dist.MultivariateNormal(self.initial_mean, covariance_matrix=self.initial_cov)
+    # --- additive-Gaussian structure --------------------------------------------------
+    def initial_moments(self, inputs=None):
+        """(initial_mean (d,), initial_cov (d, d))."""
+        return self.initial_mean, self.initial_cov
 
-    def transition(self, z_prev, t, inputs=None):
-        return dist.MultivariateNormal(self.transition_fn(z_prev, t, inputs), covariance_matrix=self.transition_cov)
+    def transition_mean(self, z_prev, t, inputs=None):
+        """f(z_{t-1}, t, u_t), shape (d,)."""
+        return self.transition_fn(z_prev, t, inputs)
 
-    def emission(self, z, t, inputs=None):
-        return dist.MultivariateNormal(self.emission_fn(z, t, inputs), covariance_matrix=self.emission_cov)
+    def transition_noise_cov(self, t, inputs=None):
+        """Q, shape (d, d)."""
+        return self.transition_cov
+
+    def emission_mean(self, z, t, inputs=None):
+        """h(z_t, t, u_t), shape (p,)."""
+        return self.emission_fn(z, t, inputs)
+
+    def emission_noise_cov(self, t, inputs=None):
+        """R, shape (p, p)."""
+        return self.emission_cov

@@ -3,19 +3,24 @@
     import probssm as ps
     pf = ps.smc.particle_filter(key, model, y, 1000)
     est = ps.smc.paris(key, model, y, functional, 1000)
+
+Every engine takes one sequence (T, D), a batch (B, T, D) or a list of (T_b, D) arrays
+(with ``lengths=`` for a padded batch), and has a public traceable single-sequence core
+(``*_sequence``) for use inside your own jit / vmap / grad.
 """
-from probssm.inference.smc import resampling
-from probssm.inference.smc.filter import ParticleFilterResult, particle_filter
+from probssm.inference.smc import common, resampling
+from probssm.inference.smc.filter import ParticleFilterResult, particle_filter, particle_filter_sequence
 
-__all__ = ["resampling", "ParticleFilterResult", "particle_filter"]
-from probssm.inference.smc.backward import backward_sample
-from probssm.inference.smc.paris import AdditiveFunctional, PaRISResult, paris
+__all__ = ["common", "resampling", "ParticleFilterResult", "particle_filter", "particle_filter_sequence"]
+from probssm.inference.smc.backward import backward_sample, backward_sample_sequence
+from probssm.inference.smc.paris import AdditiveFunctional, PaRISResult, paris, paris_sequence
 
-__all__ += ["backward_sample", "AdditiveFunctional", "PaRISResult", "paris"]
-from probssm.inference.smc.csmc import CSMCResult, conditional_smc
-from probssm.inference.smc.ppg import PPGResult, ppg
+__all__ += ["backward_sample", "backward_sample_sequence", "AdditiveFunctional", "PaRISResult", "paris",
+            "paris_sequence"]
+from probssm.inference.smc.csmc import CSMCResult, conditional_smc, conditional_smc_sequence
+from probssm.inference.smc.ppg import PPGResult, ppg, ppg_sequence
 
-__all__ += ["CSMCResult", "conditional_smc", "PPGResult", "ppg"]
+__all__ += ["CSMCResult", "conditional_smc", "conditional_smc_sequence", "PPGResult", "ppg", "ppg_sequence"]
 from probssm.inference.smc.hmc_smc import HMCSMCResult, hmc_smc
 
 __all__ += ["HMCSMCResult", "hmc_smc"]

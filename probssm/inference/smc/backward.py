@@ -20,22 +20,24 @@ Backward simulation of whole paths (the reference loop)::
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from probssm.inference.smc import _common as C
-from probssm.inference.smc.resampling import _ancestors_from_counts
+from probssm.core import checks
+from probssm.core.batching import as_batch
+from probssm.inference.smc import common as C
+from probssm.inference.smc.resampling import ancestors_from_counts
 
-__all__ = ["backward_indices", "backward_sample", "draw_from_weights"]
+__all__ = ["backward_indices", "backward_sample", "backward_sample_sequence", "draw_from_weights", "resolve_method"]
 
 
 def _guide_table(c):
     num = c.shape[0]
-    return _ancestors_from_counts(jnp.ceil(num * c), num)
+    return ancestors_from_counts(jnp.ceil(num * c), num)
 
 
 def draw_from_weights(key, normed_log_weights, shape, table=None, cumulative=None):
@@ -155,8 +157,41 @@ def backward_indices(key, model, lw_prev, z_prev, targets, t, u, *, log_bound=No
     return idx.astype(jnp.int32)
 
 
-def _backward_paths(key, model, particles, log_weights, inputs, num_samples, use_bound, max_rounds):
-    num_timesteps = particles.shape[0]
+def resolve_method(model, method: str) -> bool:
+    """Whether backward draws use the model's declared transition bound (accept-reject):
+    ``method`` "auto" (when declared), "exact" (never) or "rejection" (required)."""
+    if method not in ("auto", "exact", "rejection"):
+        raise ValueError(f"method: expected 'auto', 'exact' or 'rejection', got {method!r}")
+    bounded = C.is_bounded(model)
+    if method == "rejection" and not bounded:
+        raise ValueError("method: 'rejection' needs a model that declares a transition bound "
+                         "(subclass AbstractBoundedTransitionSSM)")
+    return bounded and method != "exact"
+
+
+def backward_sample_sequence(key, model, filter_result, inputs=None, *, num_samples: int = 1,
+                             method: str = "auto", max_rounds: int = 2):
+    """Backward simulation on one sequence's filter output: the traceable core of `backward_sample`.
+
+    Args:
+        key: a `jax.random` key.
+        model: the model the filter ran on.
+        filter_result: a single-sequence `ParticleFilterResult` with history (particles (T, N, d),
+            log_weights (T, N)).
+        inputs: the (T, ...) inputs the filter was given (an autoregressive model whose
+            transition reads its inputs needs ``model.default_inputs(y)`` here).
+        num_samples: M trajectories (static int).
+        method: "auto", "exact" or "rejection" (static), see `backward_sample`.
+        max_rounds: accept-reject rounds before the exact fallback (static int).
+
+    Returns:
+        (M, T, d) trajectories.
+
+    No input checks: usable inside the caller's jit / vmap.
+    """
+    use_bound = resolve_method(model, method)
+    particles, log_weights = filter_result.particles, filter_result.log_weights
+    num_timesteps = log_weights.shape[0]
     k_last, k_rest = jax.random.split(key)
     j_last = draw_from_weights(k_last, log_weights[-1], (num_samples,))
     z_last = particles[-1][j_last]
@@ -178,46 +213,48 @@ def _backward_paths(key, model, particles, log_weights, inputs, num_samples, use
 
 
 @eqx.filter_jit
-def _run(key, model, particles, log_weights, inputs, *, num_samples, use_bound, max_rounds, batched):
-    fn = lambda k, p, lw: _backward_paths(k, model, p, lw, inputs, num_samples, use_bound, max_rounds)
-    if not batched:
-        return fn(key, particles, log_weights)
-    keys = jax.random.split(key, particles.shape[0])
-    return jax.vmap(fn)(keys, particles, log_weights)
+def _run(key, model, particles, log_weights, batch, *, num_samples, method, max_rounds):
+    def one(_, u, n, k, p, lw):
+        result = _History(p, lw)
+        return backward_sample_sequence(k, model, result, u, num_samples=num_samples, method=method,
+                                        max_rounds=max_rounds)
+
+    return batch.map(one, C.sequence_keys(key, batch), particles, log_weights, extra_axes=(0, 0, 0))
+
+
+class _History(NamedTuple):
+    particles: jax.Array
+    log_weights: jax.Array
 
 
 def backward_sample(key, model, filter_result, num_samples: int = 1, *, method: str = "auto", inputs=None,
-                    max_rounds: int = 2):
+                    lengths=None, max_rounds: int = 2):
     """Draw smoothed trajectories from the output of `particle_filter` (with ``history=True``).
 
     Args:
         key: a `jax.random` key.
         model: the model the filter ran on.
-        filter_result: a `ParticleFilterResult` with history (particles (T, N, d)).
+        filter_result: a `ParticleFilterResult` with history (particles (T, N, d), or (B, T, N, d)
+            for a batch).
         num_samples: number of trajectories M.
         method: "exact" (O(N) per draw), "rejection" (needs a model that declares a transition
             bound) or "auto" (rejection when the model declares a bound).
-        inputs: the inputs the filter was given.
+        inputs: the inputs the filter was given: (T, U) shared by a batch, (B, T, U) or a list
+            one per sequence (read like `particle_filter`'s).
+        lengths: the filter's ``lengths`` (checked only: steps beyond a sequence's length carry
+            no data, so its paths there are draws from the model's prediction).
 
     Returns:
         (M, T, d) trajectories, or (B, M, T, d) for a batched filter result.
     """
-    from probssm.core import checks
-
     C.check_model(model)
     num_samples = checks.positive_int(num_samples, "num_samples")
     max_rounds = checks.positive_int(max_rounds, "max_rounds", minimum=0)
-    bounded = C.transition_log_bound(model, 1, None) is not None if inputs is None else isinstance(
-        model, C.AbstractBoundedTransitionSSM)
-    if method not in ("auto", "exact", "rejection"):
-        raise ValueError(f"method: expected 'auto', 'exact' or 'rejection', got {method!r}")
-    if method == "rejection" and not bounded:
-        raise ValueError("method: 'rejection' needs a model that declares a transition bound "
-                         "(subclass AbstractBoundedTransitionSSM)")
-    use_bound = bounded and method != "exact"
+    resolve_method(model, method)
     particles, lws = filter_result.particles, filter_result.log_weights
-    if filter_result.ancestors is None or lws.ndim not in (2, 3):
+    if filter_result.ancestors is None or jnp.ndim(lws) not in (2, 3):
         raise ValueError("filter_result: expected a result of particle_filter(..., history=True)")
-    batched = lws.ndim == 3
-    return _run(key, model, particles, lws, inputs, num_samples=num_samples, use_bound=use_bound,
-                max_rounds=max_rounds, batched=batched)
+    # one reading of a batch for every engine: the filter's (B,) T axis stands in for the emissions
+    shape = tuple(lws.shape[:-1])
+    batch = as_batch(jnp.zeros(shape + (1,), lws.dtype), inputs, lengths, name="filter_result")
+    return _run(key, model, particles, lws, batch, num_samples=num_samples, method=method, max_rounds=max_rounds)

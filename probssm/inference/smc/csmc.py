@@ -21,12 +21,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from probssm.core import checks
-from probssm.inference.smc import _common as C
+from probssm.inference.smc import common as C
 from probssm.inference.smc import filter as F
 from probssm.inference.smc.backward import draw_from_weights
 
-__all__ = ["CSMCResult", "conditional_smc", "trace_ancestry"]
+__all__ = ["CSMCResult", "conditional_smc", "conditional_smc_sequence", "trace_ancestry", "check_reference"]
 
 
 class CSMCResult(NamedTuple):
@@ -46,7 +45,27 @@ def trace_ancestry(key, particles, log_weights_last, ancestors):
     return path
 
 
-def _csmc_one(key, model, ys, inputs, reference, *, num_particles, proposal, ancestor_sampling):
+def conditional_smc_sequence(key, model, emissions, inputs=None, *, reference, num_particles: int,
+                             ancestor_sampling: bool = True, proposal=None, length=None) -> CSMCResult:
+    """One conditional-SMC sweep on one sequence: the public traceable core of `conditional_smc`.
+
+    Args:
+        key: a `jax.random` key.
+        model: any `SSM`.
+        emissions: (T, D); NaN marks a missing step.
+        inputs: None (the model's `default_inputs`) or (T, ...) rows.
+        reference: (T, d) the current reference path (the state's dtype: integers for an HMM).
+        num_particles: N (static int >= 2, the reference included).
+        ancestor_sampling, proposal: as for `conditional_smc` (static).
+        length: true length of a padded sequence; steps at and beyond it are missing.
+
+    Returns:
+        `CSMCResult`: reference (T, d) the new path, filter the conditional particle system.
+
+    No input checks: usable inside the caller's jit / vmap.
+    """
+    ys, inputs = C.prepare_sequence(model, emissions, inputs, length)
+    proposal = C.pad_proposal(proposal, length)
     num_timesteps = ys.shape[0]
     keys = jax.random.split(key, num_timesteps + 1)
     state = F.init(keys[0], model, ys[0], C.row(inputs, 0), num_particles, proposal, reference[0])
@@ -57,60 +76,64 @@ def _csmc_one(key, model, ys, inputs, reference, *, num_particles, proposal, anc
                            ancestor_sampling=ancestor_sampling)
         return new, (new.particles, new.log_weights, info.ancestors, C.ess(new.log_weights))
 
-    u_rest = None if inputs is None else jax.tree_util.tree_map(lambda a: a[1:], inputs)
     final, (ps_, lws, anc, ess) = lax.scan(
-        body, state, (jnp.arange(1, num_timesteps), ys[1:], u_rest, reference[1:], keys[1:-1]))
+        body, state, (jnp.arange(1, num_timesteps), ys[1:], C.rest(inputs), reference[1:], keys[1:-1]))
     parts = jnp.concatenate([state.particles[None], ps_])
     lws = jnp.concatenate([state.log_weights[None], lws])
-    # ancestors[t] maps slot at t to its parent at t-1; shift so that row t holds the parent of step t+1
+    # ancestors[t] maps slot at t to its parent at t-1
     anc_full = jnp.concatenate([jnp.arange(num_particles, dtype=jnp.int32)[None], anc])
     ess = jnp.concatenate([C.ess(state.log_weights)[None], ess])
     means = jax.vmap(C.weighted_mean)(lws, parts)
-    # trace: index at t-1 = ancestors[t][index at t]
-    k = draw_from_weights(keys[-1], lws[-1], ())
-
-    def back(k, xs):
-        anc_t, parts_t = xs
-        return anc_t[k], parts_t[k]
-
-    _, path = lax.scan(back, k, (anc_full, parts), reverse=True)
+    path = trace_ancestry(keys[-1], parts, lws[-1], anc_full)
     res = F.ParticleFilterResult(final.log_likelihood, means, parts, lws, ess, anc_full,
                                  jnp.ones((num_timesteps,), bool).at[0].set(False))
     return CSMCResult(path, res)
 
 
 @eqx.filter_jit
-def _run(key, model, ys, inputs, reference, *, num_particles, proposal, ancestor_sampling):
-    return _csmc_one(key, model, ys, inputs, reference, num_particles=num_particles, proposal=proposal,
-                     ancestor_sampling=ancestor_sampling)
+def _run(key, model, batch, reference, *, num_particles, proposal, ancestor_sampling):
+    def one(y, u, n, k, ref):
+        return conditional_smc_sequence(k, model, y, u, reference=ref, num_particles=num_particles,
+                                        proposal=proposal, ancestor_sampling=ancestor_sampling, length=n)
+
+    return batch.map(one, C.sequence_keys(key, batch), reference, extra_axes=(0, 0))
+
+
+def check_reference(model, batch, reference, name: str = "reference"):
+    """A reference path (T, d) (or (B, T, d) for a batch) in the state's dtype."""
+    _, u = C.first_sequence(model, batch)
+    z = C.state_struct(model, C.row(u, 0))
+    want = ((batch.batch_size,) if batch.batched else ()) + (batch.num_timesteps,) + tuple(z.shape)
+    ref = jnp.asarray(reference)
+    if tuple(ref.shape) != want:
+        raise ValueError(f"{name}: expected shape {want}, got shape {tuple(ref.shape)}")
+    return ref.astype(z.dtype)
 
 
 def conditional_smc(key, model, emissions, reference, num_particles: int, *, ancestor_sampling: bool = True,
-                    proposal=None, inputs=None) -> CSMCResult:
+                    proposal=None, inputs=None, lengths=None) -> CSMCResult:
     """One conditional-SMC sweep given a reference trajectory; returns the new reference.
 
     Args:
         key: a `jax.random` key.
         model: any `SSM`.
-        emissions: (T, D) (one sequence).
-        reference: (T, d) the current reference trajectory.
+        emissions: (T, D), (B, T, D) or a list of (T_b, D) arrays (then one sweep per sequence).
+        reference: (T, d) the current reference trajectory ((B, T, d) for a batch).
         num_particles: N >= 2 (the reference included).
         ancestor_sampling: draw the reference's ancestors from the backward kernel
             (PGAS; mixes far better on long sequences).
-        proposal, inputs: as for `particle_filter`.
+        proposal, inputs, lengths: as for `particle_filter` (steps beyond a length are missing).
 
     Returns:
-        `CSMCResult` (``reference``: (T, d); ``filter``: the particle system).
+        `CSMCResult` (``reference``: (T, d); ``filter``: the particle system), a leading axis B
+        for a batch.
+
+    The traceable single-sequence core is `conditional_smc_sequence`.
     """
     C.check_model(model)
     num_particles = C.check_num_particles(num_particles)
-    ys, inputs, batched, batched_u = C.prepare_emissions(model, emissions, inputs)
-    if batched:
-        raise ValueError(f"emissions: conditional_smc takes one sequence (T, D), got shape {tuple(ys.shape)}")
-    F.check_proposal(key, model, ys, inputs, proposal, False, False)
-    shape, _ = C.state_shape(model, C.row(inputs, 0))
-    ref = jnp.asarray(reference)
-    if ref.shape != (ys.shape[0],) + shape:
-        raise ValueError(f"reference: expected shape {(ys.shape[0],) + shape}, got shape {tuple(ref.shape)}")
-    return _run(key, model, ys, inputs, ref.astype(ys.dtype), num_particles=num_particles, proposal=proposal,
+    batch = C.prepare(model, emissions, inputs, lengths)
+    F.check_proposal(key, model, batch, proposal)
+    ref = check_reference(model, batch, reference)
+    return _run(key, model, batch, ref, num_particles=num_particles, proposal=proposal,
                 ancestor_sampling=bool(ancestor_sampling))

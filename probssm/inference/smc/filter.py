@@ -14,7 +14,8 @@ look-ahead log-weights, zero for the bootstrap and guided filters)::
 exp(log Z) is an unbiased estimate of p(y_{0:T-1}). Weights live in log space and
 are normalised every step; when every weight underflows (all -inf) the weights
 fall back to uniform and log Z becomes -inf, never NaN. A time step whose
-observation holds a NaN is missing: every particle gets weight one.
+observation holds a NaN is missing: every particle gets weight one (see
+`probssm.inference.smc.common` for the shared conventions: lagged inputs, padding).
 """
 from __future__ import annotations
 
@@ -24,16 +25,21 @@ from typing import Callable, NamedTuple, Optional
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpyro.distributions as dist
 from jax import lax
 
-from probssm.inference.smc import _common as C
+from probssm.inference.smc import common as C
 from probssm.inference.smc.resampling import SCHEMES, multinomial
 
-__all__ = ["ParticleFilterResult", "PFState", "particle_filter", "init", "step"]
+__all__ = ["ParticleFilterResult", "PFState", "StepInfo", "particle_filter", "particle_filter_sequence", "init",
+           "step", "check_proposal", "check_auxiliary"]
 
 
 class ParticleFilterResult(NamedTuple):
     """Output of `particle_filter` (a leading axis B is added for a batch of sequences).
+
+    For a scalar state (an HMM's integer state) the trailing d axis is absent:
+    particles (T, N), filtered_means (T,) (the weighted mean of the state).
 
     With ``history=False`` the particles and log-weights of the last step only are kept
     (shapes (N, d) and (N,)) and ``ancestors`` is None.
@@ -133,7 +139,36 @@ def step(key, model, state: PFState, t, y, u, *, resampling="systematic", ess_th
     return PFState(z, lw_new, ll + c2), StepInfo(a, do, C.ess(lw_new))
 
 
-def _filter_one(key, model, ys, inputs, ess_threshold, *, num_particles, resampling, proposal, auxiliary, history):
+def particle_filter_sequence(key, model, emissions, inputs=None, *, num_particles: int,
+                             resampling: str = "systematic", ess_threshold=0.5, proposal: Optional[Callable] = None,
+                             auxiliary: Optional[Callable] = None, history: bool = True,
+                             length=None) -> ParticleFilterResult:
+    """Particle filter on one sequence: the public traceable core of `particle_filter`.
+
+    Args:
+        key: a `jax.random` key.
+        model: any `ps.SSM`.
+        emissions: (T, D); NaN marks a missing step (weight one).
+        inputs: None (the model's `default_inputs`) or (T, ...) rows.
+        num_particles: N (static int >= 2).
+        resampling: scheme name (static), see `probssm.inference.smc.resampling.SCHEMES`.
+        ess_threshold: resample when ESS <= ess_threshold * N (a float or a traced scalar).
+        proposal, auxiliary: as for `particle_filter` (static callables).
+        history: keep every step's particles, weights and ancestors (static).
+        length: true length of a padded sequence (int, possibly traced); steps at and beyond it
+            are missing, so the log-likelihood is that of the first ``length`` steps.
+
+    Returns:
+        `ParticleFilterResult`: log_likelihood (), filtered_means (T, d), particles (T, N, d),
+        log_weights (T, N), ess (T,), ancestors (T, N), resampled (T,) (last step only
+        without history).
+
+    No input checks: usable inside the caller's jit / vmap / grad (grad flows through the
+    weights, not through resampling).
+    """
+    ys, inputs = C.prepare_sequence(model, emissions, inputs, length)
+    proposal = C.pad_proposal(proposal, length)
+    auxiliary = C.pad_proposal(auxiliary, length)
     num_timesteps = ys.shape[0]
     keys = jax.random.split(key, num_timesteps)
     state = init(keys[0], model, ys[0], C.row(inputs, 0), num_particles, proposal)
@@ -150,8 +185,7 @@ def _filter_one(key, model, ys, inputs, ess_threshold, *, num_particles, resampl
             out = (mean, info.ess)
         return new, out
 
-    u_rest = None if inputs is None else jax.tree_util.tree_map(lambda a: a[1:], inputs)
-    xs = (jnp.arange(1, num_timesteps), ys[1:], u_rest, keys[1:])
+    xs = (jnp.arange(1, num_timesteps), ys[1:], C.rest(inputs), keys[1:])
     final, out = lax.scan(body, state, xs)
     means = jnp.concatenate([mean0[None], out[0]])
     ess = jnp.concatenate([C.ess(state.log_weights)[None], out[1]])
@@ -165,63 +199,59 @@ def _filter_one(key, model, ys, inputs, ess_threshold, *, num_particles, resampl
 
 
 @eqx.filter_jit
-def _run(key, model, ys, inputs, ess_threshold, *, num_particles, resampling, proposal, auxiliary, history,
-         batched, batched_u):
-    fn = lambda k, y, u: _filter_one(k, model, y, u, ess_threshold, num_particles=num_particles,
-                                     resampling=resampling, proposal=proposal, auxiliary=auxiliary,
-                                     history=history)
-    if not batched:
-        return fn(key, ys, inputs)
-    keys = jax.random.split(key, ys.shape[0])
-    return jax.vmap(fn, in_axes=(0, 0, 0 if batched_u else None))(keys, ys, inputs)
+def _run(key, model, batch, ess_threshold, *, num_particles, resampling, proposal, auxiliary, history):
+    def one(y, u, n, k):
+        return particle_filter_sequence(k, model, y, u, num_particles=num_particles, resampling=resampling,
+                                        ess_threshold=ess_threshold, proposal=proposal, auxiliary=auxiliary,
+                                        history=history, length=n)
+
+    return batch.map(one, C.sequence_keys(key, batch), extra_axes=(0,))
 
 
-def check_proposal(key, model, ys, inputs, proposal, batched, batched_u):
-    """Call the proposal once at t = 0 and t = 1 and check it returns a state of the right event shape."""
+def check_proposal(key, model, batch, proposal):
+    """Call the proposal once at t = 0 and t = 1 and check it returns a state of the model's event shape."""
     if proposal is None:
         return
     if not callable(proposal):
         raise ValueError("proposal: expected a callable proposal(z_prev, t, y_t, inputs) -> distribution")
-    y = ys[0] if batched else ys
-    u = inputs
-    if u is not None and batched_u:
-        u = C.row(u, 0)
-    shape, d0 = C.state_shape(model, C.row(u, 0))
+    y, u = C.first_sequence(model, batch)
+    d0 = model.initial(C.row(u, 0))
+    shape = tuple(d0.event_shape)
     q0 = proposal(None, 0, y[0], C.row(u, 0))
     for tt, q in ((0, q0),) + (((1, proposal(d0.sample(key), 1, y[1], C.row(u, 1))),) if y.shape[0] > 1 else ()):
-        if not hasattr(q, "event_shape") or tuple(q.event_shape) != shape or tuple(q.batch_shape) != ():
-            got = getattr(q, "event_shape", type(q).__name__)
-            raise ValueError(
-                f"proposal: at t={tt} expected a distribution with event shape {shape} and no batch shape, "
-                f"got event shape {got}" + (f" and batch shape {tuple(q.batch_shape)}" if hasattr(q, "batch_shape") else "")
-            )
+        event = tuple(q.event_shape) if isinstance(q, dist.Distribution) else None
+        batch_shape = tuple(q.batch_shape) if isinstance(q, dist.Distribution) else None
+        if event != shape or batch_shape != ():
+            got = type(q).__name__ if event is None else f"event shape {event} and batch shape {batch_shape}"
+            raise ValueError(f"proposal: at t={tt} expected a distribution with event shape {shape} and no batch "
+                             f"shape, got {got}")
 
 
-def check_auxiliary(key, model, ys, inputs, auxiliary, batched, batched_u):
+def check_auxiliary(key, model, batch, auxiliary):
     if auxiliary is None:
         return
     if not callable(auxiliary):
         raise ValueError("auxiliary: expected a callable auxiliary(z_prev, t, y_t, inputs) -> scalar log-weight")
-    y = ys[0] if batched else ys
-    u = inputs
-    if u is not None and batched_u:
-        u = C.row(u, 0)
-    shape, d0 = C.state_shape(model, C.row(u, 0))
+    y, u = C.first_sequence(model, batch)
+    z = C.state_struct(model, C.row(u, 0))
     if y.shape[0] > 1:
-        out = jax.eval_shape(lambda z: auxiliary(z, 1, y[1], C.row(u, 1)), jax.ShapeDtypeStruct(shape, y.dtype))
+        out = jax.eval_shape(lambda zz: auxiliary(zz, 1, y[1], C.row(u, 1)), z)
         if tuple(out.shape) != ():
             raise ValueError(f"auxiliary: expected a scalar log-weight, got shape {tuple(out.shape)}")
 
 
 def particle_filter(key, model, emissions, num_particles: int, *, resampling: str = "systematic",
                     ess_threshold: float = 0.5, proposal: Optional[Callable] = None,
-                    auxiliary: Optional[Callable] = None, inputs=None, history: bool = True) -> ParticleFilterResult:
+                    auxiliary: Optional[Callable] = None, inputs=None, lengths=None,
+                    history: bool = True) -> ParticleFilterResult:
     """Bootstrap, guided or auxiliary particle filter for any `SSM`.
 
     Args:
         key: a `jax.random` key.
-        model: any `ps.SSM` (its ``initial`` / ``transition`` / ``emission`` are vmapped over particles).
-        emissions: (T, D) or a batch (B, T, D); a NaN anywhere in y_t marks step t missing (weight one).
+        model: any `ps.SSM` (its ``initial`` / ``transition`` / ``emission`` are vmapped over
+            particles); continuous or discrete (an HMM's particles are integer states).
+        emissions: (T, D), a batch (B, T, D) or a list of (T_b, D) arrays; a NaN anywhere in
+            y_t marks step t missing (weight one).
         num_particles: N >= 2.
         resampling: "systematic" (default), "stratified", "multinomial" or "residual".
         ess_threshold: resample when ESS <= ess_threshold * N; in (0, 1] (1: every step).
@@ -229,12 +259,16 @@ def particle_filter(key, model, emissions, num_particles: int, *, resampling: st
             over z_t with the state's event shape (``z_prev`` is None at t = 0). None: bootstrap.
         auxiliary: auxiliary filter: ``auxiliary(z_prev, t, y_t, inputs)`` returns a scalar
             look-ahead log-weight (e.g. log g(y_t | mean of f(z_prev))).
-        inputs: optional (T, U) (or (B, T, U)) inputs, row t passed to the model at step t.
+        inputs: optional (T, U) inputs shared by a batch, or (B, T, U) / a list, one per sequence;
+            row t is passed to the model at step t. None: the model's `default_inputs`.
+        lengths: (B,) true lengths of a padded batch. Steps beyond a sequence's length are
+            treated as missing data (weight one), which leaves its log-likelihood estimate
+            that of its own length; filtered means there are predictions.
         history: keep the particles, weights and ancestors of every step (needed by
             `backward_sample`); False keeps only the last step (memory independent of T).
 
     Returns:
-        `ParticleFilterResult`.
+        `ParticleFilterResult` (a leading axis B for a batch).
 
     Example:
         >>> model = ps.models.StochasticVolatility()
@@ -244,14 +278,14 @@ def particle_filter(key, model, emissions, num_particles: int, *, resampling: st
 
     Models holding plain Python functions are fine (the engine is compiled with
     `equinox.filter_jit`); pass the same function objects again to reuse the compiled code.
+    The traceable single-sequence core is `particle_filter_sequence`.
     """
     C.check_model(model)
     num_particles = C.check_num_particles(num_particles)
     resampling = C.check_resampling(resampling)
     thr = C.check_ess_threshold(ess_threshold)
-    ys, inputs, batched, batched_u = C.prepare_emissions(model, emissions, inputs)
-    check_proposal(key, model, ys, inputs, proposal, batched, batched_u)
-    check_auxiliary(key, model, ys, inputs, auxiliary, batched, batched_u)
-    return _run(key, model, ys, inputs, jnp.asarray(thr, ys.dtype), num_particles=num_particles,
-                resampling=resampling, proposal=proposal, auxiliary=auxiliary, history=bool(history),
-                batched=batched, batched_u=batched_u)
+    batch = C.prepare(model, emissions, inputs, lengths)
+    check_proposal(key, model, batch, proposal)
+    check_auxiliary(key, model, batch, auxiliary)
+    return _run(key, model, batch, jnp.asarray(thr, batch.emissions.dtype), num_particles=num_particles,
+                resampling=resampling, proposal=proposal, auxiliary=auxiliary, history=bool(history))

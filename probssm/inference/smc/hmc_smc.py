@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from probssm.core import checks
-from probssm.inference.smc import _common as C
+from probssm.inference.smc import common as C
 from probssm.inference.smc.resampling import resample
 
 __all__ = ["HMCSMCResult", "hmc_smc"]
@@ -142,7 +142,8 @@ def _moments(z):
     return mean, dz.T @ dz / z.shape[0]
 
 
-def _hmc_smc_one(key, model, ys, inputs, log_step0, cfg: _Config):
+def _hmc_smc_one(key, model, ys, inputs, log_step0, cfg: _Config, length=None):
+    ys, inputs = C.prepare_sequence(model, ys, inputs, length)
     num_timesteps = ys.shape[0]
     keys = jax.random.split(key, num_timesteps)
 
@@ -161,42 +162,41 @@ def _hmc_smc_one(key, model, ys, inputs, log_step0, cfg: _Config):
         mean, cov = _moments(z_new)
         return (z_new, log_step, log_lik + log_z), (mean, cov, ess, ess_min, stages, acc)
 
-    # t = 0: the "previous state" is a dummy and the prior is the initial distribution.
+    # t = 0: the prior is the initial distribution; the "previous state" it ignores is a copy of
+    # the initial draws (same shape and dtype as the model's own states).
     u0 = C.row(inputs, 0)
     k0, k_temper0 = jax.random.split(keys[0])
     d0 = model.initial(u0)
-    z0 = d0.sample(k0, (cfg.num_particles,)).astype(ys.dtype)
-    dummy = jnp.zeros_like(z0)
+    z0 = d0.sample(k0, (cfg.num_particles,))
     z0, log_z0, log_step, ess0, ess_min0, stages0, acc0 = _temper(
-        k_temper0, dummy, z0, lambda _, x: model.initial(u0).log_prob(x), lg_of(0, ys[0], u0), log_step0, cfg)
+        k_temper0, z0, z0, lambda _, x: model.initial(u0).log_prob(x), lg_of(0, ys[0], u0), log_step0, cfg)
     mean0, cov0 = _moments(z0)
-    u_rest = None if inputs is None else jax.tree_util.tree_map(lambda a: a[1:], inputs)
     (z, _, log_lik), out = lax.scan(step, (z0, log_step, log_z0),
-                                    (jnp.arange(1, num_timesteps), ys[1:], u_rest, keys[1:]))
+                                    (jnp.arange(1, num_timesteps), ys[1:], C.rest(inputs), keys[1:]))
     first = (mean0, cov0, ess0, ess_min0, stages0, acc0)
     means, covs, ess, ess_min, stages, acc = (jnp.concatenate([a[None], b]) for a, b in zip(first, out))
     return HMCSMCResult(log_lik, means, covs, ess, ess_min, stages, acc, z)
 
 
 @eqx.filter_jit
-def _run(key, model, ys, inputs, log_step0, cfg, batched, batched_u):
-    fn = lambda k, y, u: _hmc_smc_one(k, model, y, u, log_step0, cfg)
-    if not batched:
-        return fn(key, ys, inputs)
-    keys = jax.random.split(key, ys.shape[0])
-    return jax.vmap(fn, in_axes=(0, 0, 0 if batched_u else None))(keys, ys, inputs)
+def _run(key, model, batch, log_step0, cfg):
+    def one(y, u, n, k):
+        return _hmc_smc_one(k, model, y, u, log_step0, cfg, n)
+
+    return batch.map(one, C.sequence_keys(key, batch), extra_axes=(0,))
 
 
 def hmc_smc(key, model, emissions, num_particles: int, *, num_mcmc_steps: int = 2, num_integration_steps: int = 5,
             step_size: float = 0.5, target_ess: float = 0.5, max_stages: int = 10, target_accept: float = 0.65,
-            resampling: str = "systematic", inputs=None) -> HMCSMCResult:
+            resampling: str = "systematic", inputs=None, lengths=None) -> HMCSMCResult:
     """Tempered particle filter with HMC moves, for models with a continuous vector state.
 
     Args:
         key: a `jax.random` key.
         model: any `ps.SSM` whose state is a real vector and whose transition and
             emission log-densities are differentiable in the state.
-        emissions: (T, D) or a batch (B, T, D); a NaN in y_t marks step t missing.
+        emissions: (T, D), a batch (B, T, D) or a list of (T_b, D) arrays; a NaN in y_t marks
+            step t missing.
         num_particles: N >= 2.
         num_mcmc_steps: HMC steps after each tempering stage.
         num_integration_steps: leapfrog steps per HMC step.
@@ -206,7 +206,8 @@ def hmc_smc(key, model, emissions, num_particles: int, *, num_mcmc_steps: int = 
         target_ess: each tempering stage keeps the ESS at or above target_ess * N; in (0, 1].
         max_stages: cap on the stages per time step (the last one jumps to temperature 1).
         resampling: scheme used after each stage.
-        inputs: optional (T, U) inputs.
+        inputs: optional (T, U) inputs (or (B, T, U) / a list, one per sequence).
+        lengths: (B,) true lengths of a padded batch; steps beyond are missing data.
 
     Returns:
         `HMCSMCResult`. The cost of a time step is about ``num_stages * num_mcmc_steps *
@@ -224,10 +225,12 @@ def hmc_smc(key, model, emissions, num_particles: int, *, num_mcmc_steps: int = 
         raise ValueError(f"target_ess: expected a value in (0, 1], got {target_ess}")
     if not 0.0 < float(target_accept) < 1.0:
         raise ValueError(f"target_accept: expected a value in (0, 1), got {target_accept}")
-    ys, inputs, batched, batched_u = C.prepare_emissions(model, emissions, inputs)
-    shape, _ = C.state_shape(model, C.row(inputs if not batched_u else C.row(inputs, 0), 0))
-    if len(shape) != 1:
-        raise ValueError(f"model: hmc_smc needs a vector state (d,), the model's state has shape {shape}")
+    batch = C.prepare(model, emissions, inputs, lengths)
+    _, u = C.first_sequence(model, batch)
+    z = C.state_struct(model, C.row(u, 0))
+    if len(z.shape) != 1 or not jnp.issubdtype(z.dtype, jnp.floating):
+        raise ValueError(f"model: hmc_smc needs a real vector state (d,), the model's state has shape {z.shape} "
+                         f"and dtype {z.dtype}")
     cfg = _Config(num_particles, num_mcmc_steps, num_integration_steps, float(target_ess), max_stages,
                   float(target_accept), resampling)
-    return _run(key, model, ys, inputs, jnp.log(jnp.asarray(step_size, ys.dtype)), cfg, batched, batched_u)
+    return _run(key, model, batch, jnp.log(jnp.asarray(step_size, batch.emissions.dtype)), cfg)

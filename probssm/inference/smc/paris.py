@@ -16,7 +16,6 @@ per draw otherwise. The same step, driven by conditional SMC, is PPG (`ppg.py`).
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, NamedTuple, Optional
 
 import equinox as eqx
@@ -25,11 +24,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from probssm.core import checks
-from probssm.inference.smc import _common as C
+from probssm.inference.smc import common as C
 from probssm.inference.smc import filter as F
 from probssm.inference.smc.backward import backward_indices
 
-__all__ = ["AdditiveFunctional", "PaRISResult", "PaRISState", "paris", "init", "step"]
+__all__ = ["AdditiveFunctional", "PaRISResult", "PaRISState", "paris", "paris_sequence", "init", "step", "estimate",
+           "as_functional", "mask_functional", "check_functional", "resolve_backward", "backward_update",
+           "mcmc_indices"]
 
 
 class AdditiveFunctional(NamedTuple):
@@ -145,8 +146,47 @@ def estimate(state: PaRISState):
     return C.weighted_mean(state.filter.log_weights, state.tau)
 
 
-def _paris_one(key, model, ys, inputs, ess_threshold, functional, *, num_particles, num_backward, resampling,
-               proposal, auxiliary, use_bound):
+def mask_functional(functional: AdditiveFunctional, length) -> AdditiveFunctional:
+    """The functional with its terms at steps t >= ``length`` set to zero (padding carries no
+    terms); ``length`` None returns it unchanged."""
+    functional = as_functional(functional)
+    if length is None:
+        return functional
+    inner = functional.step
+
+    def step_fn(zp, z, t, y, u):
+        return jax.tree_util.tree_map(lambda a: jnp.where(t < length, a, jnp.zeros_like(a)), inner(zp, z, t, y, u))
+
+    return AdditiveFunctional(functional.initial, step_fn)
+
+
+def paris_sequence(key, model, emissions, inputs=None, *, additive_functional, num_particles: int,
+                   num_backward: int = 2, resampling: str = "systematic", ess_threshold=0.5, proposal=None,
+                   auxiliary=None, backward: str = "auto", length=None) -> PaRISResult:
+    """PaRIS on one sequence: the public traceable core of `paris`.
+
+    Args:
+        key: a `jax.random` key.
+        model: any `SSM`.
+        emissions: (T, D); NaN marks a missing step.
+        inputs: None (the model's `default_inputs`) or (T, ...) rows.
+        additive_functional: `AdditiveFunctional` or a callable ``h(z_prev, z, t, y, inputs)``.
+        num_particles, num_backward: N and Ñ (static ints).
+        resampling, ess_threshold, proposal, auxiliary: as for `particle_filter_sequence`.
+        backward: "auto", "exact", "rejection" or "mcmc" (static), see `paris`.
+        length: true length of a padded sequence; steps at and beyond it are missing and their
+            terms h_t are dropped, so the estimate is that of the first ``length`` steps.
+
+    Returns:
+        `PaRISResult`: estimate (pytree like h's output), log_likelihood (), final state.
+
+    No input checks: usable inside the caller's jit / vmap / grad.
+    """
+    use_bound = resolve_backward(model, backward)
+    functional = mask_functional(additive_functional, length)
+    ys, inputs = C.prepare_sequence(model, emissions, inputs, length)
+    proposal = C.pad_proposal(proposal, length)
+    auxiliary = C.pad_proposal(auxiliary, length)
     num_timesteps = ys.shape[0]
     keys = jax.random.split(key, num_timesteps)
     state = init(keys[0], model, ys[0], C.row(inputs, 0), functional, num_particles, proposal)
@@ -157,31 +197,27 @@ def _paris_one(key, model, ys, inputs, ess_threshold, functional, *, num_particl
                       resampling=resampling, ess_threshold=ess_threshold, proposal=proposal, auxiliary=auxiliary)
         return new, None
 
-    u_rest = None if inputs is None else jax.tree_util.tree_map(lambda a: a[1:], inputs)
-    final, _ = lax.scan(body, state, (jnp.arange(1, num_timesteps), ys[1:], u_rest, keys[1:]))
+    final, _ = lax.scan(body, state, (jnp.arange(1, num_timesteps), ys[1:], C.rest(inputs), keys[1:]))
     return PaRISResult(estimate(final), final.filter.log_likelihood, final)
 
 
 @eqx.filter_jit
-def _run(key, model, ys, inputs, ess_threshold, functional, *, num_particles, num_backward, resampling, proposal,
-         auxiliary, use_bound, batched, batched_u):
-    fn = lambda k, y, u: _paris_one(k, model, y, u, ess_threshold, functional, num_particles=num_particles,
-                                    num_backward=num_backward, resampling=resampling, proposal=proposal,
-                                    auxiliary=auxiliary, use_bound=use_bound)
-    if not batched:
-        return fn(key, ys, inputs)
-    keys = jax.random.split(key, ys.shape[0])
-    return jax.vmap(fn, in_axes=(0, 0, 0 if batched_u else None))(keys, ys, inputs)
+def _run(key, model, batch, ess_threshold, functional, *, num_particles, num_backward, resampling, proposal,
+         auxiliary, backward):
+    def one(y, u, n, k):
+        return paris_sequence(k, model, y, u, additive_functional=functional, num_particles=num_particles,
+                              num_backward=num_backward, resampling=resampling, ess_threshold=ess_threshold,
+                              proposal=proposal, auxiliary=auxiliary, backward=backward, length=n)
+
+    return batch.map(one, C.sequence_keys(key, batch), extra_axes=(0,))
 
 
-def check_functional(model, ys, inputs, functional, batched, batched_u):
+def check_functional(model, batch, functional):
+    """Evaluate the functional abstractly on the model's state (shape and dtype of a draw of
+    ``model.initial``) and check initial and step agree; returns it as an `AdditiveFunctional`."""
     functional = as_functional(functional)
-    y = ys[0] if batched else ys
-    u = inputs
-    if u is not None and batched_u:
-        u = C.row(u, 0)
-    shape, _ = C.state_shape(model, C.row(u, 0))
-    zs = jax.ShapeDtypeStruct(shape, y.dtype)
+    y, u = C.first_sequence(model, batch)
+    zs = C.state_struct(model, C.row(u, 0))
     try:
         out = jax.eval_shape(lambda zp, z: functional.step(zp, z, 1, y[0], C.row(u, 0)), zs, zs)
         if functional.initial is not None:
@@ -192,16 +228,17 @@ def check_functional(model, ys, inputs, functional, batched, batched_u):
     except ValueError:
         raise
     except Exception as e:  # a shape error inside the user's function
-        raise ValueError(f"additive_functional: failed on a state of shape {shape}: {e}") from e
+        raise ValueError(f"additive_functional: failed on a state of shape {zs.shape}: {e}") from e
     return functional
 
 
 def resolve_backward(model, backward):
+    """False (exact draws), True (accept-reject with the declared bound) or "mcmc"."""
     if backward == "mcmc":
         return "mcmc"
     if backward not in ("auto", "exact", "rejection", "mcmc"):
         raise ValueError(f"backward: expected 'auto', 'exact', 'rejection' or 'mcmc', got {backward!r}")
-    bounded = isinstance(model, C.AbstractBoundedTransitionSSM)
+    bounded = C.is_bounded(model)
     if backward == "rejection" and not bounded:
         raise ValueError("backward: 'rejection' needs a model that declares a transition bound "
                          "(subclass AbstractBoundedTransitionSSM)")
@@ -210,13 +247,13 @@ def resolve_backward(model, backward):
 
 def paris(key, model, emissions, additive_functional, num_particles: int, num_backward: int = 2, *,
           resampling: str = "systematic", ess_threshold: float = 0.5, proposal=None, auxiliary=None,
-          backward: str = "auto", inputs=None) -> PaRISResult:
+          backward: str = "auto", inputs=None, lengths=None) -> PaRISResult:
     """Smoothed expectation of an additive functional by PaRIS, in one forward pass.
 
     Args:
         key: a `jax.random` key.
         model: any `SSM`; accept-reject backward draws when it declares a transition bound.
-        emissions: (T, D) or (B, T, D).
+        emissions: (T, D), (B, T, D) or a list of (T_b, D) arrays.
         additive_functional: `AdditiveFunctional(initial, step)` or a callable
             ``h(z_prev, z, t, y, inputs)`` (then the t = 0 term is zero); outputs any pytree.
         num_particles: N >= 2.
@@ -227,24 +264,29 @@ def paris(key, model, emissions, additive_functional, num_particles: int, num_ba
             "exact" (O(N^2) per step), "rejection" (exact draws by accept-reject, O(N) expected,
             with an exact fallback) or "mcmc" (Ñ independent Metropolis-Hastings steps started at
             each particle's ancestor, Dau & Chopin 2023: O(N) per step for any model, correlated draws).
+        lengths: (B,) true lengths of a padded batch: steps beyond are missing data and carry
+            no terms of the functional (the estimate is that of each sequence's own length).
 
     Returns:
-        `PaRISResult`: ``estimate`` (same pytree as h's output), ``log_likelihood``, final ``state``.
+        `PaRISResult`: ``estimate`` (same pytree as h's output), ``log_likelihood``, final ``state``
+        (a leading axis B for a batch).
 
     Example:
         >>> f = ps.smc.AdditiveFunctional(initial=lambda z, y, u: z, step=lambda zp, z, t, y, u: z)
         >>> ps.smc.paris(key, model, y, f, 1000).estimate     # ~ sum_t E[z_t | y]
+
+    The traceable single-sequence core is `paris_sequence`.
     """
     C.check_model(model)
     num_particles = C.check_num_particles(num_particles)
     num_backward = checks.positive_int(num_backward, "num_backward")
     resampling = C.check_resampling(resampling)
     thr = C.check_ess_threshold(ess_threshold)
-    use_bound = resolve_backward(model, backward)
-    ys, inputs, batched, batched_u = C.prepare_emissions(model, emissions, inputs)
-    F.check_proposal(key, model, ys, inputs, proposal, batched, batched_u)
-    F.check_auxiliary(key, model, ys, inputs, auxiliary, batched, batched_u)
-    functional = check_functional(model, ys, inputs, additive_functional, batched, batched_u)
-    return _run(key, model, ys, inputs, jnp.asarray(thr, ys.dtype), functional, num_particles=num_particles,
-                num_backward=num_backward, resampling=resampling, proposal=proposal, auxiliary=auxiliary,
-                use_bound=use_bound, batched=batched, batched_u=batched_u)
+    resolve_backward(model, backward)
+    batch = C.prepare(model, emissions, inputs, lengths)
+    F.check_proposal(key, model, batch, proposal)
+    F.check_auxiliary(key, model, batch, auxiliary)
+    functional = check_functional(model, batch, additive_functional)
+    return _run(key, model, batch, jnp.asarray(thr, batch.emissions.dtype), functional,
+                num_particles=num_particles, num_backward=num_backward, resampling=resampling, proposal=proposal,
+                auxiliary=auxiliary, backward=backward)

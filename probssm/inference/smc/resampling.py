@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["systematic", "stratified", "multinomial", "residual", "resample", "SCHEMES"]
+__all__ = ["systematic", "stratified", "multinomial", "residual", "resample", "SCHEMES", "ancestors_from_counts"]
 
 
 def _cumulative(weights):
@@ -29,8 +29,11 @@ def _cumulative(weights):
     return c.at[-1].set(1.0)
 
 
-def _ancestors_from_counts(n, num_particles, weights=None):
-    """ancestors[k] = #{i : n_i <= k} for cumulative counts n with n[-1] = N.
+def ancestors_from_counts(n, num_particles: int, weights=None):
+    """ancestors[k] = #{i : n_i <= k} for cumulative counts n (N,) with n[-1] = N; returns (N,) int32.
+
+    Also the guide table of an inverse-CDF draw: with n_i = ceil(N C_i), entry k is the first
+    index whose cumulative weight exceeds k / N.
 
     With ``weights``, particles of weight zero get no offspring even when a parallel (tree-ordered)
     float32 cumulative sum is not exactly flat across them: their count is pinned to that of the
@@ -58,7 +61,7 @@ def systematic(key, weights):
     c = _cumulative(weights)
     u = jax.random.uniform(key, (), dtype=c.dtype)
     n = jnp.ceil(num * c - u)
-    return _ancestors_from_counts(n, num, weights)
+    return ancestors_from_counts(n, num, weights)
 
 
 def stratified(key, weights):
@@ -74,7 +77,7 @@ def stratified(key, weights):
     m = jnp.floor(x)
     mi = jnp.clip(m.astype(jnp.int32), 0, num - 1)
     n = m + (u[mi] < x - m)
-    return _ancestors_from_counts(n, num, weights)
+    return ancestors_from_counts(n, num, weights)
 
 
 def multinomial(key, weights):
@@ -113,7 +116,7 @@ def residual(key, weights):
     mi = jnp.clip(m.astype(jnp.int32), 0, num - 1)
     extra_cum = jnp.where(m < r, m + (u[mi] < x - m), r)  # inclusive cumulative extra offspring
     n = jnp.cumsum(copies) + extra_cum
-    return _ancestors_from_counts(jnp.round(n), num, weights)
+    return ancestors_from_counts(jnp.round(n), num, weights)
 
 
 SCHEMES = {

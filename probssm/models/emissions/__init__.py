@@ -33,11 +33,13 @@ from probssm.models.emissions.autoregressive import AutoregressiveGaussian
 from probssm.models.emissions.poisson import Poisson
 from probssm.models.emissions.bernoulli import Bernoulli
 from probssm.models.emissions.categorical import Categorical
-from probssm.models.emissions.glm import AbstractGLMEmissions
+from probssm.models.emissions.glm import AbstractGLMEmissions, BernoulliGLM, PoissonGLM
 
 __all__ = [
     "AbstractEmissions",
     "AbstractGLMEmissions",
+    "PoissonGLM",
+    "BernoulliGLM",
     "Categorical",
     "Gaussian",
     "DiagonalGaussian",

@@ -20,8 +20,9 @@ class AutoregressiveGaussian(AbstractEmissions):
     """y_t | z_t = k, x_t ~ N(weights[k] @ x_t + biases[k], covs[k]), x_t the input row.
 
     For an autoregressive HMM of order P, x_t = (y_{t-1}, ..., y_{t-P}) stacked as
-    by `probssm.core.lagged_inputs` (U = P * D). Given no inputs, the module builds
-    them from the emissions itself, with the first P rows missing. ARPHMM's
+    by `probssm.core.lagged_inputs` (U = P * D); the family declares ``num_lags = P``
+    and `default_inputs` builds them from the emissions, with the first P rows missing
+    (used when no inputs are given). ARPHMM's
     y_t = -sum_p b_{k,p} y_{t-p} + e_t is this with weights = -b (and biases fixed
     at zero if wanted, via ``fixed=("emissions.biases",)``).
 
@@ -57,20 +58,34 @@ class AutoregressiveGaussian(AbstractEmissions):
         return self.weights.shape[1]
 
     @property
-    def input_dim(self):
+    def input_dim(self) -> int:
+        """U, the width of the input row x_t."""
         return self.weights.shape[2]
 
     @property
-    def num_lags(self):
-        return self.input_dim // self.emission_dim
+    def num_lags(self) -> int:
+        """P = U / D: the inputs are the lagged observations (0 when U is not a multiple of D,
+        i.e. the inputs are something else and must be passed explicitly)."""
+        U, D = self.input_dim, self.emission_dim
+        return U // D if U % D == 0 else 0
 
-    def _inputs(self, emissions, inputs):
-        if inputs is None:
-            return lagged_inputs(emissions, self.num_lags, fill_value=jnp.nan)
-        return inputs
+    def default_inputs(self, emissions):
+        """(T, D) or (B, T, D) -> (T, P * D) or (B, T, P * D): y_{t-1..t-P}, first P rows NaN."""
+        if self.num_lags == 0:
+            return None
+        return lagged_inputs(emissions, self.num_lags, fill_value=jnp.nan)
+
+    def _x(self, emissions, inputs):
+        if inputs is not None:
+            return inputs
+        x = self.default_inputs(emissions)
+        if x is None:
+            raise ValueError(f"inputs: expected ({emissions.shape[0]}, {self.input_dim}) input rows; "
+                             "they are not lagged observations (U is not a multiple of D)")
+        return x
 
     def log_likelihoods(self, emissions, inputs=None):
-        x = self._inputs(emissions, inputs)
+        x = self._x(emissions, inputs)
         obs_y, y = row_observed(emissions)
         obs_x, x = row_observed(x)
         Linv, logdet_half = chol_inv(self.covs)
@@ -86,7 +101,7 @@ class AutoregressiveGaussian(AbstractEmissions):
         return dist.MultivariateNormal(mean, covariance_matrix=self.covs[state])
 
     def m_step(self, emissions, weights, inputs=None, prior=None, fixed=frozenset()):
-        x = self._inputs(emissions, inputs)
+        x = self._x(emissions, inputs)
         obs_y, y = row_observed(emissions)
         obs_x, x = row_observed(x)
         w = weights * (obs_y & obs_x)[:, None]
@@ -105,7 +120,8 @@ class AutoregressiveGaussian(AbstractEmissions):
             if fit_b:
                 Sxy = jnp.einsum("tk,ti,td->kid", w, X, target)
             else:
-                Sxy = jnp.einsum("tk,ti,td->kid", w, X, y) - jnp.einsum("kij,kd->kid", Sxx, b)
+                # sum_t w_tk x_t (y_t - b_k)^T
+                Sxy = jnp.einsum("tk,ti,td->kid", w, X, y) - jnp.einsum("tk,ti,kd->kid", w, X, b)
             coef = jnp.linalg.solve(Sxx, Sxy)  # (K, U(+1), D)
             ok = (n > 0) & jnp.all(jnp.isfinite(coef), axis=(-2, -1))
             W = keep_where(ok, jnp.swapaxes(coef[:, :U], -1, -2), self.weights)

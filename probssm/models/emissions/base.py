@@ -7,6 +7,7 @@ from typing import ClassVar, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from numpyro.distributions import constraints
 
 from probssm.core import checks
@@ -175,6 +176,27 @@ class AbstractEmissions(eqx.Module):
     def distribution(self, state, inputs=None):
         """numpyro distribution of one y_t (event shape (D,)) given z_t = state."""
 
+    @property
+    def input_dim(self):
+        """Width U of the input rows the family reads; None: undeclared (the default)."""
+        return None
+
+    @property
+    def num_lags(self) -> int:
+        """P > 0 when the inputs of y_t are the lagged observations y_{t-1..t-P} (autoregressive
+        families); 0 otherwise (the default)."""
+        return 0
+
+    def default_inputs(self, emissions):
+        """(T, D) or (B, T, D) emissions -> the inputs used when none are given: the lagged
+        observations (first P rows NaN, i.e. missing) for an autoregressive family, else None."""
+        return None
+
+    def check_emissions(self, emissions) -> None:
+        """Raise ValueError naming ``emissions`` when concrete data (..., D) (NaN = missing) lie
+        outside the family's support. Called at public functions only; default: no check."""
+        return None
+
     def m_step(self, emissions, weights, inputs=None, prior=None, fixed=frozenset()):
         """Weighted maximisation; returns a new module. Default: unchanged (no closed form)."""
         return self
@@ -193,3 +215,25 @@ def num_states_dim(means, name):
     return means.shape
 
 
+def check_support(emissions, name: str, *, integer: bool, low=None, high=None) -> None:
+    """ValueError naming ``emissions`` if an observed (non-NaN) value of a concrete array is not
+    an integer (when ``integer``) or lies outside [low, high]; ``name`` is the family's name."""
+    if not checks.is_concrete(emissions):
+        return
+    a = np.asarray(emissions, dtype=np.float64)
+    v = a[~np.isnan(a)]
+    if v.size == 0:
+        return
+    if integer and not np.all(v == np.round(v)):
+        bad = v[v != np.round(v)][0]
+        raise ValueError(f"emissions: {name} expects integer values (NaN for missing), found {bad:g}")
+    out = np.zeros(v.shape, bool)
+    if low is not None:
+        out |= v < low
+    if high is not None:
+        out |= v > high
+    if np.any(out):
+        bad = v[out][0]
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        raise ValueError(f"emissions: {name} expects values in [{lo}, {hi}] (NaN for missing), found {bad:g}")

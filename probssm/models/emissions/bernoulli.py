@@ -10,7 +10,7 @@ import numpyro.distributions as dist
 
 from probssm.core import checks
 from probssm.models.emissions.base import (
-    UNIT, AbstractEmissions, float_array, num_states_dim,
+    UNIT, AbstractEmissions, check_support, float_array, num_states_dim,
 )
 
 
@@ -34,6 +34,10 @@ class Bernoulli(AbstractEmissions):
     @property
     def emission_dim(self):
         return self.probs.shape[1]
+
+    def check_emissions(self, emissions) -> None:
+        """Values must be 0 or 1 (NaN = missing)."""
+        check_support(emissions, "Bernoulli", integer=True, low=0, high=1)
 
     def log_likelihoods(self, emissions, inputs=None):
         m = ~jnp.isnan(emissions)

@@ -10,7 +10,7 @@ import numpyro.distributions as dist
 
 from probssm.core import checks
 from probssm.models.emissions.base import (
-    SIMPLEX, AbstractEmissions, float_array,
+    SIMPLEX, AbstractEmissions, check_support, float_array,
 )
 
 
@@ -47,7 +47,12 @@ class Categorical(AbstractEmissions):
     def num_classes(self):
         return self.probs.shape[2]
 
-    def _onehot(self, emissions):
+    def check_emissions(self, emissions) -> None:
+        """Labels must be integers in 0..C-1 (NaN = missing)."""
+        check_support(emissions, "Categorical", integer=True, low=0, high=self.num_classes - 1)
+
+    def onehot(self, emissions):
+        """(T, D) labels (NaN = missing) -> (T, D, C) one-hot rows, zero where missing."""
         m = ~jnp.isnan(emissions)
         labels = jnp.where(m, emissions, 0.0).astype(jnp.int32)
         return jax.nn.one_hot(labels, self.num_classes, dtype=self.probs.dtype) * m[..., None].astype(self.probs.dtype)
@@ -65,7 +70,7 @@ class Categorical(AbstractEmissions):
     def m_step(self, emissions, weights, inputs=None, prior=None, fixed=frozenset()):
         if "probs" in fixed:
             return self
-        counts = jnp.einsum("tk,tdc->kdc", weights, self._onehot(emissions))
+        counts = jnp.einsum("tk,tdc->kdc", weights, self.onehot(emissions))
         if prior is not None:
             counts = counts + prior.concentration - 1.0
         total = counts.sum(-1, keepdims=True)

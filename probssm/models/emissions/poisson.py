@@ -11,7 +11,7 @@ from jax.scipy.special import gammaln
 
 from probssm.core import checks
 from probssm.models.emissions.base import (
-    POSITIVE, AbstractEmissions, float_array, num_states_dim,
+    POSITIVE, AbstractEmissions, check_support, float_array, num_states_dim,
 )
 
 
@@ -35,6 +35,10 @@ class Poisson(AbstractEmissions):
     @property
     def emission_dim(self):
         return self.rates.shape[1]
+
+    def check_emissions(self, emissions) -> None:
+        """Counts must be non-negative integers (NaN = missing)."""
+        check_support(emissions, "Poisson", integer=True, low=0)
 
     def log_likelihoods(self, emissions, inputs=None):
         m = ~jnp.isnan(emissions)

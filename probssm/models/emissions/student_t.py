@@ -59,7 +59,7 @@ class StudentT(AbstractEmissions):
         obs, y = row_observed(emissions)
         D = self.emission_dim
         nu = self.dofs
-        maha, logdet_half = self._mahalanobis(y)
+        maha, logdet_half = self.mahalanobis(y)
         ll = (gammaln(0.5 * (nu + D)) - gammaln(0.5 * nu) - 0.5 * D * jnp.log(nu * jnp.pi) - logdet_half)[None] \
             - 0.5 * (nu + D)[None] * jnp.log1p(maha / nu[None])
         return jnp.where(obs[:, None], ll, 0.0)
@@ -72,7 +72,7 @@ class StudentT(AbstractEmissions):
         obs, y = row_observed(emissions)
         w = weights * obs[:, None]
         D = self.emission_dim
-        maha, _ = self._mahalanobis(y)
+        maha, _ = self.mahalanobis(y)
         u = (self.dofs[None] + D) / (self.dofs[None] + maha)
         wu = w * u
         n, nu_sum = w.sum(0), wu.sum(0)

@@ -1,0 +1,391 @@
+"""Forward-backward, Viterbi and posterior sampling on the arrays of one sequence.
+
+These are the traceable cores of `probssm.inference.hmm` (``ps.hmm``), dynamax style:
+pure functions of a `DiscreteParams` (initial probabilities pi (K,), transition
+matrices A (K, K) or A_t (T, K, K), per-step emission log-likelihoods (T, K)), one
+sequence, no input checks, usable under the caller's ``jit`` / ``vmap`` / ``grad``:
+
+    filter_params(params, *, length=None, plausibility=None, parallel=False, chunk_size=None)
+    smoother_params(params, *, length=None, plausibility=None, parallel=False, chunk_size=None)
+    viterbi_params(params, *, length=None, plausibility=None)
+    sample_params(key, params, num_samples=1, *, length=None, plausibility=None)
+
+e.g. ``filter_params(model.discrete_params(y, u), length=n).log_likelihood``. The
+model-level functions of `probssm.inference.hmm` check their inputs, batch with
+`probssm.core.batching` and call these.
+
+Sequential forward-backward (scaled; the loops `lax.scan` runs)::
+
+    b_t = exp(ll_t - m_t),  m_t = max_k ll_t[k]                # done once, vectorised
+    alpha_0 = pi * b_0 / c_0
+    for t in 1..T-1:
+        a = (alpha_{t-1} @ A_t) * b_t;  c_t = sum(a);  alpha_t = a / c_t
+    log p(y) = sum_t (log c_t + m_t)
+    beta_{T-1} = 1
+    for t in T-2..0:
+        beta_t = A_{t+1} @ (b_{t+1} * beta_{t+1} / c_{t+1})
+    gamma_t = alpha_t * beta_t                                   # p(z_t | y)
+    xi = sum_t A_t * outer(alpha_{t-1}, b_t * beta_t) / n_t      # expected transition counts
+
+The scan bodies are one broadcast-multiply-reduce each (no per-step library calls).
+
+Parallel form (``parallel=True``): the forward pass is the prefix product of the
+matrices E_0 = 1 (pi * b_0)^T (all rows equal) and E_t = A_t diag(b_t), so every
+row of E_0 E_1 ... E_t is proportional to alpha_t; the backward pass is the suffix
+product E_{t+1} ... E_{T-1} 1 1^T, whose columns are proportional to beta_t. Each
+element carries a matrix normalised to unit sum and its log scale, and
+
+    (M_i, s_i) o (M_j, s_j) = (M_i M_j / n, s_i + s_j + log n),  n = sum(M_i M_j)
+
+is associative. It runs in chunks (`probssm.core.scan.chunked_associative_scan`):
+an associative scan inside each chunk, a sequential scan across them, so the
+compiled graph has a fixed size whatever T is.
+
+Missing data: a row whose emission log-likelihood is 0 (NaN in y) contributes
+likelihood 1. A padded sequence with true ``length`` skips steps t >= length
+(identity transition, no emission); their outputs are zero (-1 for Viterbi and
+samples).
+
+Plausibilities (ARPHMM; Juesas et al.): ``plausibility`` pl (T, K) in [0, 1]
+multiplies the emission likelihood of state k at step t, i.e. adds log pl_t(k) to
+the log-likelihoods; pl = 1 everywhere is the ordinary HMM.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from probssm.core.protocol import DiscreteParams
+from probssm.core.scan import chunked_associative_scan
+
+__all__ = ["FilterResult", "SmootherResult", "filter_params", "smoother_params", "viterbi_params",
+           "sample_params", "DEFAULT_CHUNK"]
+
+DEFAULT_CHUNK = 512  # parallel scans on CPU: chunk length of the associative scan
+
+
+class FilterResult(NamedTuple):
+    """Forward pass of one sequence (the model-level `ps.hmm.filter` adds a leading B axis for a batch)."""
+
+    log_likelihood: jax.Array  # ()
+    filtered_probs: jax.Array  # (T, K)  p(z_t | y_{0:t})
+
+
+class SmootherResult(NamedTuple):
+    """Forward-backward of one sequence (a leading B axis for a batch at the model level)."""
+
+    log_likelihood: jax.Array  # ()
+    filtered_probs: jax.Array  # (T, K)
+    smoothed_probs: jax.Array  # (T, K)  p(z_t | y_{0:T-1})
+    transition_counts: jax.Array  # (K, K)  sum_t p(z_{t-1} = i, z_t = j | y)
+
+
+# ----------------------------------------------------------------------------------------------
+# One sequence
+# ----------------------------------------------------------------------------------------------
+def _prepare_params(params: DiscreteParams, plausibility, valid):
+    ll = params.log_likelihoods
+    if plausibility is not None:
+        ll = ll + jnp.log(plausibility)
+    if valid is not None:
+        ll = jnp.where(valid[:, None], ll, 0.0)
+    m = jnp.max(ll, -1)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    b = jnp.exp(ll - m[:, None])
+    return b, m
+
+
+def _next_transitions(A):
+    """The matrix used after step t (A_{t+1}) for every t; the last one is never used."""
+    return jnp.concatenate([A[1:], A[-1:]]) if A.ndim == 3 else None
+
+
+def _forward_sequential(pi, A, b, valid):
+    """Scaled forward pass over all T steps; the carry is the predicted distribution
+    p_t = p(z_t | y_{0:t-1}) (p_0 = pi), so no slicing or concatenation is needed."""
+    tv = A.ndim == 3
+    v_next = None if valid is None else jnp.concatenate([valid[1:], jnp.zeros((1,), bool)])
+
+    def step(p, xs):
+        b_t, A_next, v, vn = xs
+        a = p * b_t
+        c = a.sum()
+        alpha = a / c
+        M = A_next if tv else A
+        p_next = jnp.sum(alpha[:, None] * M, 0)
+        if v is not None:
+            c = jnp.where(v, c, 1.0)
+            p_next = jnp.where(vn, p_next, alpha)
+        return p_next, (alpha, c)
+
+    xs = (b, _next_transitions(A), valid, v_next)
+    _, (alphas, cs) = lax.scan(step, pi, xs)
+    return alphas, cs
+
+
+def _backward_sequential(A, b, cs, valid):
+    """beta_{t-1} = A_t (b_t beta_t / c_t), run from t = T - 1 down; outputs beta_t for every t."""
+    tv = A.ndim == 3
+    K = b.shape[-1]
+    bc = b / cs[:, None]
+    # A v written as a reduction over the leading axis of A^T (vertical SIMD adds on CPU)
+    AT = jnp.swapaxes(A, -1, -2)
+
+    def step(beta, xs):
+        bc_t, AT_t, v = xs
+        M = AT_t if tv else AT
+        prev = jnp.sum(M * (bc_t * beta)[:, None], 0)
+        if v is not None:
+            prev = jnp.where(v, prev, beta)
+        return prev, beta
+
+    xs = (bc, AT if tv else None, valid)
+    _, betas = lax.scan(step, jnp.ones(K, b.dtype), xs, reverse=True)
+    return betas, bc
+
+
+class _Elem(NamedTuple):
+    M: jax.Array
+    s: jax.Array
+
+
+def _combine(e1: _Elem, e2: _Elem) -> _Elem:
+    M = e1.M @ e2.M
+    n = jnp.sum(M)
+    n = jnp.where(n > 0, n, 1.0)
+    return _Elem(M / n, e1.s + e2.s + jnp.log(n))
+
+
+def _step_matrices(A, b, valid):
+    """E_t = A_t diag(b_t) for t = 1..T-1 (identity on padding)."""
+    T, K = b.shape
+    E = (A[1:] if A.ndim == 3 else A[None]) * b[1:, None, :]
+    if valid is not None:
+        E = jnp.where(valid[1:, None, None], E, jnp.eye(K, dtype=b.dtype))
+    return E
+
+
+def _forward_parallel(pi, A, b, valid, chunk_size):
+    T, K = b.shape
+    first = jnp.broadcast_to(pi * b[0], (K, K))[None]
+    E = jnp.concatenate([first, _step_matrices(A, b, valid)])
+    n = E.sum((-2, -1))
+    elems = _Elem(E / n[:, None, None], jnp.log(n))
+    identity = _Elem(jnp.eye(K, dtype=b.dtype), jnp.zeros((), b.dtype))
+    out = chunked_associative_scan(_combine, elems, identity, chunk_size)
+    rows = out.M[:, 0, :]
+    tot = rows.sum(-1)
+    alphas = rows / tot[:, None]
+    log_z = out.s + jnp.log(tot)
+    # normaliser of step t: p(y_t | y_{0:t-1}) / exp(m_t) = exp(log_z_t - log_z_{t-1})
+    cs = jnp.exp(jnp.diff(log_z, prepend=0.0))
+    return alphas, cs, log_z[-1]
+
+
+def _backward_parallel(A, b, valid, chunk_size):
+    T, K = b.shape
+    E = jnp.concatenate([_step_matrices(A, b, valid), jnp.ones((1, K, K), b.dtype)])
+    n = E.sum((-2, -1))
+    elems = _Elem(E / n[:, None, None], jnp.log(n))
+    identity = _Elem(jnp.eye(K, dtype=b.dtype), jnp.zeros((), b.dtype))
+    out = chunked_associative_scan(lambda later, earlier: _combine(earlier, later), elems, identity, chunk_size,
+                                   reverse=True)
+    cols = out.M[:, :, 0]
+    return cols / cols.sum(-1, keepdims=True)
+
+
+def _transition_counts(A, b, alphas, betas, valid):
+    """sum_t A_t * outer(alpha_{t-1}, b_t beta_t) / n_t, with n_t the normaliser of that outer product."""
+    w = b[1:] * betas[1:]
+    if A.ndim == 3:
+        pred = jnp.einsum("ti,tij->tj", alphas[:-1], A[1:])
+    else:
+        pred = alphas[:-1] @ A
+    n = jnp.sum(pred * w, -1)
+    scale = 1.0 / jnp.where(n > 0, n, 1.0)
+    if valid is not None:
+        scale = jnp.where(valid[1:], scale, 0.0)
+    w = w * scale[:, None]
+    if A.ndim == 3:
+        return jnp.einsum("ti,tij,tj->ij", alphas[:-1], A[1:], w)
+    return A * (alphas[:-1].T @ w)
+
+
+def _filter_one(params, plausibility, valid, parallel, chunk_size):
+    b, m = _prepare_params(params, plausibility, valid)
+    A = params.transition_matrices
+    if parallel:
+        alphas, cs, log_z = _forward_parallel(params.initial_probs, A, b, valid, chunk_size)
+        ll = log_z + jnp.sum(m)
+    else:
+        alphas, cs = _forward_sequential(params.initial_probs, A, b, valid)
+        ll = jnp.sum(jnp.log(cs)) + jnp.sum(m)
+    return ll, alphas, cs, b
+
+
+def _smooth_one(params, plausibility, valid, parallel, chunk_size):
+    ll, alphas, cs, b = _filter_one(params, plausibility, valid, parallel, chunk_size)
+    A = params.transition_matrices
+    if parallel:
+        betas = _backward_parallel(A, b, valid, chunk_size)
+        counts = _transition_counts(A, b, alphas, betas, valid)
+    else:
+        betas, bc = _backward_sequential(A, b, cs, valid)
+        # with these scalings the normaliser of step t's pair marginal is exactly 1
+        w = bc * betas if valid is None else bc * betas * valid[:, None]
+        if A.ndim == 3:
+            counts = jnp.einsum("ti,tij,tj->ij", alphas[:-1], A[1:], w[1:])
+        else:
+            counts = A * (alphas[:-1].T @ w[1:])
+    gamma = alphas * betas
+    gamma = gamma / gamma.sum(-1, keepdims=True)
+    if valid is not None:
+        gamma = jnp.where(valid[:, None], gamma, 0.0)
+        alphas = jnp.where(valid[:, None], alphas, 0.0)
+    return SmootherResult(ll, alphas, gamma, counts)
+
+
+def _viterbi_one(params, plausibility, valid):
+    ll = params.log_likelihoods
+    if plausibility is not None:
+        ll = ll + jnp.log(plausibility)
+    A = params.transition_matrices
+    tv = A.ndim == 3
+    logA = jnp.log(A)
+    K = ll.shape[-1]
+    ks = jnp.arange(K)
+    delta0 = jnp.log(params.initial_probs) + ll[0]
+
+    def step(delta, xs):
+        ll_t, logA_t, v = xs
+        s = delta[:, None] + (logA_t if tv else logA)
+        psi = jnp.argmax(s, 0)
+        new = jnp.max(s, 0) + ll_t
+        new = new - jnp.max(new)
+        if v is not None:
+            new = jnp.where(v, new, delta)
+            psi = jnp.where(v, psi, ks)
+        return new, psi
+
+    xs = (ll[1:], logA[1:] if tv else None, None if valid is None else valid[1:])
+    delta, psis = lax.scan(step, delta0 - jnp.max(delta0), xs)
+    last = jnp.argmax(delta)
+
+    def back(z, psi):
+        z = psi[z]
+        return z, z
+
+    _, zs = lax.scan(back, last, psis, reverse=True)
+    path = jnp.concatenate([zs, last[None]])
+    if valid is not None:
+        path = jnp.where(valid, path, -1)
+    return path
+
+
+def _sample_one(key, params, plausibility, valid, num_samples):
+    _, alphas, _, _ = _filter_one(params, plausibility, valid, False, None)
+    A = params.transition_matrices
+    tv = A.ndim == 3
+    T, K = alphas.shape
+    u = jax.random.uniform(key, (T, num_samples), alphas.dtype)
+
+    def draw(p, u_t):
+        cdf = jnp.cumsum(p, -1)
+        return jnp.minimum(jnp.sum(cdf < u_t[:, None] * cdf[:, -1:], -1), K - 1)
+
+    last = draw(jnp.broadcast_to(alphas[-1], (num_samples, K)), u[-1])
+
+    def step(z_next, xs):
+        alpha, A_next, u_t, v = xs
+        M = A_next if tv else A
+        p = alpha[None, :] * M[:, z_next].T
+        z = draw(p, u_t)
+        if v is not None:
+            z = jnp.where(v, z, z_next)
+        return z, z
+
+    xs = (alphas[:-1], A[1:] if tv else None, u[:-1], None if valid is None else valid[1:])
+    _, zs = lax.scan(step, last, xs, reverse=True)
+    paths = jnp.concatenate([zs, last[None]]).T  # (S, T)
+    if valid is not None:
+        paths = jnp.where(valid[None], paths, -1)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# Public traceable cores: one sequence, arrays in, no checks
+# ----------------------------------------------------------------------------------------------
+def _valid(num_timesteps, length):
+    return None if length is None else jnp.arange(num_timesteps) < length
+
+
+def _core_chunk(chunk_size, parallel):
+    if not parallel:
+        return None
+    if chunk_size is None:
+        return DEFAULT_CHUNK if jax.default_backend() == "cpu" else None
+    return int(chunk_size)
+
+
+def filter_params(params: DiscreteParams, *, length=None, plausibility=None, parallel: bool = False,
+                  chunk_size: Optional[int] = None) -> FilterResult:
+    """Forward pass on the arrays of one sequence: the traceable core of `filter`.
+
+    No input checks; usable inside the caller's ``jax.jit`` / ``vmap`` / ``grad``.
+
+    Args:
+        params: `DiscreteParams` of one sequence: initial_probs (K,), transition_matrices
+            (K, K) or (T, K, K), log_likelihoods (T, K) (0 where y_t is missing).
+        length: None or a scalar int array: the true length of a padded sequence; steps
+            t >= length are skipped and their outputs are zero.
+        plausibility: None or (T, K) non-negative weights on the emission likelihoods.
+        parallel: associative scan instead of the sequential scan (a Python bool).
+        chunk_size: parallel only; chunk length (default 512 on CPU, one chunk elsewhere).
+
+    Returns:
+        `FilterResult`: log_likelihood (), filtered_probs (T, K).
+
+    Example:
+        >>> f = ps.hmm.filter_params(model.discrete_params(y), length=n)
+        >>> f.log_likelihood
+    """
+    valid = _valid(params.log_likelihoods.shape[0], length)
+    ll, alphas, _, _ = _filter_one(params, plausibility, valid, bool(parallel), _core_chunk(chunk_size, parallel))
+    if valid is not None:
+        alphas = jnp.where(valid[:, None], alphas, 0.0)
+    return FilterResult(ll, alphas)
+
+
+def smoother_params(params: DiscreteParams, *, length=None, plausibility=None, parallel: bool = False,
+                    chunk_size: Optional[int] = None) -> SmootherResult:
+    """Forward-backward on the arrays of one sequence: the traceable core of `smoother`.
+
+    Same arguments as `filter_params`. Returns `SmootherResult`: log_likelihood (),
+    filtered_probs (T, K), smoothed_probs (T, K) (zero on padding), transition_counts (K, K)
+    = sum_t p(z_{t-1} = i, z_t = j | y).
+    """
+    valid = _valid(params.log_likelihoods.shape[0], length)
+    return _smooth_one(params, plausibility, valid, bool(parallel), _core_chunk(chunk_size, parallel))
+
+
+def viterbi_params(params: DiscreteParams, *, length=None, plausibility=None) -> jax.Array:
+    """Most likely path on the arrays of one sequence: the traceable core of `viterbi`.
+
+    Returns:
+        (T,) int states (-1 at steps t >= length).
+    """
+    return _viterbi_one(params, plausibility, _valid(params.log_likelihoods.shape[0], length))
+
+
+def sample_params(key, params: DiscreteParams, num_samples: int = 1, *, length=None,
+                  plausibility=None) -> jax.Array:
+    """Forward-filter backward-sample on the arrays of one sequence: the core of `sample`.
+
+    ``num_samples`` is a Python int (static). Returns (num_samples, T) int states (-1 at
+    steps t >= length).
+    """
+    return _sample_one(key, params, plausibility, _valid(params.log_likelihoods.shape[0], length),
+                       int(num_samples))

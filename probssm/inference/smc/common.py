@@ -1,0 +1,315 @@
+"""Shared pieces of the particle engines (internal but public: stable names, no underscore).
+
+Per-particle evaluation of the model protocol, fast reparameterised draws, weight
+arithmetic, the preparation of one sequence (default inputs, padding) and the argument
+checks the public engines run before compiling. Other modules of probssm import these
+names; users rarely need them.
+
+Conventions every engine shares:
+
+* A time step whose observation y_t holds a NaN anywhere (a partly missing row included)
+  is missing: every particle gets weight one.
+* For a model that reads its lagged observations as inputs (``model.emission_lags > 0``)
+  a step whose input row holds a NaN (the first P steps, whose lags precede the data) is
+  missing too, as in the exact engines.
+* Steps at and beyond a sequence's ``length`` (the padding of a ragged batch) are missing;
+  the log-likelihood estimate is then that of the first ``length`` steps (statistically
+  exact), and filtered quantities there are predictions.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpyro.distributions as dist
+
+from probssm.core import checks
+from probssm.core.batching import Batch, as_batch
+from probssm.core.bounded import AbstractBoundedTransitionSSM
+from probssm.core.protocol import SSM
+
+__all__ = [
+    "row", "observation", "emission_log_prob", "transition_log_prob", "gaussian_params", "sample_dist",
+    "sample_per_particle", "standard_normal", "uniform", "normalise", "ess", "weighted_mean", "weights_of",
+    "cumulative", "state_struct", "first_input_row", "prepare_sequence", "mask_padding", "rest",
+    "check_model", "check_num_particles", "check_ess_threshold", "check_resampling", "prepare",
+    "transition_log_bound", "is_bounded", "sequence_keys", "first_sequence", "pad_proposal",
+]
+
+LOG_EPS = -jnp.inf
+
+
+def row(inputs, t):
+    """Row ``t`` of an input pytree (None stays None)."""
+    return None if inputs is None else jax.tree_util.tree_map(lambda a: a[t], inputs)
+
+
+def rest(inputs):
+    """Rows 1.. of an input pytree (None stays None)."""
+    return None if inputs is None else jax.tree_util.tree_map(lambda a: a[1:], inputs)
+
+
+def observation(y):
+    """(y with NaN set to 0, whether y_t is observed). A partly missing y_t counts as missing."""
+    missing = jnp.any(jnp.isnan(y))
+    return jnp.where(jnp.isnan(y), 0.0, y), ~missing
+
+
+def emission_log_prob(model, z, t, y, u):
+    """log g(y_t | z_t^i) for every particle; 0 (weight one) when y_t is missing."""
+    y_safe, observed = observation(y)
+    lg = jax.vmap(lambda zi: model.emission(zi, t, u).log_prob(y_safe))(z)
+    return jnp.where(observed, lg, 0.0)
+
+
+def transition_log_prob(model, z_prev, z, t, u):
+    """log p(z[i] | z_prev[i]) elementwise over a leading axis."""
+    return jax.vmap(lambda zp, zi: model.transition(zp, t, u).log_prob(zi))(z_prev, z)
+
+
+def gaussian_params(d):
+    """(loc, scale, kind) of a Gaussian numpyro distribution, or None for other families."""
+    if isinstance(d, dist.Independent) and isinstance(d.base_dist, dist.Normal):
+        return d.base_dist.loc, d.base_dist.scale, "diag"
+    if isinstance(d, dist.Normal):
+        return d.loc, d.scale, "diag"
+    if isinstance(d, dist.MultivariateNormal):
+        return d.loc, d.scale_tril, "tril"
+    return None
+
+
+def _reparam(d, eps):
+    loc, scale, kind = gaussian_params(d)
+    if kind == "diag":
+        return jnp.broadcast_to(loc + scale * eps, eps.shape)
+    return loc + scale @ eps
+
+
+def _float_dtype(x):
+    dt = jnp.result_type(x)
+    return dt if jnp.issubdtype(dt, jnp.floating) else jnp.result_type(float)
+
+
+def standard_normal(key, shape, dtype):
+    """Standard normal draws made in float32 (half the random bits and a cheaper inverse
+    transform than float64 draws) and cast to ``dtype``; 24-bit resolution is far below any
+    Monte Carlo error of the particle engines."""
+    return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+
+def uniform(key, shape, dtype=jnp.float32):
+    """Uniform(0, 1) draws from 32 random bits, cast to ``dtype``."""
+    return jax.random.uniform(key, shape, jnp.float32).astype(dtype)
+
+
+def sample_dist(key, d, num):
+    """``num`` draws from one distribution (Gaussian families reparameterised, in the dtype of
+    their parameters; others through ``d.sample``)."""
+    params = gaussian_params(d)
+    if params is not None and d.batch_shape == ():
+        loc = params[0]
+        eps = standard_normal(key, (num,) + tuple(d.event_shape), _float_dtype(loc))
+        return jax.vmap(lambda e: _reparam(d, e))(eps)
+    return d.sample(key, (num,))
+
+
+def sample_per_particle(key, dist_fn, z_prev):
+    """z^i ~ dist_fn(z_prev^i) for every particle.
+
+    Gaussian families (Normal, Independent(Normal), MultivariateNormal) are drawn as
+    loc + scale * eps with one batched standard-normal draw (in the dtype of the particles);
+    other families (e.g. the categorical state of an HMM) get one key per particle.
+    """
+    num = jax.tree_util.tree_leaves(z_prev)[0].shape[0]
+    d0 = dist_fn(jax.tree_util.tree_map(lambda a: a[0], z_prev))
+    if gaussian_params(d0) is not None and d0.batch_shape == ():
+        dtype = _float_dtype(jax.tree_util.tree_leaves(z_prev)[0])
+        eps = standard_normal(key, (num,) + tuple(d0.event_shape), dtype)
+        return jax.vmap(lambda zp, e: _reparam(dist_fn(zp), e).astype(dtype))(z_prev, eps)
+    keys = jax.random.split(key, num)
+    return jax.vmap(lambda k, zp: dist_fn(zp).sample(k))(keys, z_prev)
+
+
+def normalise(log_weights):
+    """(normalised log-weights, log of their sum); NaN counts as -inf; all -inf stays finite."""
+    lw = jnp.where(jnp.isnan(log_weights), -jnp.inf, log_weights)
+    m = jnp.max(lw)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    s = jnp.sum(jnp.exp(lw - m_safe))
+    log_sum = jnp.where(s > 0, jnp.log(s) + m_safe, -jnp.inf)
+    num = lw.shape[0]
+    normed = jnp.where(s > 0, lw - jnp.where(s > 0, jnp.log(s) + m_safe, 0.0), -math.log(num))
+    return normed, log_sum
+
+
+def ess(normed_log_weights):
+    """Effective sample size 1 / sum_i W_i^2 of normalised log-weights (N,)."""
+    return 1.0 / jnp.sum(jnp.exp(2.0 * normed_log_weights))
+
+
+def weighted_mean(normed_log_weights, values):
+    """sum_i W_i values_i over the leading axis; integer values (a discrete state) are averaged
+    in the weights' floating dtype."""
+    w = jnp.exp(normed_log_weights)
+
+    def one(v):
+        dt = v.dtype if jnp.issubdtype(v.dtype, jnp.inexact) else w.dtype
+        return jnp.tensordot(w.astype(dt), v.astype(dt), axes=1)
+
+    return jax.tree_util.tree_map(one, values)
+
+
+def weights_of(normed_log_weights):
+    return jnp.exp(normed_log_weights)
+
+
+def cumulative(weights):
+    """Normalised inclusive cumulative weights, with the last entry exactly one."""
+    c = jnp.cumsum(weights)
+    total = c[-1]
+    c = c / jnp.where(total > 0, total, 1.0)
+    return c.at[-1].set(1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# One sequence: inputs, padding (traceable)
+# ----------------------------------------------------------------------------------------------
+def first_input_row(model, inputs):
+    """The input row at t = 0 for shape probing: row 0 of ``inputs``, zeros of the declared
+    width for an autoregressive model given none, else None."""
+    if inputs is not None:
+        return row(inputs, 0)
+    if model.emission_lags and isinstance(model.input_dim, int):
+        return jnp.zeros((model.input_dim,), jnp.result_type(float))
+    return None
+
+
+def state_struct(model, inputs_row=None) -> jax.ShapeDtypeStruct:
+    """Shape and dtype of one state z_t, read from a draw of the model's own ``initial``
+    distribution (abstractly: nothing is computed). An HMM's state is an integer scalar."""
+    return jax.eval_shape(lambda k: model.initial(inputs_row).sample(k), jax.random.key(0))
+
+
+def mask_padding(emissions, length):
+    """Emissions (T, ...) with the rows at and beyond ``length`` set to NaN (missing)."""
+    if length is None:
+        return emissions
+    keep = jnp.arange(emissions.shape[0]) < length
+    return jnp.where(keep.reshape((-1,) + (1,) * (emissions.ndim - 1)), emissions, jnp.nan)
+
+
+def prepare_sequence(model, emissions, inputs=None, length=None):
+    """(emissions, inputs) of one sequence as the particle cores use them (traceable).
+
+    * inputs None: the model's `default_inputs` (lagged observations for an autoregressive
+      model, else None);
+    * autoregressive model (``emission_lags > 0``): a step whose input row holds a NaN is
+      marked missing (its y_t set to NaN) and the NaN inputs are set to zero;
+    * rows at and beyond ``length`` are missing.
+    """
+    y = jnp.asarray(emissions)
+    if not jnp.issubdtype(y.dtype, jnp.floating):
+        y = y.astype(jnp.result_type(float))
+    if inputs is None:
+        inputs = model.default_inputs(y)
+    if model.emission_lags and inputs is not None:
+        leaves = jax.tree_util.tree_leaves(inputs)
+        bad = jnp.zeros((y.shape[0],), bool)
+        for a in leaves:
+            if jnp.issubdtype(jnp.result_type(a), jnp.inexact):
+                bad = bad | jnp.any(jnp.isnan(jnp.reshape(a, (a.shape[0], -1))), axis=1)
+        y = jnp.where(bad.reshape((-1,) + (1,) * (y.ndim - 1)), jnp.nan, y)
+        inputs = jax.tree_util.tree_map(
+            lambda a: jnp.where(jnp.isnan(a), 0.0, a) if jnp.issubdtype(jnp.result_type(a), jnp.inexact) else a,
+            inputs)
+    return mask_padding(y, length), inputs
+
+
+def first_sequence(model, batch: Batch):
+    """(emissions (T, D), inputs) of the first sequence of a batch, prepared as the cores see
+    them (default inputs filled in); for the argument checks of the public functions."""
+    y = batch.emissions[0] if batch.batched else batch.emissions
+    u = row(batch.inputs, 0) if batch.inputs_batched else batch.inputs
+    n = None if batch.lengths is None else (batch.lengths[0] if batch.batched else batch.lengths)
+    return prepare_sequence(model, y, u, n)
+
+
+def pad_proposal(proposal, length):
+    """A proposal (or auxiliary function) that sees y_t = 0 instead of the NaN padding at steps
+    t >= ``length``: a finite proposal there, corrected by the weights like any other. ``proposal``
+    or ``length`` None returns it unchanged."""
+    if proposal is None or length is None:
+        return proposal
+
+    def padded(z_prev, t, y, u):
+        return proposal(z_prev, t, jnp.where(t < length, y, jnp.zeros_like(y)), u)
+
+    return padded
+
+
+def sequence_keys(key, batch: Batch):
+    """The key of each sequence: ``key`` itself for one sequence, split(key, B) for a batch."""
+    return jax.random.split(key, batch.batch_size) if batch.batched else key
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks (outside jit, at the public functions)
+# ----------------------------------------------------------------------------------------------
+def check_model(model):
+    if not isinstance(model, SSM):
+        raise ValueError(f"model: expected a probssm SSM, got {type(model).__name__}")
+
+
+def check_num_particles(num_particles, name="num_particles"):
+    return checks.positive_int(num_particles, name, minimum=2)
+
+
+def check_ess_threshold(ess_threshold):
+    try:
+        v = float(ess_threshold)
+    except (TypeError, ValueError):
+        raise ValueError(f"ess_threshold: expected a number in (0, 1], got {ess_threshold!r}") from None
+    if not (0.0 < v <= 1.0):
+        raise ValueError(f"ess_threshold: expected a number in (0, 1], got {v}")
+    return v
+
+
+def check_resampling(resampling):
+    from probssm.inference.smc.resampling import SCHEMES
+
+    if resampling not in SCHEMES:
+        raise ValueError(f"resampling: expected one of {sorted(SCHEMES)}, got {resampling!r}")
+    return resampling
+
+
+def prepare(model, emissions, inputs=None, lengths=None, *, single: bool = False) -> Batch:
+    """Read emissions (T, D), (B, T, D) or a list of (T_b, D) arrays (with inputs and lengths)
+    through `probssm.core.batching.as_batch`, and check them against the model: the emission
+    distribution of a state (shaped and typed as a draw of ``model.initial``) must have the
+    event shape of one row of y. ``single``: refuse a batch."""
+    batch = as_batch(emissions, inputs, lengths)
+    if single and batch.batched:
+        raise ValueError(f"emissions: expected one sequence (T, D), got shape {tuple(batch.emissions.shape)}")
+    u = batch.inputs
+    if batch.inputs_batched:
+        u = row(u, 0)
+    u0 = first_input_row(model, u)
+    z = state_struct(model, u0)
+    emis = model.emission(jnp.zeros(z.shape, z.dtype), 0, u0).event_shape
+    if tuple(emis) != tuple(batch.emissions.shape[-1:]):
+        raise ValueError(f"emissions: expected shape (T, {', '.join(map(str, emis))}) for this model's emission "
+                         f"(or a batch of them), got shape {tuple(batch.emissions.shape)}")
+    return batch
+
+
+def is_bounded(model) -> bool:
+    """Whether the model declares a transition bound (`AbstractBoundedTransitionSSM`)."""
+    return isinstance(model, AbstractBoundedTransitionSSM)
+
+
+def transition_log_bound(model, t, u):
+    """The declared log bound of the transition density, or None when the model declares none."""
+    if is_bounded(model):
+        return model.transition_log_bound(t, u)
+    return None
