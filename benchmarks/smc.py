@@ -17,7 +17,6 @@ import time
 
 import numpy as np
 import jax
-import jax.numpy as jnp
 
 jax.config.update("jax_enable_x64", True)
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))

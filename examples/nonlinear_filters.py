@@ -44,7 +44,7 @@ import probssm as ps  # noqa: E402
 
 RUNS = int(sys.argv[1]) if len(sys.argv) > 1 else 100
 T = 200
-PAPER = {  # the authors' logs, 100 runs (MODELS.md); None: not quoted there
+PAPER = {  # the authors' logs, 100 runs as published by the IMAP paper; None: not quoted there
     "toy": {"EKF": 34.909, "IEKF (5)": 15.321, "UKF": 5.762, "PF (1000)": 2.800, "IMAP-GD": 7.966,
             "IMAP-Adam": 5.780},
     "lorenz": {"EKF": 0.890, "IEKF (5)": 1.114, "UKF": 2.742, "PF (1000)": 1.568, "IMAP-GD": 0.701,
@@ -152,7 +152,7 @@ def table(title, system, gauss_model, pf_model, imap_cfgs, sims, key, extra=()):
             ("PF (1000)", lambda: ps.smc.particle_filter(key, pf_model, ys, 1000, history=False).filtered_means)]
     for label, opt, K in imap_cfgs:
         rows.append((label, lambda opt=opt, K=K: jax.vmap(
-            lambda y: ps.imap.filter(f, loss, gauss_model.initial_mean, y, optimizer=opt, num_steps=K).filtered_states
+            lambda y: ps.imap.filter(f, loss, gauss_model.initial_mean, y, optimizer=opt, num_iters=K).filtered_means
         )(ys)))
     print(f"\n{title}  (RMSE over {RUNS} runs, T = {T})")
     print(f"| {'filter':<10} | {'RMSE':>6} | {'95% interval':>16} | {'paper':>6} | {'later':>6} | {'time (s)':>8} |")

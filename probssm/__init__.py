@@ -29,3 +29,15 @@ __all__ += ["dkf"]
 from probssm.inference import imap
 
 __all__ += ["imap"]
+
+# Deprecated aliases of names that moved outwards (simulators to `datasets`, DKF learners to
+# `learn`), bound here so that no inner module imports an outer one.
+from probssm.datasets import hmmglm as _simulators  # noqa: E402
+from probssm.learn import dkf as _dkf_learners  # noqa: E402
+
+for _name in ("SimulatedHMMGLM", "simulate_hmmglm", "sample_hmmglm"):
+    setattr(models.hmmglm, _name, vars(_simulators)[_name])
+models.simulate_hmmglm, models.sample_hmmglm = _simulators.simulate_hmmglm, _simulators.sample_hmmglm
+for _name in ("fit", "fit_dynamics", "fit_nadaraya_watson", "fit_mlp", "fit_gp", "fit_covariance"):
+    setattr(inference.dkf, _name, vars(_dkf_learners)[_name])
+del _name

@@ -1,6 +1,6 @@
 """ARPHMM (Juesas, Ramasso, Drujont, Placet): autoregressive HMM whose emission
 likelihoods are weighted by prior plausibilities pl_t(k), inside forward-backward
-and Baum-Welch. Checks from MODELS.md."""
+and Baum-Welch. Checks from the ARPHMM paper."""
 import numpy as np
 import pytest
 import jax

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 
 import jax
-import jax.numpy as jnp
 from jax import lax
 
 _ACTIVE = []

@@ -55,17 +55,6 @@ __all__ = ["DKFResult", "filter", "filter_sequence", "DKFModel", "AbstractDiscri
            "exact_linear_gaussian"]
 
 # learners, now in probssm.learn.dkf: still reachable as ps.dkf.<name> (deprecated), loaded on first use
-_LEARNERS = ("fit", "fit_dynamics", "fit_nadaraya_watson", "fit_mlp", "fit_gp", "fit_covariance")
-
-
-def __getattr__(name):
-    if name in _LEARNERS:
-        import importlib
-
-        warnings.warn(f"ps.dkf.{name} moved to ps.learn.dkf.{name}" + (" (or ps.learn.fit_dkf)" if name == "fit"
-                                                                       else ""), DeprecationWarning, stacklevel=2)
-        return vars(importlib.import_module("probssm.learn.dkf"))[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class DKFResult(NamedTuple):

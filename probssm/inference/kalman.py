@@ -31,6 +31,11 @@ y_t, (A, b, C), with the information (eta, J) that y_t carries about z_{t-1}:
 The smoothing element of step t is the backward map z_{t+1} -> z_t,
 z_t = E_t z_{t+1} + g_t + N(0, L_t); composing two is composing affine maps.
 The sequential smoother runs the same backward recursion with `lax.scan`.
+
+Why one module of ~700 lines: the sequential and parallel forms of the four operations
+(filter, smoother, sampler, forecast) share the predict / update / smoothing-element
+kernels and the missing-data masking, and the checks of the model-level functions are
+written once for all of them; split, every piece would import the others' kernels.
 """
 from __future__ import annotations
 

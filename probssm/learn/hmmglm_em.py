@@ -52,15 +52,14 @@ from probssm.core import batching, checks, params as core_params, progress as pr
 from probssm.inference.hmm import filter_params, smoother_params
 from probssm.learn.em import register_em
 from probssm.learn.hmmglm_transitions import transition_m_step, transition_q
-from probssm.models.hmmglm import HMMGLM, check_spikes
+from probssm.models.hmmglm import HMMGLM, AbstractHMMGLM, check_spikes
 
 __all__ = ["ThresholdResult", "coupling_sizes", "fit_hmmglm", "hmmglm_log_likelihood", "init_hmmglm", "m_step_objective",
            "prune_links", "threshold_couplings", "transition_objective"]
 
 
 def _check_model(model):
-    # the HMM-GLM's own public API checks its argument (no engine dispatches on this class)
-    if not isinstance(model, HMMGLM):
+    if not isinstance(model, AbstractHMMGLM):
         raise ValueError(f"model: expected a ps.models.HMMGLM, got {type(model).__name__}")
 
 

@@ -468,7 +468,7 @@ def complete_log_likelihood(model: SSM, states, emissions, inputs=None, *, lengt
     y_safe = jnp.where(jnp.isnan(emissions), 0.0, emissions)
 
     def emission_lp(z, t, y, u):
-        return model.emission(z, t, u).log_prob(y)
+        return C.log_prob_of(model.emission(z, t, u), y)
 
     def transition_lp(z_prev, z, t, u):
         return model.transition(z_prev, t, u).log_prob(z)

@@ -37,7 +37,7 @@ __all__ = ["score_functional", "score_estimate", "score_mle", "markov_score_clim
 
 def _emission_term(model, z, t, y, u):
     y_safe, observed = C.observation(y)
-    return jnp.where(observed, model.emission(z, t, u).log_prob(y_safe), 0.0)
+    return jnp.where(observed, C.log_prob_of(model.emission(z, t, u), y_safe), 0.0)
 
 
 def _as_spec(spec) -> P.ParamSpec:

@@ -15,13 +15,3 @@ from probssm.models import dkf  # noqa: E402
 from probssm.models.dkf import AbstractDiscriminativeSSM, DKFModel  # noqa: E402
 
 __all__ += ["dkf", "AbstractDiscriminativeSSM", "DKFModel"]
-
-
-def __getattr__(name):
-    """Deprecated aliases: ``ps.models.simulate_hmmglm`` / ``sample_hmmglm`` moved to `probssm.datasets`
-    (imported on first use, so that the models never import the datasets at import time)."""
-    if name in ("simulate_hmmglm", "sample_hmmglm"):
-        from probssm.datasets import hmmglm as simulators
-
-        return vars(simulators)[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -46,6 +46,8 @@ back and take external inputs at once: use `ps.datasets.sample_hmmglm`).
 """
 from __future__ import annotations
 
+import abc
+
 import operator
 from typing import ClassVar
 
@@ -72,17 +74,6 @@ __all__ = ["HMMGLM", "AbstractCouplingPrior", "NoPrior", "GaussianPrior", "OneHo
 
 REAL = {"constraint": constraints.real}
 SIMPLEX = {"constraint": constraints.simplex}
-_SIMULATORS = ("SimulatedHMMGLM", "simulate_hmmglm", "sample_hmmglm")
-
-
-def __getattr__(name):
-    """Deprecated aliases: the simulators moved to `probssm.datasets.hmmglm` (imported lazily,
-    so that this model module never imports the datasets at import time)."""
-    if name in _SIMULATORS:
-        from probssm.datasets import hmmglm as simulators
-
-        return vars(simulators)[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,7 +149,28 @@ def _prior_alias(field: str):
 # ----------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------
-class HMMGLM(AbstractDiscreteSSM):
+class AbstractHMMGLM(AbstractDiscreteSSM):
+    """The structure the HMM-GLM learners (`ps.learn.fit_hmmglm`, `prune_links`,
+    `threshold_couplings`) read: a finite-state model whose emissions are a GLM with a coupling
+    prior, exposing the GLM of given couplings (`glm`), the paths of its emission and transition
+    parameters, and a copy without given couplings. `HMMGLM` is the implementation."""
+
+    @abc.abstractmethod
+    def glm(self, mode: str = "hard", key=None): ...
+
+    @property
+    @abc.abstractmethod
+    def emission_paths(self) -> tuple: ...
+
+    @property
+    @abc.abstractmethod
+    def transition_paths(self) -> tuple: ...
+
+    @abc.abstractmethod
+    def without_couplings(self, drop): ...
+
+
+class HMMGLM(AbstractHMMGLM):
     """Switching GLM for N neurons with K hidden states and a coupling-weight prior.
 
     Args:

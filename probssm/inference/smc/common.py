@@ -30,7 +30,7 @@ from probssm.core.bounded import AbstractBoundedTransitionSSM
 from probssm.core.protocol import SSM
 
 __all__ = [
-    "row", "observation", "emission_log_prob", "transition_log_prob", "gaussian_params", "sample_dist",
+    "row", "observation", "log_prob_of", "emission_log_prob", "transition_log_prob", "gaussian_params", "sample_dist",
     "sample_per_particle", "standard_normal", "uniform", "normalise", "ess", "weighted_mean", "weights_of",
     "cumulative", "state_struct", "first_input_row", "prepare_sequence", "mask_padding", "rest",
     "check_model", "check_num_particles", "check_ess_threshold", "check_resampling", "prepare",
@@ -56,10 +56,18 @@ def observation(y):
     return jnp.where(jnp.isnan(y), 0.0, y), ~missing
 
 
+def log_prob_of(d, value):
+    """``d.log_prob(value)`` with a float observation cast to integers when ``d`` is discrete
+    (categorical labels index arrays; emissions are floats so that NaN can mark missing)."""
+    if d.is_discrete and jnp.issubdtype(jnp.result_type(value), jnp.floating):
+        value = jnp.round(value).astype(jnp.int32)
+    return d.log_prob(value)
+
+
 def emission_log_prob(model, z, t, y, u):
     """log g(y_t | z_t^i) for every particle; 0 (weight one) when y_t is missing."""
     y_safe, observed = observation(y)
-    lg = jax.vmap(lambda zi: model.emission(zi, t, u).log_prob(y_safe))(z)
+    lg = jax.vmap(lambda zi: log_prob_of(model.emission(zi, t, u), y_safe))(z)
     return jnp.where(observed, lg, 0.0)
 
 

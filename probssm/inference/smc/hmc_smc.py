@@ -149,7 +149,7 @@ def _hmc_smc_one(key, model, ys, inputs, log_step0, cfg: _Config, length=None):
 
     def lg_of(t, y, u):
         y_safe, observed = C.observation(y)
-        return lambda z: jnp.where(observed, model.emission(z, t, u).log_prob(y_safe), 0.0)
+        return lambda z: jnp.where(observed, C.log_prob_of(model.emission(z, t, u), y_safe), 0.0)
 
     def step(carry, xs):
         z, log_step, log_lik = carry
