@@ -10,7 +10,7 @@ import importlib
 from probssm.learn import em_lgssm
 
 mle_module = importlib.import_module("probssm.learn.mle")
-from test_kalman import random_model, rand_psd
+from test_kalman import random_model
 
 FIXED_NILE = ("initial_mean", "initial_cov", "transition_matrix", "emission_matrix", "transition_offset",
               "emission_offset")

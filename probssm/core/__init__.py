@@ -10,6 +10,7 @@ from probssm.core.protocol import (
     DiscreteParams,
     LinearGaussianParams,
     sample,
+    sample_sequence,
 )
 from probssm.core.lags import lagged_inputs
 from probssm.core import checks, linalg
@@ -22,6 +23,7 @@ __all__ = [
     "DiscreteParams",
     "LinearGaussianParams",
     "sample",
+    "sample_sequence",
     "lagged_inputs",
     "checks",
     "linalg",

@@ -178,7 +178,29 @@ def prepare(model, emissions, inputs=None, lengths=None, plausibility=None) -> t
                                  f"got shape {tuple(jnp.shape(leaf))}")
     lead = (batch.batch_size,) if batch.batched else ()
     pl = check_plausibility(plausibility, lead + (T, model.num_states), ys.dtype)
+    check_params(model, batch)
     return batch, pl
+
+
+def check_params(model, batch: Batch) -> None:
+    """Initial and transition probabilities of the first sequence, on concrete arrays only.
+
+    Runs where inference starts, so models made by ``eqx.tree_at``, ``tree_map`` or
+    ``ps.load`` are checked too (their constructors never ran)."""
+    leaves = jax.tree_util.tree_leaves(model) + [batch.emissions]
+    if not all(checks.is_concrete(a) for a in leaves if isinstance(a, jax.Array)):
+        return
+    first = (lambda a: a[0]) if batch.batched else (lambda a: a)
+    inputs = batch.inputs
+    if inputs is not None and batch.inputs_batched:
+        inputs = jax.tree_util.tree_map(lambda a: a[0], inputs)
+    params = model.discrete_params(first(batch.emissions), inputs)
+    K = model.num_states
+    checks.shape(params.initial_probs, "initial_probs", (K,), f"({K},)")
+    checks.probabilities(params.initial_probs, "initial_probs")
+    A = params.transition_matrices
+    checks.shape(A, "transition_matrix", A.shape[:-2] + (K, K), f"({K}, {K}) or (T, {K}, {K})")
+    checks.probabilities(A, "transition_matrix")
 
 
 def check_arguments(model, emissions, inputs=None, lengths=None) -> Batch:

@@ -606,7 +606,35 @@ def check_arguments(model, emissions, inputs=None, lengths=None, extra_steps: in
             if input_dim and (jnp.ndim(leaf) != (3 if batch.inputs_batched else 2) or jnp.shape(leaf)[-1] != input_dim):
                 raise ValueError(f"inputs: expected {input_dim} columns, got shape {tuple(jnp.shape(leaf))}")
             checks.finite(leaf, "inputs")
+    first_inputs = batch.inputs
+    if batch.inputs_batched:
+        first_inputs = jax.tree_util.tree_map(lambda a: a[0], batch.inputs)
+    check_params(model.linear_gaussian_params(needed, first_inputs), model.state_dim, p)
     return batch
+
+
+def check_params(params: LinearGaussianParams, state_dim: int, emission_dim: int) -> LinearGaussianParams:
+    """Shapes, finiteness and (semi-)definiteness of a model's system matrices, on concrete
+    arrays only. It runs where inference starts, so models made by ``eqx.tree_at``,
+    ``tree_map`` or ``ps.load`` are checked too; each error names the field."""
+    d, p = state_dim, emission_dim
+    expected = {"initial_mean": (d,), "initial_cov": (d, d), "transition_matrix": (d, d),
+                "transition_offset": (d,), "transition_cov": (d, d), "emission_matrix": (p, d),
+                "emission_offset": (p,), "emission_cov": (p, p)}
+    for name, want in expected.items():
+        a = getattr(params, name)
+        shape = tuple(jnp.shape(a))
+        timed = name not in ("initial_mean", "initial_cov")
+        if shape != want and not (timed and shape[1:] == want):
+            doc = f"{want}" + (f" or (T, {', '.join(map(str, want))})" if timed else "")
+            raise ValueError(f"{name}: expected shape {doc}, got shape {shape}")
+        if not checks.is_concrete(a):
+            continue
+        if name.endswith("_cov"):
+            checks.psd(a, name, strict=name == "initial_cov")
+        else:
+            checks.finite(a, name)
+    return params
 
 
 def _flags(batch: Batch) -> dict:

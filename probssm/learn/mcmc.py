@@ -18,6 +18,10 @@ Two ways in:
   states given each parameter draw, and returns an `MCMCResult` that `to_arviz`
   turns into `arviz.InferenceData`. `log_density(build, priors, emissions)` gives the
   same target on the unconstrained space for blackjax.
+
+The particle samplers over parameters (`pmmh`, `particle_gibbs`) live here too: they share
+the builder / prior handling, the unconstrained parameterisation and the ArviZ conversion,
+which is why this module runs past ~500 lines.
 """
 from __future__ import annotations
 

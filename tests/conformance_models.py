@@ -1,4 +1,5 @@
-"""Conformance: every engine on every model family it claims, through the declared protocol only.
+"""Models shared by the conformance tests (tests/test_conformance_*.py): every engine runs on
+every model family it claims, through the declared protocol only.
 
 Families: linear-Gaussian, a user-written linear-Gaussian subclass with inputs, nonlinear
 additive-Gaussian, a user-written additive-Gaussian subclass, stochastic volatility, a plain
@@ -13,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
-import pytest
 
 import probssm as ps
 from probssm.core import AbstractAdditiveGaussianSSM, AbstractLinearGaussianSSM, LinearGaussianParams
@@ -149,8 +149,7 @@ def inputs_for(name) -> Optional[jax.Array]:
     return None
 
 
-@pytest.fixture(scope="module")
-def data():
+def make_data():
     out = {}
     for i, (name, model) in enumerate(MODELS.items()):
         states, y = ps.sample(jax.random.PRNGKey(100 + i), model, T, inputs=inputs_for(name))
@@ -168,78 +167,6 @@ def exact_log_likelihood(name, y):
     return None
 
 
-# ----------------------------------------------------------------------------------------------
-# Exact engines
-# ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", LINEAR)
-def test_kalman_and_em_on_linear_gaussian_families(name, data):
-    model, y, u = MODELS[name], data[name], inputs_for(name)
-    s = ps.kalman.smoother(model, y, inputs=u)
-    assert s.smoothed_means.shape == (T, model.state_dim) and np.isfinite(float(s.log_likelihood))
-    draws = ps.kalman.sample(jax.random.PRNGKey(0), model, y, 3, inputs=u)
-    assert draws.shape == (3, T, model.state_dim)
-    fit, history = ps.learn.em(model, y, 5, inputs=u, progress=False)
-    history = np.asarray(history)
-    assert np.all(np.diff(history) >= -1e-8 * np.abs(history[1:]))
-    fit, history = ps.learn.mle(model, y, 5, inputs=u, progress=False)
-    assert np.isfinite(np.asarray(history)).all()
-
-
-@pytest.mark.parametrize("name", DISCRETE)
-def test_hmm_engine_and_em_on_discrete_families(name, data):
-    model, y = MODELS[name], data[name]
-    s = ps.hmm.smoother(model, y)
-    np.testing.assert_allclose(np.asarray(s.smoothed_probs.sum(-1)), 1.0, atol=1e-10)
-    assert ps.hmm.viterbi(model, y).shape == (T,)
-    assert ps.hmm.sample(jax.random.PRNGKey(0), model, y, 2).shape == (2, T)
-    fit, history = ps.learn.em(model, y, 3, progress=False)
-    history = np.asarray(history)
-    assert np.all(np.diff(history) >= -1e-8 * np.abs(history[1:]))
-
-
-@pytest.mark.parametrize("name", ADDITIVE)
-@pytest.mark.parametrize("method", ["ekf", "ukf"])
-def test_gaussian_filters_on_additive_gaussian_families(name, method, data):
-    model, y = MODELS[name], data[name]
-    f = ps.gaussian.filter(model, y, method=method)
-    assert f.filtered_means.shape == (T, model.state_dim) and np.isfinite(float(f.log_likelihood))
-    if name == "lgssm":  # exact on a linear-Gaussian model
-        k = ps.kalman.filter(model, y)
-        np.testing.assert_allclose(float(f.log_likelihood), float(k.log_likelihood), rtol=1e-10)
-        np.testing.assert_allclose(np.asarray(f.filtered_means), np.asarray(k.filtered_means), atol=1e-10)
-
-
-@pytest.mark.parametrize("name", ADDITIVE)
-def test_imap_on_additive_gaussian_families(name, data):
-    model, y = MODELS[name], data[name]
-    f = ps.imap.filter_ssm(model, y, optimizer="adam", learning_rate=0.1, num_iters=5)
-    assert f.filtered_means.shape == (T, model.state_dim)
-    assert np.isfinite(np.asarray(f.filtered_means)).all()
-
-
-# ----------------------------------------------------------------------------------------------
-# Particle engines on every family
-# ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", list(MODELS))
-def test_particle_filter_is_unbiased_against_the_exact_oracle(name, data):
-    """exp(log Z_hat) is unbiased for p(y): the mean of Z_hat / Z over R runs is 1 within
-    4 standard errors (families without an exact oracle: finite and consistent)."""
-    model, y, u = MODELS[name], data[name], inputs_for(name)
-    ys = jnp.broadcast_to(y, (R,) + y.shape)
-    pf = ps.smc.particle_filter(jax.random.PRNGKey(7), model, ys, N, inputs=u)
-    lls = np.asarray(pf.log_likelihood)
-    assert lls.shape == (R,) and np.isfinite(lls).all()
-    assert pf.particles.shape[:3] == (R, T, N)
-    exact = exact_log_likelihood(name, y)
-    if exact is None:  # no free oracle here (test_smc checks these against `particles`): independent runs
-        assert np.unique(lls).size == R
-        return
-    ratio = np.exp(lls - exact)
-    se = np.std(ratio, ddof=1) / np.sqrt(R)
-    assert abs(ratio.mean() - 1.0) < 4 * se + 1e-12, (ratio.mean(), se)
-    assert abs(np.mean(lls) - exact) < 0.5  # and not merely unbiased with a wild spread
-
-
 def _first_coordinate_functional(name):
     """An additive functional with an exact smoothed value where an oracle exists."""
     if name in DISCRETE:
@@ -255,38 +182,3 @@ def exact_functional(name, y):
     if name in DISCRETE:
         return float(ps.hmm.smoother(model, y).smoothed_probs[:, 0].sum())
     return None
-
-
-@pytest.mark.parametrize("name", list(MODELS))
-def test_paris_and_ppg_smooth_every_family(name, data):
-    model, y, u = MODELS[name], data[name], inputs_for(name)
-    fn = _first_coordinate_functional(name)
-    ys = jnp.broadcast_to(y, (R,) + y.shape)
-    est = np.asarray(ps.smc.paris(jax.random.PRNGKey(8), model, ys, fn, N, inputs=u).estimate)
-    assert est.shape == (R,) and np.isfinite(est).all()
-    exact = exact_functional(name, y)
-    if exact is not None:
-        se = np.std(est, ddof=1) / np.sqrt(R)
-        # PaRIS is consistent with an O(1/N) bias; allow it on top of 4 standard errors.
-        assert abs(est.mean() - exact) < 4 * se + 0.02 * T / np.sqrt(N), (est.mean(), exact, se)
-    g = ps.smc.ppg(jax.random.PRNGKey(9), model, y, fn, 32, 4, inputs=u)
-    assert np.isfinite(np.asarray(g.estimate)).all()
-
-
-@pytest.mark.parametrize("name", list(MODELS))
-def test_backward_sampling_and_conditional_smc_on_every_family(name, data):
-    model, y, u = MODELS[name], data[name], inputs_for(name)
-    pf = ps.smc.particle_filter(jax.random.PRNGKey(1), model, y, 64, inputs=u)
-    paths = ps.smc.backward_sample(jax.random.PRNGKey(2), model, pf, 4, inputs=u)
-    assert paths.shape[:2] == (4, T)
-    ref = paths[0]
-    c = ps.smc.conditional_smc(jax.random.PRNGKey(3), model, y, ref, 32, inputs=u)
-    assert c.reference.shape[0] == T
-    assert np.isfinite(np.asarray(c.filter.log_likelihood)).all()
-
-
-@pytest.mark.parametrize("name", ("lgssm", "nonlinear", "user_additive", "stochastic_volatility"))
-def test_hmc_smc_on_continuous_families(name, data):
-    model, y = MODELS[name], data[name]
-    r = ps.smc.hmc_smc(jax.random.PRNGKey(4), model, y, 64)
-    assert np.isfinite(float(r.log_likelihood))

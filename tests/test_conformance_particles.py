@@ -1,0 +1,73 @@
+"""Conformance of the particle engines on every family, against the exact oracles where they exist
+(models: tests/conformance_models.py)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import probssm as ps
+from conformance_models import (MODELS, N, R, T, _first_coordinate_functional,
+                                exact_functional, exact_log_likelihood, inputs_for, make_data)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_data()
+
+
+# ----------------------------------------------------------------------------------------------
+# Particle engines on every family
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(MODELS))
+def test_particle_filter_is_unbiased_against_the_exact_oracle(name, data):
+    """exp(log Z_hat) is unbiased for p(y): the mean of Z_hat / Z over R runs is 1 within
+    4 standard errors (families without an exact oracle: finite and consistent)."""
+    model, y, u = MODELS[name], data[name], inputs_for(name)
+    ys = jnp.broadcast_to(y, (R,) + y.shape)
+    pf = ps.smc.particle_filter(jax.random.PRNGKey(7), model, ys, N, inputs=u)
+    lls = np.asarray(pf.log_likelihood)
+    assert lls.shape == (R,) and np.isfinite(lls).all()
+    assert pf.particles.shape[:3] == (R, T, N)
+    exact = exact_log_likelihood(name, y)
+    if exact is None:  # no free oracle here (test_smc checks these against `particles`): independent runs
+        assert np.unique(lls).size == R
+        return
+    ratio = np.exp(lls - exact)
+    se = np.std(ratio, ddof=1) / np.sqrt(R)
+    assert abs(ratio.mean() - 1.0) < 4 * se + 1e-12, (ratio.mean(), se)
+    assert abs(np.mean(lls) - exact) < 0.5  # and not merely unbiased with a wild spread
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_paris_and_ppg_smooth_every_family(name, data):
+    model, y, u = MODELS[name], data[name], inputs_for(name)
+    fn = _first_coordinate_functional(name)
+    ys = jnp.broadcast_to(y, (R,) + y.shape)
+    est = np.asarray(ps.smc.paris(jax.random.PRNGKey(8), model, ys, fn, N, inputs=u).estimate)
+    assert est.shape == (R,) and np.isfinite(est).all()
+    exact = exact_functional(name, y)
+    if exact is not None:
+        se = np.std(est, ddof=1) / np.sqrt(R)
+        # PaRIS is consistent with an O(1/N) bias; allow it on top of 4 standard errors.
+        assert abs(est.mean() - exact) < 4 * se + 0.02 * T / np.sqrt(N), (est.mean(), exact, se)
+    g = ps.smc.ppg(jax.random.PRNGKey(9), model, y, fn, 32, 4, inputs=u)
+    assert np.isfinite(np.asarray(g.estimate)).all()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_backward_sampling_and_conditional_smc_on_every_family(name, data):
+    model, y, u = MODELS[name], data[name], inputs_for(name)
+    pf = ps.smc.particle_filter(jax.random.PRNGKey(1), model, y, 64, inputs=u)
+    paths = ps.smc.backward_sample(jax.random.PRNGKey(2), model, pf, 4, inputs=u)
+    assert paths.shape[:2] == (4, T)
+    ref = paths[0]
+    c = ps.smc.conditional_smc(jax.random.PRNGKey(3), model, y, ref, 32, inputs=u)
+    assert c.reference.shape[0] == T
+    assert np.isfinite(np.asarray(c.filter.log_likelihood)).all()
+
+
+@pytest.mark.parametrize("name", ("lgssm", "nonlinear", "user_additive", "stochastic_volatility"))
+def test_hmc_smc_on_continuous_families(name, data):
+    model, y = MODELS[name], data[name]
+    r = ps.smc.hmc_smc(jax.random.PRNGKey(4), model, y, 64)
+    assert np.isfinite(float(r.log_likelihood))
