@@ -6,6 +6,8 @@ public function can still be called inside a user's own ``jax.jit``.
 """
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -116,3 +118,25 @@ def inputs_batch(inputs, num_timesteps: int, batch_size: int | None, name: str =
             f"got shape {tuple(u.shape)}"
         )
     return u, True
+
+
+_PASSED: dict = {}
+
+
+def once_per_model(model, tag, check) -> None:
+    """Run ``check()`` unless this very model object already passed it under ``tag``.
+
+    Models are immutable pytrees of immutable arrays, so a model object that passed a check
+    passes it again; a model changed by ``eqx.tree_at`` / ``tree_map`` / ``ps.load`` is a new
+    object and is checked anew. This keeps repeated calls on one model (a benchmark loop, an
+    online filter) free of the checks' fixed cost. The entry is dropped when the model dies.
+    """
+    key = (id(model), tag)
+    if key in _PASSED:
+        return
+    check()
+    try:
+        weakref.finalize(model, _PASSED.pop, key, None)
+    except TypeError:  # not weak-referenceable: check every time
+        return
+    _PASSED[key] = True

@@ -28,6 +28,7 @@ from __future__ import annotations
 from functools import partial
 from typing import NamedTuple, Optional
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -178,8 +179,15 @@ def prepare(model, emissions, inputs=None, lengths=None, plausibility=None) -> t
                                  f"got shape {tuple(jnp.shape(leaf))}")
     lead = (batch.batch_size,) if batch.batched else ()
     pl = check_plausibility(plausibility, lead + (T, model.num_states), ys.dtype)
-    check_params(model, batch)
+    checks.once_per_model(model, ("discrete", T), lambda: check_params(model, batch))
     return batch, pl
+
+
+@eqx.filter_jit
+def _chain_params(model, emissions, inputs):
+    # compiled once per model structure; the emission log-likelihoods are dead code here
+    params = model.discrete_params(emissions, inputs)
+    return params.initial_probs, params.transition_matrices
 
 
 def check_params(model, batch: Batch) -> None:
@@ -194,11 +202,10 @@ def check_params(model, batch: Batch) -> None:
     inputs = batch.inputs
     if inputs is not None and batch.inputs_batched:
         inputs = jax.tree_util.tree_map(lambda a: a[0], inputs)
-    params = model.discrete_params(first(batch.emissions), inputs)
+    initial_probs, A = _chain_params(model, first(batch.emissions), inputs)
     K = model.num_states
-    checks.shape(params.initial_probs, "initial_probs", (K,), f"({K},)")
-    checks.probabilities(params.initial_probs, "initial_probs")
-    A = params.transition_matrices
+    checks.shape(initial_probs, "initial_probs", (K,), f"({K},)")
+    checks.probabilities(initial_probs, "initial_probs")
     checks.shape(A, "transition_matrix", A.shape[:-2] + (K, K), f"({K}, {K}) or (T, {K}, {K})")
     checks.probabilities(A, "transition_matrix")
 

@@ -42,8 +42,10 @@ from __future__ import annotations
 from functools import partial
 from typing import NamedTuple, Optional
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from probssm.core import batching, checks
@@ -570,12 +572,13 @@ def check_arguments(model, emissions, inputs=None, lengths=None, extra_steps: in
         for i, y in enumerate(emissions):
             if jnp.ndim(y) != 2 or jnp.shape(y)[-1] != p:
                 raise ValueError(f"emissions[{i}]: expected shape (T_b, {p}), got shape {tuple(jnp.shape(y))}")
-    else:
-        checks.emissions_batch(emissions, p)
     batch_t = batching.as_batch(emissions, None, lengths)
+    if batch_t.emissions.shape[-1] != p:
+        raise ValueError(f"emissions: expected shape (T, {p}) or (B, T, {p}), got shape "
+                         f"{tuple(batch_t.emissions.shape)}")
     num_timesteps = batch_t.num_timesteps
     needed = num_timesteps + extra_steps
-    if checks.is_concrete(batch_t.emissions) and bool(jnp.any(jnp.isinf(batch_t.emissions))):
+    if checks.is_concrete(batch_t.emissions) and np.isinf(np.asarray(batch_t.emissions)).any():
         raise ValueError("emissions: found inf; use NaN to mark missing values")
     model_len = model.num_timesteps
     if model_len is not None and model_len != needed:
@@ -609,8 +612,15 @@ def check_arguments(model, emissions, inputs=None, lengths=None, extra_steps: in
     first_inputs = batch.inputs
     if batch.inputs_batched:
         first_inputs = jax.tree_util.tree_map(lambda a: a[0], batch.inputs)
-    check_params(model.linear_gaussian_params(needed, first_inputs), model.state_dim, p)
+    checks.once_per_model(model, ("linear-Gaussian", needed), lambda: check_params(
+        _system_params(model, needed, first_inputs), model.state_dim, p))
     return batch
+
+
+@partial(eqx.filter_jit)
+def _system_params(model, num_timesteps, inputs):
+    # one compiled call instead of eager op-by-op dispatch (which compiles every primitive)
+    return model.linear_gaussian_params(num_timesteps, inputs)
 
 
 def check_params(params: LinearGaussianParams, state_dim: int, emission_dim: int) -> LinearGaussianParams:
@@ -639,7 +649,7 @@ def check_params(params: LinearGaussianParams, state_dim: int, emission_dim: int
 
 def _flags(batch: Batch) -> dict:
     ys = batch.emissions
-    has_missing = (not checks.is_concrete(ys)) or bool(jnp.any(jnp.isnan(ys)))
+    has_missing = (not checks.is_concrete(ys)) or bool(np.isnan(np.asarray(ys)).any())
     return dict(has_missing=has_missing, batched=batch.batched, inputs_batched=batch.inputs_batched)
 
 
