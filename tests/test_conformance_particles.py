@@ -71,3 +71,31 @@ def test_hmc_smc_on_continuous_families(name, data):
     model, y = MODELS[name], data[name]
     r = ps.smc.hmc_smc(jax.random.PRNGKey(4), model, y, 64)
     assert np.isfinite(float(r.log_likelihood))
+
+
+def _shifted(name, shift):
+    """The family's model with one parameter moved by ``shift`` (a builder for the samplers)."""
+    import equinox as eqx
+
+    model = MODELS[name]
+    if name == "hmm_gaussian":
+        return eqx.tree_at(lambda m: m.emissions.means, model, model.emissions.means + shift)
+    return eqx.tree_at(lambda m: m.initial_mean, model, model.initial_mean + shift)
+
+
+@pytest.mark.parametrize("name", ("hmm_gaussian", "nonlinear"))
+def test_parameter_samplers_on_discrete_and_nonlinear_families(name, data):
+    import numpyro.distributions as dist
+
+    y = data[name]
+    build = lambda p: _shifted(name, p["shift"])  # noqa: E731
+    priors = {"shift": dist.Normal(0.0, 1.0)}
+    pm = ps.mcmc.pmmh(jax.random.PRNGKey(0), build, priors, y, num_particles=16, num_warmup=5, num_samples=10,
+                      num_chains=1, init_params={"shift": 0.0})
+    pg = ps.mcmc.particle_gibbs(jax.random.PRNGKey(1), build, priors, y, num_particles=8, num_warmup=3,
+                                num_samples=5, num_chains=1, init_params={"shift": 0.0})
+    assert np.isfinite(np.asarray(pm.samples["shift"])).all() and pm.samples["shift"].shape == (1, 10)
+    assert np.isfinite(np.asarray(pg.samples["shift"])).all() and pg.states.shape[:3] == (1, 5, T)
+    if name == "hmm_gaussian":  # an exact likelihood: NUTS too
+        nu = ps.mcmc.nuts(jax.random.PRNGKey(2), build, priors, y, num_warmup=20, num_samples=20, num_chains=1)
+        assert np.isfinite(np.asarray(nu.samples["shift"])).all() and nu.states.shape[:3] == (1, 20, T)

@@ -34,8 +34,6 @@ The engine reads only what `AbstractDiscriminativeSSM` declares. Regressors and 
 """
 from __future__ import annotations
 
-import functools
-import warnings
 from typing import NamedTuple
 
 import equinox as eqx
@@ -43,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from probssm.core.deprecation import renamed
 from probssm.core import checks
 from probssm.core.batching import as_batch
 from probssm.core.linalg import cho_solve_lower, cholesky, mm, solve_lower, symmetrize
@@ -173,24 +172,7 @@ def _check_model(model, n, dtype):
                          f"got {q_out.shape}")
 
 
-def _renamed(**old_to_new):
-    """Accept deprecated keyword names (``observations=``) for renamed arguments."""
-    def wrap(fn):
-        @functools.wraps(fn)
-        def inner(*args, **kwargs):
-            for old, new in old_to_new.items():
-                if old in kwargs:
-                    if new in kwargs:
-                        raise TypeError(f"{fn.__name__}: got both {new}= and its deprecated name {old}=")
-                    warnings.warn(f"{fn.__name__}: {old}= is deprecated, use {new}=", DeprecationWarning,
-                                  stacklevel=2)
-                    kwargs[new] = kwargs.pop(old)
-            return fn(*args, **kwargs)
-        return inner
-    return wrap
-
-
-@_renamed(observations="emissions")
+@renamed(observations="emissions")
 def filter(model: AbstractDiscriminativeSSM, emissions, *, correction: str = "auto", robust: bool = False,
            lengths=None) -> DKFResult:
     """Discriminative Kalman filter.

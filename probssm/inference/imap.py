@@ -40,7 +40,6 @@ reading only ``initial_moments`` (the mean), ``transition_mean``, ``emission_mea
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import Callable, NamedTuple, Union
 
 import equinox as eqx
@@ -50,6 +49,7 @@ import numpy as np
 import optax
 from jax import lax
 
+from probssm.core.deprecation import renamed
 from probssm.core import checks
 from probssm.core.batching import as_batch
 from probssm.core.linalg import cholesky, solve_lower
@@ -154,24 +154,7 @@ def _scan(transition_fn, loss_fn, optimizer, num_iters, initial_state, observati
 _run = eqx.filter_jit(_scan)
 
 
-def _renamed(**old_to_new):
-    """Accept deprecated keyword names for renamed arguments."""
-    def wrap(fn):
-        @functools.wraps(fn)
-        def inner(*args, **kwargs):
-            for old, new in old_to_new.items():
-                if old in kwargs:
-                    if new in kwargs:
-                        raise TypeError(f"{fn.__name__}: got both {new}= and its deprecated name {old}=")
-                    warnings.warn(f"{fn.__name__}: {old}= is deprecated, use {new}=", DeprecationWarning,
-                                  stacklevel=2)
-                    kwargs[new] = kwargs.pop(old)
-            return fn(*args, **kwargs)
-        return inner
-    return wrap
-
-
-@_renamed(observations="emissions", num_steps="num_iters")
+@renamed(observations="emissions", num_steps="num_iters")
 def filter(transition_fn: Callable, loss_fn: Callable, initial_state, emissions, *,
            optimizer: Union[str, optax.GradientTransformation], num_iters: int, learning_rate=None) -> IMAPResult:
     """Implicit MAP filter on a general (pytree) state.
@@ -266,7 +249,7 @@ def _check_ssm(model, batch):
     checks.psd(R0, "emission_cov (model.emission_noise_cov at t = 0)")
 
 
-@_renamed(num_steps="num_iters")
+@renamed(num_steps="num_iters")
 def filter_ssm(model: AbstractAdditiveGaussianSSM, emissions, inputs=None, *,
                optimizer: Union[str, optax.GradientTransformation], num_iters: int, learning_rate=None,
                lengths=None) -> IMAPResult:

@@ -13,8 +13,6 @@ Deprecated keyword names still accepted: ``observations=`` (now ``emissions=``) 
 """
 from __future__ import annotations
 
-import functools
-import warnings
 from functools import partial
 from typing import Optional
 
@@ -24,6 +22,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from probssm.core.deprecation import renamed
 from probssm.core import checks
 from probssm.core.linalg import symmetrize
 from probssm.core.optim import descend
@@ -31,23 +30,6 @@ from probssm.models.dkf import (ConstantCovariance, DKFModel, GPRegressor, Kerne
                                 NadarayaWatson)
 
 __all__ = ["fit_dkf", "fit", "fit_dynamics", "fit_nadaraya_watson", "fit_mlp", "fit_gp", "fit_covariance"]
-
-
-def _renamed(**old_to_new):
-    """Accept deprecated keyword names for renamed arguments."""
-    def wrap(fn):
-        @functools.wraps(fn)
-        def inner(*args, **kwargs):
-            for old, new in old_to_new.items():
-                if old in kwargs:
-                    if new in kwargs:
-                        raise TypeError(f"{fn.__name__}: got both {new}= and its deprecated name {old}=")
-                    warnings.warn(f"{fn.__name__}: {old}= is deprecated, use {new}=", DeprecationWarning,
-                                  stacklevel=2)
-                    kwargs[new] = kwargs.pop(old)
-            return fn(*args, **kwargs)
-        return inner
-    return wrap
 
 
 def _sqdist(a, b):
@@ -87,7 +69,7 @@ def _check_pair(x, z):
     return x, z
 
 
-@_renamed(observations="emissions")
+@renamed(observations="emissions")
 def fit_nadaraya_watson(emissions, states, *, bandwidths=None) -> NadarayaWatson:
     """Nadaraya-Watson regression of z on x; bandwidth minimises the leave-one-out squared error.
 
@@ -128,7 +110,7 @@ def _train_mlp(mlp, u, v, num_iters, learning_rate, weight_decay):
     return eqx.combine(descend(loss, params, opt, num_iters), static)
 
 
-@_renamed(observations="emissions", num_steps="num_iters")
+@renamed(observations="emissions", num_steps="num_iters")
 def fit_mlp(key, emissions, states, *, width: int = 64, depth: int = 2, num_iters: int = 2000,
             learning_rate: float = 3e-3, weight_decay: float = 1e-4) -> MLPRegressor:
     """A small equinox MLP regressing z on x, trained full-batch with optax AdamW (one `lax.scan`).
@@ -170,7 +152,7 @@ def _fit_gp_hyper(theta, d2, v, num_iters):
     return ell, sf2, jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(K), True), v)
 
 
-@_renamed(observations="emissions", num_steps="num_iters")
+@renamed(observations="emissions", num_steps="num_iters")
 def fit_gp(emissions, states, *, max_points: int = 1000, num_iters: int = 200) -> GPRegressor:
     """GP regression of z (N, d) on x (N, n) (shared kernel over output dimensions); the
     length-scale, signal and noise variances maximise the marginal likelihood (``num_iters``
@@ -187,7 +169,7 @@ def fit_gp(emissions, states, *, max_points: int = 1000, num_iters: int = 200) -
     return GPRegressor(u, alpha, xm, xs, zm, zs, ell, sf2)
 
 
-@_renamed(observations="emissions")
+@renamed(observations="emissions")
 def fit_covariance(mean_fn, emissions, states, *, kind: str = "constant", bandwidths=None, ridge: float = 1e-3):
     """Q for p(z | x) from residuals r_i = z_i - f(x_i) on held-out pairs.
 
@@ -281,7 +263,7 @@ def _fit(key, states, emissions, regressor, covariance, holdout, regressor_kwarg
     return DKFModel(A, G, S, f, Q, mean, emission_dim=x.shape[1]), history
 
 
-@_renamed(observations="emissions")
+@renamed(observations="emissions")
 def fit_dkf(key, states, emissions, *, regressor="nw", covariance: str = "constant", holdout: float = 0.25,
             regressor_kwargs: Optional[dict] = None) -> tuple[DKFModel, dict]:
     """Learn a `DKFModel` from paired training data.
@@ -310,7 +292,7 @@ def fit_dkf(key, states, emissions, *, regressor="nw", covariance: str = "consta
     return _fit(key, states, emissions, regressor, covariance, holdout, regressor_kwargs)
 
 
-@_renamed(observations="emissions")
+@renamed(observations="emissions")
 def fit(states, emissions, *, regressor="nw", covariance: str = "constant", holdout: float = 0.25,
         key=None, regressor_kwargs: Optional[dict] = None) -> DKFModel:
     """Older form of `fit_dkf` (kept as ``ps.dkf.fit``): returns only the model, and needs
