@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Batch", "as_batch", "pad_sequences"]
+__all__ = ["Batch", "as_batch", "pad_sequences", "check_input_dim"]
 
 
 class Batch(NamedTuple):
@@ -145,3 +145,14 @@ def as_batch(emissions, inputs=None, lengths=None, *, name: str = "emissions") -
                 raise ValueError(f"lengths: expected values in 1..{T}, got {a.min()}..{a.max()}")
         lengths = n
     return Batch(y, inputs, lengths, batched, inputs_batched)
+
+
+def check_input_dim(batch: Batch, input_dim) -> None:
+    """Every input leaf ends in the model's declared width (None: undeclared, not checked)."""
+    if not isinstance(input_dim, int) or input_dim <= 0 or batch.inputs is None:
+        return
+    for leaf in jax.tree_util.tree_leaves(batch.inputs):
+        if jnp.shape(leaf)[-1] != input_dim:
+            lead = f"{batch.batch_size}, " if batch.inputs_batched else ""
+            raise ValueError(f"inputs: expected shape ({lead}{batch.num_timesteps}, {input_dim}) (the model's "
+                             f"input_dim), got shape {tuple(jnp.shape(leaf))}")

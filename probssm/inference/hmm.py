@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from probssm.core import checks
-from probssm.core.batching import Batch, as_batch
+from probssm.core.batching import Batch, as_batch, check_input_dim
 from probssm.core.protocol import AbstractDiscreteSSM
 from probssm.inference.forward_backward import (
     DEFAULT_CHUNK, FilterResult, SmootherResult, filter_params, sample_params, smoother_params, viterbi_params,
@@ -171,12 +171,7 @@ def prepare(model, emissions, inputs=None, lengths=None, plausibility=None) -> t
     if model.num_timesteps is not None and model.num_timesteps != T:
         raise ValueError(f"model: its time-varying transition matrix has length {model.num_timesteps}, expected {T} "
                          "(the number of time steps)")
-    U = model.input_dim
-    if isinstance(U, int) and U > 0 and batch.inputs is not None:
-        for leaf in jax.tree_util.tree_leaves(batch.inputs):
-            if jnp.shape(leaf)[-1] != U:
-                raise ValueError(f"inputs: expected shape ({T}, {U}) (the model's input_dim), "
-                                 f"got shape {tuple(jnp.shape(leaf))}")
+    check_input_dim(batch, model.input_dim)
     lead = (batch.batch_size,) if batch.batched else ()
     pl = check_plausibility(plausibility, lead + (T, model.num_states), ys.dtype)
     checks.once_per_model(model, ("discrete", T), lambda: check_params(model, batch))

@@ -51,7 +51,7 @@ from jax import lax
 
 from probssm.core.deprecation import renamed
 from probssm.core import checks
-from probssm.core.batching import as_batch
+from probssm.core.batching import as_batch, check_input_dim
 from probssm.core.linalg import cholesky, solve_lower
 from probssm.core.optim import descend
 from probssm.core.protocol import AbstractAdditiveGaussianSSM
@@ -233,12 +233,7 @@ def _check_ssm(model, batch):
     if y.shape[-1] != p:
         shape = f"(T, {p})" + (f" or (B, T, {p})" if batch.batched else "")
         raise ValueError(f"emissions: expected shape {shape}, got shape {tuple(y.shape)}")
-    U = model.input_dim
-    if isinstance(U, int) and U > 0 and batch.inputs is not None:
-        for leaf in jax.tree_util.tree_leaves(batch.inputs):
-            if jnp.shape(leaf)[-1] != U:
-                raise ValueError(f"inputs: expected rows of width {U} (the model's input_dim), "
-                                 f"got shape {tuple(jnp.shape(leaf))}")
+    check_input_dim(batch, model.input_dim)
     u0 = _row(batch.inputs, (0, 0) if batch.inputs_batched else 0)
     m0, _ = model.initial_moments(u0)
     checks.shape(jnp.asarray(m0), "initial_mean", (d,), f"({d},)")

@@ -157,14 +157,16 @@ def backward_indices(key, model, lw_prev, z_prev, targets, t, u, *, log_bound=No
     return idx.astype(jnp.int32)
 
 
-def resolve_method(model, method: str) -> bool:
+def resolve_method(model, method: str, name: str = "method", extra: tuple = ()) -> bool:
     """Whether backward draws use the model's declared transition bound (accept-reject):
-    ``method`` "auto" (when declared), "exact" (never) or "rejection" (required)."""
-    if method not in ("auto", "exact", "rejection"):
-        raise ValueError(f"method: expected 'auto', 'exact' or 'rejection', got {method!r}")
+    ``method`` "auto" (when declared), "exact" (never) or "rejection" (required); ``extra``
+    names further choices the caller handles itself (the error message lists them)."""
+    choices = ("auto", "exact", "rejection") + tuple(extra)
+    if method not in choices:
+        raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {method!r}")
     bounded = C.is_bounded(model)
     if method == "rejection" and not bounded:
-        raise ValueError("method: 'rejection' needs a model that declares a transition bound "
+        raise ValueError(f"{name}: 'rejection' needs a model that declares a transition bound "
                          "(subclass AbstractBoundedTransitionSSM)")
     return bounded and method != "exact"
 

@@ -26,7 +26,7 @@ from jax import lax
 from probssm.core import checks
 from probssm.inference.smc import common as C
 from probssm.inference.smc import filter as F
-from probssm.inference.smc.backward import backward_indices
+from probssm.inference.smc.backward import backward_indices, resolve_method
 
 __all__ = ["AdditiveFunctional", "PaRISResult", "PaRISState", "paris", "paris_sequence", "init", "step", "estimate",
            "as_functional", "mask_functional", "check_functional", "resolve_backward", "backward_update",
@@ -236,13 +236,7 @@ def resolve_backward(model, backward):
     """False (exact draws), True (accept-reject with the declared bound) or "mcmc"."""
     if backward == "mcmc":
         return "mcmc"
-    if backward not in ("auto", "exact", "rejection", "mcmc"):
-        raise ValueError(f"backward: expected 'auto', 'exact', 'rejection' or 'mcmc', got {backward!r}")
-    bounded = C.is_bounded(model)
-    if backward == "rejection" and not bounded:
-        raise ValueError("backward: 'rejection' needs a model that declares a transition bound "
-                         "(subclass AbstractBoundedTransitionSSM)")
-    return bounded and backward != "exact"
+    return resolve_method(model, backward, "backward", extra=("mcmc",))
 
 
 def paris(key, model, emissions, additive_functional, num_particles: int, num_backward: int = 2, *,
