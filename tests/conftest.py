@@ -10,3 +10,16 @@ import jax
 jax.config.update("jax_enable_x64", True)
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+# Hypothesis profiles (tests/test_properties.py): "ci" (default) is small and derandomised so CI
+# is reproducible; "all" (make test-all: HYPOTHESIS_PROFILE=all) tries many more inputs.
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # hypothesis is a test extra; the other test files run without it
+    pass
+else:
+    settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True, print_blob=True,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.register_profile("all", max_examples=200, deadline=None, print_blob=True,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

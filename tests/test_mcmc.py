@@ -186,8 +186,8 @@ def test_particle_samplers_bad_input():
             fn(jax.random.PRNGKey(0), build_nile, priors, y, init_params={"q": np.inf})
         with pytest.raises(ValueError, match="priors"):
             fn(jax.random.PRNGKey(0), build_nile, {"q": 1.0}, y)
-        with pytest.raises(ValueError, match="emissions"):
-            fn(jax.random.PRNGKey(0), build_nile, priors, y[:, 0])
+        with pytest.raises(ValueError, match="emissions"):  # a 1-D series is read as (T, 1): a wrong width
+            fn(jax.random.PRNGKey(0), build_nile, priors, np.hstack([y, y]))
         with pytest.raises(ValueError, match="support"):  # a Normal prior on a variance
             fn(jax.random.PRNGKey(0), build_nile, {"q": dist.Normal(0.0, 1e3), "r": priors["r"]}, y)
     with pytest.raises(ValueError, match="support"):

@@ -86,11 +86,18 @@ def probabilities(a, name: str, axis: int = -1, atol: float = 1e-6):
 
 
 def emissions_batch(emissions, emission_dim: int, name: str = "emissions"):
-    """Accept (T, D) or (B, T, D); return (array, batched flag)."""
+    """Accept (T, D) or (B, T, D) (and (T,) as (T, 1) when ``emission_dim`` is 1); return
+    (array, batched flag). Complex data and T = 0 are refused."""
     y = jnp.asarray(emissions)
+    if jnp.issubdtype(y.dtype, jnp.complexfloating):
+        raise ValueError(f"{name}: expected real values, got complex dtype {y.dtype}")
     if not jnp.issubdtype(y.dtype, jnp.floating):
         y = y.astype(jnp.result_type(float))
-    if y.ndim not in (2, 3) or y.shape[-1] != emission_dim or y.shape[-2] < 1:
+    if y.ndim == 1 and emission_dim == 1:
+        y = y[:, None]
+    if y.ndim in (2, 3) and y.shape[-2] < 1:
+        raise ValueError(f"{name}: expected at least one time step (T >= 1), got shape {tuple(y.shape)}")
+    if y.ndim not in (2, 3) or y.shape[-1] != emission_dim:
         raise ValueError(
             f"{name}: expected shape (T, {emission_dim}) or (B, T, {emission_dim}), got shape {tuple(y.shape)}"
         )
@@ -104,6 +111,8 @@ def inputs_batch(inputs, num_timesteps: int, batch_size: int | None, name: str =
     if inputs is None:
         return None, False
     u = jnp.asarray(inputs)
+    if jnp.issubdtype(u.dtype, jnp.complexfloating):
+        raise ValueError(f"{name}: expected real values, got complex dtype {u.dtype}")
     if u.ndim == 1:
         u = u[:, None]
     if batch_size is None:
@@ -140,3 +149,21 @@ def once_per_model(model, tag, check) -> None:
     except TypeError:  # not weak-referenceable: check every time
         return
     _PASSED[key] = True
+
+
+def unify_dtypes(model, *arrays):
+    """``model`` with every floating-point array leaf cast to the promoted floating dtype of all of
+    them and of ``arrays`` (the data), so a model mixing float32 and float64 runs in one dtype (the
+    loops of the learners carry the parameters and need one). Returns ``model`` itself when the
+    dtypes already agree; traceable."""
+    def is_float(a):
+        return isinstance(a, (jax.Array, np.ndarray)) and jnp.issubdtype(a.dtype, jnp.floating)
+
+    leaves = [a for a in jax.tree_util.tree_leaves(model) if is_float(a)]
+    if not leaves:
+        return model
+    data = [a for a in arrays if a is not None and is_float(a)]
+    dtype = jnp.result_type(*[a.dtype for a in leaves + data])
+    if all(a.dtype == dtype for a in leaves):
+        return model
+    return jax.tree_util.tree_map(lambda a: a.astype(dtype) if is_float(a) else a, model)

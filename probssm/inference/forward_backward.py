@@ -61,7 +61,7 @@ from jax import lax
 from probssm.core.protocol import DiscreteParams
 from probssm.core.scan import chunked_associative_scan
 
-__all__ = ["FilterResult", "SmootherResult", "filter_params", "smoother_params", "viterbi_params",
+__all__ = ["FilterResult", "SmootherResult", "promote", "filter_params", "smoother_params", "viterbi_params",
            "sample_params", "DEFAULT_CHUNK"]
 
 DEFAULT_CHUNK = 512  # parallel scans on CPU: chunk length of the associative scan
@@ -86,6 +86,20 @@ class SmootherResult(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 # One sequence
 # ----------------------------------------------------------------------------------------------
+def promote(params: DiscreteParams, plausibility=None):
+    """Unify the dtypes once: initial probabilities, transition matrices, log-likelihoods (and
+    plausibilities) in their promoted floating dtype, so a model mixing float32 and float64 runs
+    in float64 (scan carries need one dtype). Returns ``(params, plausibility)``."""
+    arrays = [params.initial_probs, params.transition_matrices, params.log_likelihoods]
+    if plausibility is not None:
+        arrays.append(plausibility)
+    dtype = jnp.result_type(*arrays)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        dtype = jnp.result_type(dtype, float)
+    cast = [jnp.asarray(a, dtype) for a in arrays]
+    return DiscreteParams(*cast[:3]), (cast[3] if plausibility is not None else None)
+
+
 def _prepare_params(params: DiscreteParams, plausibility, valid):
     ll = params.log_likelihoods
     if plausibility is not None:
@@ -352,6 +366,7 @@ def filter_params(params: DiscreteParams, *, length=None, plausibility=None, par
         >>> f = ps.hmm.filter_params(model.discrete_params(y), length=n)
         >>> f.log_likelihood
     """
+    params, plausibility = promote(params, plausibility)
     valid = _valid(params.log_likelihoods.shape[0], length)
     ll, alphas, _, _ = _filter_one(params, plausibility, valid, bool(parallel), _core_chunk(chunk_size, parallel))
     if valid is not None:
@@ -367,6 +382,7 @@ def smoother_params(params: DiscreteParams, *, length=None, plausibility=None, p
     filtered_probs (T, K), smoothed_probs (T, K) (zero on padding), transition_counts (K, K)
     = sum_t p(z_{t-1} = i, z_t = j | y).
     """
+    params, plausibility = promote(params, plausibility)
     valid = _valid(params.log_likelihoods.shape[0], length)
     return _smooth_one(params, plausibility, valid, bool(parallel), _core_chunk(chunk_size, parallel))
 
@@ -377,6 +393,7 @@ def viterbi_params(params: DiscreteParams, *, length=None, plausibility=None) ->
     Returns:
         (T,) int states (-1 at steps t >= length).
     """
+    params, plausibility = promote(params, plausibility)
     return _viterbi_one(params, plausibility, _valid(params.log_likelihoods.shape[0], length))
 
 
@@ -387,5 +404,6 @@ def sample_params(key, params: DiscreteParams, num_samples: int = 1, *, length=N
     ``num_samples`` is a Python int (static). Returns (num_samples, T) int states (-1 at
     steps t >= length).
     """
+    params, plausibility = promote(params, plausibility)
     return _sample_one(key, params, plausibility, _valid(params.log_likelihoods.shape[0], length),
                        int(num_samples))

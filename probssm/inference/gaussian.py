@@ -300,7 +300,7 @@ def _prepare(model, emissions, inputs, lengths, method, num_iter, alpha, beta, k
             raise ValueError(f"kappa: expected alpha^2 (d + kappa) > 0 (d = {d}), got kappa = {kappa}")
     if isinstance(emissions, (list, tuple)):
         for i, y in enumerate(emissions):
-            if jnp.ndim(y) != 2 or jnp.shape(y)[-1] != p:
+            if not (jnp.ndim(y) == 2 and jnp.shape(y)[-1] == p) and not (jnp.ndim(y) == 1 and p == 1):
                 raise ValueError(f"emissions[{i}]: expected shape (T_b, {p}), got shape {tuple(jnp.shape(y))}")
     else:
         checks.emissions_batch(emissions, p)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from probssm.core import checks
-from probssm.core.batching import Batch, as_batch, check_input_dim
+from probssm.core.batching import Batch, as_batch, check_input_dim, is_concatenated, split_concatenated
 from probssm.core.protocol import AbstractDiscreteSSM
 from probssm.inference.forward_backward import (
     DEFAULT_CHUNK, FilterResult, SmootherResult, filter_params, sample_params, smoother_params, viterbi_params,
@@ -136,7 +136,8 @@ def _float_inputs(inputs, dtype):
     def conv(a):
         a = jnp.asarray(a)
         a = a[:, None] if a.ndim == 1 else a
-        return a if jnp.issubdtype(a.dtype, jnp.floating) else a.astype(dtype)
+        convert = jnp.issubdtype(a.dtype, jnp.integer) or jnp.issubdtype(a.dtype, jnp.bool_)
+        return a.astype(dtype) if convert else a  # complex inputs are refused by as_batch
 
     return jax.tree_util.tree_map(conv, inputs)
 
@@ -151,7 +152,12 @@ def prepare(model, emissions, inputs=None, lengths=None, plausibility=None) -> t
     if not isinstance(model, AbstractDiscreteSSM):
         raise ValueError(f"model: expected a discrete-state model (AbstractDiscreteSSM), got {type(model).__name__}")
     D = model.emission_dim
-    if lengths is not None and not isinstance(emissions, (list, tuple)):
+    if is_concatenated(emissions, lengths):
+        # hmmlearn-style (sum(lengths), D) data: a (T_total, K) plausibility is split like the emissions
+        if plausibility is not None and np.ndim(plausibility) == 2 and np.shape(plausibility)[0] == np.shape(
+                emissions)[0]:
+            plausibility = split_concatenated(plausibility, lengths, fill_value=1.0, name="plausibility")[0]
+    elif lengths is not None and not isinstance(emissions, (list, tuple)):
         y = jnp.asarray(emissions)
         if y.ndim in (2, 3):
             lengths = check_lengths(lengths, y.shape[-2], y.shape[0] if y.ndim == 3 else None)

@@ -42,6 +42,9 @@ from __future__ import annotations
 from functools import partial
 from typing import NamedTuple, Optional
 
+import warnings
+import weakref
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -150,10 +153,38 @@ def _predict(m, P, F, b, Q):
     return mm(F, m) + b, symmetrize(mm(mm(F, P), F.T) + Q)
 
 
+def _update_joseph(m, P, H, d, R, y, mask):
+    """`_update` with the Joseph form (I - K H) P (I - K H)^T + K R K^T: the first step's, where
+    P is the prior covariance; a huge prior variance then does not cancel against itself."""
+    H, d, R, y, num_obs = _mask_observation(H, d, R, y, mask)
+    HP = mm(H, P)
+    L = cholesky(mm(HP, H.T) + R)
+    v = solve_lower(L, y - mm(H, m) - d)
+    K = cho_solve_lower(L, HP).T  # (d, p) = P H^T S^{-1}
+    m = m + mm(K, mm(L, v))
+    eye = jnp.eye(P.shape[-1], dtype=P.dtype)
+    I_KH = eye - mm(K, H)
+    P_joseph = symmetrize(mm(mm(I_KH, P), I_KH.T) + mm(mm(K, R), K.T))
+    # Information form (P^{-1} + H^T R^{-1} H)^{-1} where P dwarfs R: no cancellation at all.
+    # Its inputs are replaced by I where they are not positive definite (then it is not used),
+    # so neither branch carries a NaN into the other's gradient.
+    LP, LR = cholesky(P), cholesky(R)
+    ok = lax.stop_gradient(jnp.all(jnp.diagonal(LP) > 0) & jnp.all(jnp.diagonal(LR) > 0))
+    ok = ok & (jnp.trace(P) > 1e8 * jnp.trace(R))
+    LP = jnp.where(ok, LP, eye)
+    Hw = solve_lower(jnp.where(ok, LR, jnp.eye(R.shape[-1], dtype=R.dtype)), H)
+    LPinv = solve_lower(LP, eye)
+    LJ = cholesky(symmetrize(mm(LPinv.T, LPinv) + mm(Hw.T, Hw)))
+    P_info = symmetrize(cho_solve_lower(LJ, eye))
+    P = jnp.where(ok, P_info, P_joseph)
+    ll = -0.5 * (v @ v) - jnp.sum(jnp.log(jnp.diagonal(L))) - 0.5 * num_obs * _LOG_2PI
+    return m, P, ll
+
+
 def _filter_sequential(params: LinearGaussianParams, ys, masks, return_predicted: bool = False):
     """Sequential filter; ``return_predicted`` also returns the predicted moments of steps 1..T-1."""
     p0 = _at(params, 0)
-    m0, P0, ll0 = _update(p0.initial_mean, p0.initial_cov, p0.emission_matrix, p0.emission_offset,
+    m0, P0, ll0 = _update_joseph(p0.initial_mean, p0.initial_cov, p0.emission_matrix, p0.emission_offset,
                           p0.emission_cov, ys[0], None if masks is None else masks[0])
     tv = _is_time_varying(params)
     xs_params = _slice_time(params, 1, None)
@@ -357,7 +388,12 @@ def _rts_backward(params, filtered: FilterResult, m_pred, P_pred):
     return jnp.concatenate([m_s, ms[-1:]]), jnp.concatenate([P_s, Ps[-1:]]), cross
 
 
-def _smooth(params, ys, masks, parallel, chunk_size):
+def _smooth(params, ys, masks, parallel, chunk_size, mode="none", diffuse=None):
+    return _dispatch(mode, parallel, params, lambda q: _smooth_diffuse(q, ys, masks, diffuse),
+                     lambda q: _smooth_standard(q, ys, masks, parallel, chunk_size))
+
+
+def _smooth_standard(params, ys, masks, parallel, chunk_size):
     if parallel:
         filtered = _filter(params, ys, masks, parallel, chunk_size)
         body, last = _smoother_elements(params, filtered)
@@ -375,10 +411,209 @@ def _smooth(params, ys, masks, parallel, chunk_size):
                           means, covs, cross)
 
 
-def _filter(params, ys, masks, parallel, chunk_size):
+def _filter(params, ys, masks, parallel, chunk_size, mode="none", diffuse=None):
+    """``mode``: "none" (finite initial covariance), "exact" (diffuse) or "auto" (decided at run time)."""
+    def standard(q):
+        if parallel:
+            return _filter_parallel(q, ys, masks, chunk_size)
+        return _filter_sequential(q, ys, masks)
+
+    return _dispatch(mode, parallel, params, lambda q: _filter_diffuse_core(q, ys, masks, diffuse)[0], standard)
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact diffuse initialisation (sequential only)
+# ----------------------------------------------------------------------------------------------
+# z_0 ~ N(m_1 + A delta, P_star) with a flat prior on delta: the columns of A select the
+# diffuse components (inf on the diagonal of initial_cov, or the ``diffuse=`` mask), P_star is
+# the rest of initial_cov with those rows and columns zeroed; P_1 = P_star + kappa A A^T,
+# kappa -> inf (Durbin & Koopman 2012, ch. 5). The filter is run in its augmented form (de Jong
+# 1991; D&K 5.7): the filter with delta known carries its moments (a_t, P_t) and the columns X_t
+# of d a_t / d delta; each step adds V_t^T V_t and V_t^T v_t (whitened residual and its
+# delta-columns) to (S, s). Then, per D&K 7.2.2,
+#     log L_d = lim_{kappa -> inf} [log L(kappa) + q/2 log kappa]
+#             = log L(delta = 0) + s^T S^{-1} s / 2 - log|S| / 2,
+# the exact-diffuse log-likelihood (statsmodels' use_exact_diffuse=True), with no threshold on
+# F_inf. Filtered moments are the kappa -> inf limits, a_t + X_t S_t^+ s_t and
+# P_t + X_t S_t^+ X_t^T, with +inf variances in the directions the data have not yet
+# identified (D&K's P_inf != 0). The smoother is the backward (r, N) recursion of D&K 4.4 on the
+# residual and its delta-columns, plus the uncertainty of delta: G_t S^{-1} G_t^T. A missing
+# entry carries no information on delta, so it does not shorten the diffuse phase.
+class _DiffuseSteps(NamedTuple):
+    """What the diffuse smoother reads of each step t (predicted moments before y_t)."""
+
+    a: jax.Array  # (T, d)   predicted mean with delta = 0
+    P: jax.Array  # (T, d, d)
+    X: jax.Array  # (T, d, d) columns d a / d delta (zero for non-diffuse components)
+    Hw: jax.Array  # (T, p, d) L^{-1} H
+    W: jax.Array  # (T, p, d) L^{-1} H P
+    v: jax.Array  # (T, p)   L^{-1} (y - H a - d)
+    V: jax.Array  # (T, p, d) L^{-1} H X
+
+
+def _diffuse_mask(P1, diffuse):
+    """(d,) bool: diagonal inf entries of P1, or-ed with the explicit ``diffuse`` mask."""
+    mask = jnp.isinf(jnp.diagonal(P1))
+    if diffuse is not None:
+        mask = mask | jnp.asarray(diffuse, bool)
+    return mask
+
+
+def _diffuse_update(a, P, X, H, d, R, y, mask):
+    H, d, R, y, num_obs = _mask_observation(H, d, R, y, mask)
+    HP = mm(H, P)
+    L = cholesky(mm(HP, H.T) + R)
+    W = solve_lower(L, HP)
+    Hw = solve_lower(L, H)
+    v = solve_lower(L, y - mm(H, a) - d)
+    V = mm(Hw, X)
+    a_f, X_f, P_f = a + mm(W.T, v), X - mm(W.T, V), symmetrize(P - mm(W.T, W))
+    ll = -0.5 * (v @ v) - jnp.sum(jnp.log(jnp.diagonal(L))) - 0.5 * num_obs * _LOG_2PI
+    return (a_f, P_f, X_f), ll, mm(V.T, V), mm(V.T, v), (Hw, W, v, V)
+
+
+def _filter_diffuse_core(params: LinearGaussianParams, ys, masks, diffuse):
+    """Augmented filter: FilterResult (kappa -> inf limits), the steps, S_T, s_T, the mask."""
+    p0 = _at(params, 0)
+    dmask = _diffuse_mask(params.initial_cov, diffuse)
+    keep = ~dmask
+    P1 = params.initial_cov
+    dtype = ys.dtype
+    P_star = jnp.where(keep[:, None] & keep[None, :], P1, 0.0).astype(dtype)
+    X1 = jnp.diag(dmask.astype(dtype))
+    m1 = params.initial_mean.astype(dtype)  # log L_d and the limits do not depend on m1[diffuse]
+    first, ll0, SS0, ss0, aux0 = _diffuse_update(m1, P_star, X1, p0.emission_matrix, p0.emission_offset,
+                                                 p0.emission_cov, ys[0], None if masks is None else masks[0])
+    tv = _is_time_varying(params)
+    xs_params = _slice_time(params, 1, None)
+    varying = {i: a for i, (a, v) in enumerate(zip(xs_params, tv)) if v}
+
+    def step(carry, xs):
+        (a, P, X), ll, SS, ss = carry
+        y, mask, var = xs
+        p = LinearGaussianParams(*(var.get(i, q) for i, q in enumerate(xs_params)))
+        F = p.transition_matrix
+        a_p, P_p = _predict(a, P, F, p.transition_offset, p.transition_cov)
+        X_p = mm(F, X)
+        filt, ll_t, SS_t, ss_t, aux = _diffuse_update(a_p, P_p, X_p, p.emission_matrix, p.emission_offset,
+                                                      p.emission_cov, y, mask)
+        return (filt, ll + ll_t, SS + SS_t, ss + ss_t), (filt, (a_p, P_p, X_p), aux, SS_t, ss_t)
+
+    xs = (ys[1:], None if masks is None else masks[1:], varying)
+    (_, ll, SS, ss), (filt, pred, aux, SS_t, ss_t) = lax.scan(step, (first, ll0, SS0, ss0), xs)
+    cat = lambda f, r: jnp.concatenate([f[None], r])
+    a_f, P_f, X_f = (cat(f, r) for f, r in zip(first, filt))
+    S_cum = jnp.cumsum(cat(SS0, SS_t), axis=0)
+    s_cum = jnp.cumsum(cat(ss0, ss_t), axis=0)
+    # log L_d = log L(delta = 0) + s^T S^{-1} s / 2 - log|S_dd| / 2 (unit diagonal on the rest)
+    S_full = SS + jnp.diag(keep.astype(dtype))
+    chol = cholesky(S_full)
+    w = solve_lower(chol, ss)
+    ll = ll + 0.5 * (w @ w) - jnp.sum(jnp.log(jnp.diagonal(chol)))
+    means, covs = jax.vmap(partial(_diffuse_limit, keep=keep))(a_f, P_f, X_f, S_cum, s_cum)
+    steps = _DiffuseSteps(cat(m1, pred[0]), cat(P_star, pred[1]), cat(X1, pred[2]),
+                          *(cat(f, r) for f, r in zip(aux0, aux)))
+    return FilterResult(ll, means, covs), steps, chol, ss, keep
+
+
+def _diffuse_limit(a, P, X, S, s, keep):
+    """kappa -> inf limits of the filtered moments of one step: a + X S^+ s, P + X S^+ X^T, and
+    +inf (with the sign of X N X^T, N the null projector of S) where delta is not identified."""
+    dtype = S.dtype
+    scale = jnp.max(jnp.diagonal(S))
+    scale = jnp.where(scale > 0, scale, 1.0)
+    S = S + scale * jnp.diag(keep.astype(dtype))
+    tol = S.shape[-1] * jnp.sqrt(jnp.finfo(dtype).eps) * scale
+    evals, evecs = jnp.linalg.eigh(lax.stop_gradient(S))
+    null = lax.stop_gradient((evecs * (evals <= tol).astype(dtype)) @ evecs.T)
+    # (S + scale N)^{-1} = S^+ + N / scale, differentiable along perturbations that keep N
+    chol = cholesky(symmetrize(S + scale * null))
+    S_pinv = cho_solve_lower(chol, jnp.eye(S.shape[-1], dtype=dtype)) - null / scale
+    XS = mm(X, S_pinv)
+    mean = a + mm(XS, s)
+    cov = symmetrize(P + mm(XS, X.T))
+    P_inf = mm(mm(X, null), X.T)
+    unknown = jnp.diagonal(P_inf) > jnp.sqrt(jnp.finfo(dtype).eps) * jnp.maximum(1.0, jnp.max(jnp.abs(X)) ** 2)
+    both = unknown[:, None] & unknown[None, :]
+    infinite = both & (jnp.abs(P_inf) > jnp.sqrt(jnp.finfo(dtype).eps) * jnp.max(jnp.abs(P_inf)))
+    cov = jnp.where(infinite, jnp.where(P_inf < 0, -jnp.inf, jnp.inf), cov)
+    return mean, cov
+
+
+def _smooth_diffuse(params: LinearGaussianParams, ys, masks, diffuse):
+    """Diffuse smoother: backward (r, N) recursion on the residual and its delta-columns."""
+    filtered, st, chol, ss, keep = _filter_diffuse_core(params, ys, masks, diffuse)
+    num_timesteps, dim = filtered.filtered_means.shape
+    dtype = ys.dtype
+    eye = jnp.eye(dim, dtype=dtype)
+    F_next = _broadcast_time(_slice_time(params, 1, None), num_timesteps - 1).transition_matrix
+    # F_{t+1} for t = 0..T-1 (the last is never used: r_T = 0, N_T = 0)
+    F_next = jnp.concatenate([F_next, eye[None]])
+
+    def step(carry, xs):
+        r, N = carry  # r_{t+1} (d, 1 + d), N_{t+1} (d, d)
+        F, Hw, W, v, V = xs
+        Lt = mm(F, eye - mm(W.T, Hw))  # L_t = F_{t+1} (I - K_t H_t)
+        c = jnp.concatenate([v[:, None], -V], axis=1)
+        r = mm(Hw.T, c) + mm(Lt.T, r)
+        N = symmetrize(mm(Hw.T, Hw) + mm(mm(Lt.T, N), Lt))
+        return (r, N), (r, N, Lt)
+
+    init = (jnp.zeros((dim, 1 + dim), dtype), jnp.zeros((dim, dim), dtype))
+    _, (r, N, Lt) = lax.scan(step, init, (F_next, st.Hw, st.W, st.v, st.V), reverse=True)
+    PN = jnp.einsum("tij,tjk->tik", st.P, N)
+    base = st.a + jnp.einsum("tij,tj->ti", st.P, r[:, :, 0])
+    G = st.X + jnp.einsum("tij,tjk->tik", st.P, r[:, :, 1:])  # d E[z_t | y, delta] / d delta
+    cov_known = symmetrize(st.P - jnp.einsum("tij,tkj->tik", PN, st.P))
+    # delta | y ~ N(S^{-1} s, S^{-1}) on the diffuse block (zero elsewhere)
+    C = cho_solve_lower(chol, eye) - jnp.diag(keep.astype(dtype))
+    delta = mm(C, ss)
+    GC = jnp.einsum("tij,jk->tik", G, C)
+    means = base + jnp.einsum("tij,j->ti", G, delta)
+    covs = symmetrize(cov_known + jnp.einsum("tij,tkj->tik", GC, G))
+    # Cov[z_{t+1}, z_t | y] = (I - P_{t+1} N_{t+1}) L_t P_t + G_{t+1} C G_t^T
+    cross = jnp.einsum("tij,tjk,tkl->til", eye[None] - PN[1:], Lt[:-1], st.P[:-1]) \
+        + jnp.einsum("tij,tkj->tik", GC[1:], G[:-1])
+    return SmootherResult(filtered.log_likelihood, filtered.filtered_means, filtered.filtered_covs,
+                          means, covs, cross)
+
+
+def _finite_initial(params: LinearGaussianParams) -> LinearGaussianParams:
+    """``params`` with the inf entries of initial_cov zeroed (the standard branch of "auto")."""
+    P1 = params.initial_cov
+    return params._replace(initial_cov=jnp.where(jnp.isinf(P1), 0.0, P1))
+
+
+def _any_diffuse(params: LinearGaussianParams):
+    return jnp.any(jnp.isinf(jnp.diagonal(params.initial_cov)))
+
+
+def _dispatch(mode, parallel, params, diffuse_fn, standard_fn):
+    """Run the standard or the diffuse form: ``mode`` "none", "exact" or "auto" (decided at run time:
+    the initial covariance is traced and may hold inf)."""
+    if mode == "none":
+        return standard_fn(params)
     if parallel:
-        return _filter_parallel(params, ys, masks, chunk_size)
-    return _filter_sequential(params, ys, masks)
+        if mode == "exact":
+            raise ValueError("parallel: exact diffuse initialisation runs sequentially; expected "
+                             "parallel=False for a model with a diffuse initial state")
+        return standard_fn(params)
+    if mode == "exact":
+        return diffuse_fn(params)
+    return lax.cond(_any_diffuse(params), diffuse_fn, lambda q: standard_fn(_finite_initial(q)), params)
+
+
+def diffuse_mode(initial_cov, diffuse=None) -> str:
+    """How a filter treats an initial covariance: "exact" (diffuse components present, or a
+    ``diffuse`` mask given), "none" (concrete and finite, or ``diffuse=False``: the caller vouches
+    there is no inf) or "auto" (traced: decided at run time with `lax.cond`)."""
+    if diffuse is False:
+        return "none"
+    if diffuse is not None:
+        return "exact"
+    if not checks.is_concrete(initial_cov):
+        return "auto"
+    return "exact" if bool(np.isinf(np.diagonal(np.asarray(initial_cov))).any()) else "none"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,9 +648,9 @@ def _sample_paths(key, params, ys, masks, num_samples, parallel, chunk_size):
     return jnp.swapaxes(jnp.concatenate([zs, h_t_first[-1][None]]), 0, 1)
 
 
-def _forecast(params, ys, masks, num_steps, parallel, chunk_size):
+def _forecast(params, ys, masks, num_steps, parallel, chunk_size, mode="none", diffuse=None):
     num_timesteps = ys.shape[0]
-    filtered = _filter(_slice_time(params, 0, num_timesteps), ys, masks, parallel, chunk_size)
+    filtered = _filter(_slice_time(params, 0, num_timesteps), ys, masks, parallel, chunk_size, mode, diffuse)
     future = _broadcast_time(_slice_time(params, num_timesteps, num_timesteps + num_steps), num_steps)
 
     def step(carry, p):
@@ -432,7 +667,7 @@ def _forecast(params, ys, masks, num_steps, parallel, chunk_size):
 # Public traceable cores: one sequence, arrays only, no checks
 # ----------------------------------------------------------------------------------------------
 def filter_params(params: LinearGaussianParams, emissions, *, parallel: bool = False,
-                  chunk_size: Optional[int] = None) -> FilterResult:
+                  chunk_size: Optional[int] = None, diffuse=None) -> FilterResult:
     """Kalman filter on the arrays of one sequence: the traceable core of `filter`.
 
     Args:
@@ -441,19 +676,24 @@ def filter_params(params: LinearGaussianParams, emissions, *, parallel: bool = F
         emissions: (T, p); NaN marks a missing entry (dropped exactly, whole or partial rows).
         parallel: associative scan (O(log T) span) instead of the sequential scan.
         chunk_size: parallel only; combine elements in chunks of this many steps (static int).
+        diffuse: None, or a (d,) boolean mask of diffuse components (a flat prior: exact diffuse
+            initialisation, Durbin & Koopman ch. 5); their rows and columns of initial_cov are
+            ignored. Entries ``inf`` on the diagonal of initial_cov are diffuse as well.
 
     Returns:
         `FilterResult`: log_likelihood (), filtered_means (T, d), filtered_covs (T, d, d).
 
     No input checks: usable inside the caller's jit / vmap / grad (``parallel`` and
-    ``chunk_size`` must be static).
+    ``chunk_size`` must be static). With a traced initial_cov and ``diffuse=None``, whether it
+    holds inf is decided at run time (`lax.cond`; sequential form only).
     """
     ys = jnp.asarray(emissions)
-    return _filter(params, ys, ~jnp.isnan(ys), parallel, chunk_size)
+    return _filter(params, ys, ~jnp.isnan(ys), parallel, chunk_size, diffuse_mode(params.initial_cov, diffuse),
+                   diffuse)
 
 
 def smoother_params(params: LinearGaussianParams, emissions, *, parallel: bool = False,
-                    chunk_size: Optional[int] = None) -> SmootherResult:
+                    chunk_size: Optional[int] = None, diffuse=None) -> SmootherResult:
     """RTS smoother on the arrays of one sequence: the traceable core of `smoother`.
 
     Args and conventions as `filter_params`. Returns a `SmootherResult`: the filter's fields
@@ -461,7 +701,8 @@ def smoother_params(params: LinearGaussianParams, emissions, *, parallel: bool =
     ``smoothed_cross_covs[t] = Cov[z_{t+1}, z_t | y]``.
     """
     ys = jnp.asarray(emissions)
-    return _smooth(params, ys, ~jnp.isnan(ys), parallel, chunk_size)
+    return _smooth(params, ys, ~jnp.isnan(ys), parallel, chunk_size, diffuse_mode(params.initial_cov, diffuse),
+                   diffuse)
 
 
 def sample_params(key, params: LinearGaussianParams, emissions, num_samples: int = 1, *,
@@ -481,14 +722,15 @@ def sample_params(key, params: LinearGaussianParams, emissions, num_samples: int
 
 
 def forecast_params(params: LinearGaussianParams, emissions, num_steps: int, *, parallel: bool = False,
-                    chunk_size: Optional[int] = None) -> ForecastResult:
+                    chunk_size: Optional[int] = None, diffuse=None) -> ForecastResult:
     """`forecast` on arrays: ``params`` cover T + num_steps steps, emissions (T, p).
 
     Returns a `ForecastResult`: means (k, d), covs (k, d, d), emission_means (k, p),
     emission_covs (k, p, p) with k = num_steps (static int).
     """
     ys = jnp.asarray(emissions)
-    return _forecast(params, ys, ~jnp.isnan(ys), num_steps, parallel, chunk_size)
+    return _forecast(params, ys, ~jnp.isnan(ys), num_steps, parallel, chunk_size,
+                     diffuse_mode(params.initial_cov, diffuse), diffuse)
 
 
 def mask_padding(emissions, length):
@@ -514,13 +756,15 @@ def _one_sequence(model, y, u, n, has_missing, extra_steps=0):
     return params, y, _masks_of(y, has_missing or n is not None)
 
 
-@partial(jax.jit, static_argnames=("has_missing", "parallel", "chunk_size", "batched", "inputs_batched", "smooth"))
-def _run(model, ys, inputs, lengths, *, has_missing, parallel, chunk_size, batched, inputs_batched, smooth):
+@partial(jax.jit, static_argnames=("has_missing", "parallel", "chunk_size", "batched", "inputs_batched", "smooth",
+                                   "mode"))
+def _run(model, ys, inputs, lengths, diffuse=None, *, has_missing, parallel, chunk_size, batched, inputs_batched,
+         smooth, mode="none"):
     def one(y, u, n):
         params, y, masks = _one_sequence(model, y, u, n, has_missing)
         if smooth:
-            return _smooth(params, y, masks, parallel, chunk_size)
-        return _filter(params, y, masks, parallel, chunk_size)
+            return _smooth(params, y, masks, parallel, chunk_size, mode, diffuse)
+        return _filter(params, y, masks, parallel, chunk_size, mode, diffuse)
 
     return Batch(ys, inputs, lengths, batched, inputs_batched).map(one)
 
@@ -540,12 +784,12 @@ def _run_sample(key, model, ys, inputs, lengths, *, num_samples, has_missing, pa
 
 
 @partial(jax.jit, static_argnames=("num_steps", "has_missing", "parallel", "chunk_size", "batched",
-                                   "inputs_batched"))
-def _run_forecast(model, ys, inputs, lengths, *, num_steps, has_missing, parallel, chunk_size, batched,
-                  inputs_batched):
+                                   "inputs_batched", "mode"))
+def _run_forecast(model, ys, inputs, lengths, diffuse=None, *, num_steps, has_missing, parallel, chunk_size,
+                  batched, inputs_batched, mode="none"):
     def one(y, u, n):
         params, y, masks = _one_sequence(model, y, u, n, has_missing, num_steps)
-        return _forecast(params, y, masks, num_steps, parallel, chunk_size)
+        return _forecast(params, y, masks, num_steps, parallel, chunk_size, mode, diffuse)
 
     return Batch(ys, inputs, lengths, batched, inputs_batched).map(one)
 
@@ -559,9 +803,9 @@ def check_arguments(model, emissions, inputs=None, lengths=None, extra_steps: in
     (inputs and time-varying parameters must then cover T + extra_steps steps).
 
     Raises:
-        ValueError naming the argument: a model that is not an `AbstractLinearGaussianSSM`,
-        emissions not (T, p) / (B, T, p) / a list of (T_b, p), inf in emissions, inputs of the
-        wrong shape or non-finite, lengths out of range, a time-varying model of another length.
+        ValueError: naming the argument, for a model that is not an `AbstractLinearGaussianSSM`,
+            emissions not (T, p) / (B, T, p) / a list of (T_b, p), inf in emissions, inputs of the
+            wrong shape or non-finite, lengths out of range, a time-varying model of another length.
     """
     if not isinstance(model, AbstractLinearGaussianSSM):
         raise ValueError(
@@ -640,11 +884,100 @@ def check_params(params: LinearGaussianParams, state_dim: int, emission_dim: int
             raise ValueError(f"{name}: expected shape {doc}, got shape {shape}")
         if not checks.is_concrete(a):
             continue
-        if name.endswith("_cov"):
-            checks.psd(a, name, strict=name == "initial_cov")
+        if name == "initial_cov":
+            check_initial_cov(a)
+        elif name.endswith("_cov"):
+            checks.psd(a, name, strict=False)
         else:
             checks.finite(a, name)
+    _warn_huge_initial_cov(params)
     return params
+
+
+# A finite prior variance this many times the largest noise variance loses the data's information
+# to float rounding (P - P H^T S^{-1} H P cancels); inf (exact diffuse) is then the right model.
+_HUGE_RATIO = 1e12
+
+
+def check_initial_cov(initial_cov, name: str = "initial_cov") -> np.ndarray:
+    """Check an initial covariance on concrete arrays: +inf on the diagonal marks a diffuse
+    component (zeros in the rest of its row and column), the finite rest must be symmetric
+    positive definite. Returns the (d,) boolean diffuse mask (all False under tracing).
+
+    Raises:
+        ValueError: naming ``name``, for NaN, -inf, inf off the diagonal or beside a diffuse
+            diagonal entry, or a finite part that is not positive definite.
+    """
+    d = jnp.shape(initial_cov)[-1]
+    if not checks.is_concrete(initial_cov):
+        return np.zeros(d, bool)
+    P = np.asarray(initial_cov, dtype=np.float64)
+    mask = np.isposinf(np.diagonal(P))
+    diffuse_diag = np.diag(mask)
+    beside = (mask[:, None] | mask[None, :]) & ~diffuse_diag  # rest of a diffuse row or column
+    if (~np.isfinite(P) & ~diffuse_diag).any() or (P[beside] != 0).any():
+        raise ValueError(f"{name}: expected finite entries, or +inf on the diagonal (a diffuse component) "
+                         "with zeros in the rest of its row and column; found NaN or another inf")
+    keep = ~mask
+    if keep.any():
+        checks.psd(P[np.ix_(keep, keep)], name, strict=True)
+    return mask
+
+
+def _warn_huge_initial_cov(params: LinearGaussianParams) -> None:
+    P1, R, Q = params.initial_cov, params.emission_cov, params.transition_cov
+    if not all(checks.is_concrete(a) for a in (P1, R, Q)):
+        return
+    diag = np.diagonal(np.asarray(P1, dtype=np.float64))
+    diag = diag[np.isfinite(diag)]
+    noise = max(float(np.max(np.abs(np.diagonal(np.asarray(a, np.float64), axis1=-2, axis2=-1)), initial=0.0))
+                for a in (R, Q))
+    biggest = float(np.max(diag, initial=0.0))
+    if noise > 0 and biggest > _HUGE_RATIO * noise:
+        warnings.warn(
+            f"initial_cov: a variance of {biggest:.3g} is more than {_HUGE_RATIO:.0e} times the largest noise "
+            f"variance ({noise:.3g}); float rounding then loses the information in the data and the "
+            "log-likelihood and moments may be wrong. For an uninformative (flat) prior put inf on the "
+            "diagonal (exact diffuse initialisation) instead of a huge finite value.",
+            UserWarning, stacklevel=7)
+
+
+_MODES: dict = {}
+
+
+def _diffuse_of(model, batch: Batch, diffuse, parallel, extra_steps: int = 0):
+    """(mode, mask): the static form of the run ("none", "exact", "auto") and the checked
+    ``diffuse`` mask (an array or None); the model's mode is cached per model object."""
+    d = model.state_dim
+    if diffuse is False:
+        return "none", None
+    if diffuse is not None:
+        if checks.is_concrete(diffuse):
+            mask = np.asarray(diffuse)
+            if mask.shape != (d,) or mask.dtype != np.bool_:
+                raise ValueError(f"diffuse: expected a boolean mask of shape ({d},), got dtype {mask.dtype} and "
+                                 f"shape {mask.shape}")
+        diffuse = jnp.asarray(diffuse, bool)
+        mode = "exact"
+    else:
+        key = id(model)
+        mode = _MODES.get(key)
+        if mode is None:
+            first = batch.inputs
+            if batch.inputs_batched:
+                first = jax.tree_util.tree_map(lambda a: a[0], batch.inputs)
+            P1 = _system_params(model, batch.num_timesteps + extra_steps, first).initial_cov
+            mode = diffuse_mode(P1)
+            if checks.is_concrete(P1):
+                try:
+                    weakref.finalize(model, _MODES.pop, key, None)
+                    _MODES[key] = mode
+                except TypeError:  # not weak-referenceable: decide every time
+                    pass
+    if mode == "exact" and parallel:
+        raise ValueError("parallel: exact diffuse initialisation (inf in initial_cov, or diffuse=) runs "
+                         "sequentially; expected parallel=False")
+    return mode, diffuse
 
 
 def _flags(batch: Batch) -> dict:
@@ -660,7 +993,7 @@ def _chunk(chunk_size):
 
 
 def filter(model, emissions, *, inputs=None, lengths=None, parallel: bool = False,
-           chunk_size: Optional[int] = None) -> FilterResult:
+           chunk_size: Optional[int] = None, diffuse=None) -> FilterResult:
     """Kalman filter: log p(y_{0:T-1}) and the filtered moments of every z_t.
 
     Args:
@@ -673,6 +1006,10 @@ def filter(model, emissions, *, inputs=None, lengths=None, parallel: bool = Fals
         parallel: False for the sequential scan, True for the associative scan (O(log T) span).
         chunk_size: parallel only; combine elements in chunks of this length, sequentially
             across chunks (bounds compile time and memory). None: one chunk.
+        diffuse: None, or a (d,) boolean mask of diffuse components (flat prior, exact diffuse
+            initialisation; their rows and columns of initial_cov are ignored). ``inf`` on the
+            diagonal of the model's initial_cov marks diffuse components too. Sequential only
+            (``parallel=True`` raises); filtered variances not yet identified are ``inf``.
 
     Returns:
         `FilterResult`: log_likelihood (), filtered_means (T, d), filtered_covs (T, d, d), with a
@@ -683,12 +1020,13 @@ def filter(model, emissions, *, inputs=None, lengths=None, parallel: bool = Fals
         >>> f.log_likelihood, f.filtered_means.shape
     """
     batch = check_arguments(model, emissions, inputs, lengths)
-    return _run(model, batch.emissions, batch.inputs, batch.lengths, parallel=bool(parallel),
-                chunk_size=_chunk(chunk_size), smooth=False, **_flags(batch))
+    mode, diffuse = _diffuse_of(model, batch, diffuse, parallel)
+    return _run(model, batch.emissions, batch.inputs, batch.lengths, diffuse, parallel=bool(parallel),
+                chunk_size=_chunk(chunk_size), smooth=False, mode=mode, **_flags(batch))
 
 
 def smoother(model, emissions, *, inputs=None, lengths=None, parallel: bool = False,
-             chunk_size: Optional[int] = None) -> SmootherResult:
+             chunk_size: Optional[int] = None, diffuse=None) -> SmootherResult:
     """Rauch-Tung-Striebel smoother: smoothed moments and lag-one cross-covariances.
 
     Same arguments as `filter`. Returns a `SmootherResult`: the filter's fields plus
@@ -696,8 +1034,9 @@ def smoother(model, emissions, *, inputs=None, lengths=None, parallel: bool = Fa
     ``smoothed_cross_covs[t]`` is Cov[z_{t+1}, z_t | all y] (EM uses it).
     """
     batch = check_arguments(model, emissions, inputs, lengths)
-    return _run(model, batch.emissions, batch.inputs, batch.lengths, parallel=bool(parallel),
-                chunk_size=_chunk(chunk_size), smooth=True, **_flags(batch))
+    mode, diffuse = _diffuse_of(model, batch, diffuse, parallel)
+    return _run(model, batch.emissions, batch.inputs, batch.lengths, diffuse, parallel=bool(parallel),
+                chunk_size=_chunk(chunk_size), smooth=True, mode=mode, **_flags(batch))
 
 
 def sample(key, model, emissions, num_samples: int = 1, *, inputs=None, lengths=None, parallel: bool = False,
@@ -712,12 +1051,15 @@ def sample(key, model, emissions, num_samples: int = 1, *, inputs=None, lengths=
     """
     num_samples = checks.positive_int(num_samples, "num_samples")
     batch = check_arguments(model, emissions, inputs, lengths)
+    if _diffuse_of(model, batch, None, parallel)[0] != "none":
+        raise ValueError("model: its initial_cov holds inf (a diffuse, flat prior); sampling needs a proper "
+                         "initial distribution, expected a finite initial_cov")
     return _run_sample(key, model, batch.emissions, batch.inputs, batch.lengths, num_samples=num_samples,
                        parallel=bool(parallel), chunk_size=_chunk(chunk_size), **_flags(batch))
 
 
 def forecast(model, emissions, num_steps: int, *, inputs=None, lengths=None, parallel: bool = False,
-             chunk_size: Optional[int] = None) -> ForecastResult:
+             chunk_size: Optional[int] = None, diffuse=None) -> ForecastResult:
     """Predict the states and observations ``num_steps`` ahead of the last observation.
 
     A time-varying model must carry parameters (and ``inputs`` rows) for T + num_steps
@@ -729,11 +1071,12 @@ def forecast(model, emissions, num_steps: int, *, inputs=None, lengths=None, par
     """
     num_steps = checks.positive_int(num_steps, "num_steps")
     batch = check_arguments(model, emissions, inputs, lengths, extra_steps=num_steps)
-    return _run_forecast(model, batch.emissions, batch.inputs, batch.lengths, num_steps=num_steps,
-                         parallel=bool(parallel), chunk_size=_chunk(chunk_size), **_flags(batch))
+    mode, diffuse = _diffuse_of(model, batch, diffuse, parallel, extra_steps=num_steps)
+    return _run_forecast(model, batch.emissions, batch.inputs, batch.lengths, diffuse, num_steps=num_steps,
+                         parallel=bool(parallel), chunk_size=_chunk(chunk_size), mode=mode, **_flags(batch))
 
 
-def log_likelihood(model, emissions, *, inputs=None, lengths=None) -> jax.Array:
+def log_likelihood(model, emissions, *, inputs=None, lengths=None, diffuse=None) -> jax.Array:
     """log p(y) of one sequence, summed over a batch; traceable (for gradients and samplers).
 
     Args:
@@ -741,6 +1084,10 @@ def log_likelihood(model, emissions, *, inputs=None, lengths=None) -> jax.Array:
         emissions: (T, p), (B, T, p) or a list of (T_b, p); NaN = missing.
         inputs: (T, U) or (B, T, U), when the model reads inputs.
         lengths: (B,) true lengths of a padded batch (padding counts as missing: exact).
+        diffuse: None or a (d,) boolean mask of diffuse components, as in `filter`; with inf in
+            the model's initial_cov the exact-diffuse log-likelihood is returned (decided at run
+            time when initial_cov is traced, which compiles both forms). ``False`` (static) says
+            there is no diffuse component: the standard form only, the cheaper compile.
 
     Returns:
         () the total log-likelihood. No value checks (shapes only): the learners call this
@@ -750,6 +1097,8 @@ def log_likelihood(model, emissions, *, inputs=None, lengths=None) -> jax.Array:
 
     def one(y, u, n):
         y = mask_padding(y, n)
-        return _filter_sequential(model.linear_gaussian_params(y.shape[0], u), y, ~jnp.isnan(y)).log_likelihood
+        params = model.linear_gaussian_params(y.shape[0], u)
+        mode = diffuse_mode(params.initial_cov, diffuse)
+        return _filter(params, y, ~jnp.isnan(y), False, None, mode, diffuse).log_likelihood
 
     return jnp.sum(batch.map(one))

@@ -264,6 +264,7 @@ def baum_welch(model, emissions, num_iters: int = 100, *, lengths=None, inputs=N
         raise ValueError("fixed: the transition matrix is time-varying; Baum-Welch learns a fixed one, so "
                          "pass fixed=('transition_matrix', ...)")
     batch, pl = hmm_engine.prepare(model, emissions, inputs, lengths, plausibility)
+    model = checks.unify_dtypes(model, batch.emissions)  # one dtype for the loop's carry
     ys, u, n = batch.emissions, batch.inputs, batch.lengths
     if not batch.batched:
         ys = ys[None]

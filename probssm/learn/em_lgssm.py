@@ -233,6 +233,7 @@ def em_lgssm(model, emissions, num_iters: int = 100, *, inputs=None, lengths=Non
         raise ValueError("emissions: EM needs sequences of at least 2 time steps (with T = 1 the transition is "
                          "unobserved and the emission regression fits the data exactly, a degenerate maximum); "
                          f"got shape {tuple(batch.emissions.shape)}")
+    model = checks.unify_dtypes(model, batch.emissions)  # one dtype for the loop's carry
     show = prog.default_enabled(progress, num_iters)
     with prog.progress_bar(num_iters, "EM", show):
         fitted, history = _fit(model, batch.emissions, batch.inputs, batch.lengths, num_iters=num_iters,

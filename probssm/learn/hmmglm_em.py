@@ -320,6 +320,7 @@ def fit_hmmglm(model: HMMGLM, emissions, num_iters: int = 50, *, inputs=None, le
     names = tuple(n for n in model.emission_paths if n not in fixed)
     trans_names = tuple(n for n in model.transition_paths if n not in fixed) if model.input_driven else ()
     ys, us, ns, _ = _prepare(model, emissions, inputs, lengths)
+    model = checks.unify_dtypes(model, ys)  # one dtype for the loop's carry
     if batch_size is not None:
         batch_size = checks.positive_int(batch_size, "batch_size")
         if batch_size >= ys.shape[0] * ys.shape[1]:

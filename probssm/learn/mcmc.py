@@ -3,7 +3,8 @@
 Two ways in:
 
 * `MarginalLikelihood(model, num_timesteps)` is a numpyro distribution over whole
-  sequences whose ``log_prob`` is the exact marginal likelihood (Kalman or
+  sequences (``num_timesteps`` = T is required: a numpyro distribution declares its event
+  shape (T, D) before it sees data) whose ``log_prob`` is the exact marginal likelihood (Kalman or
   forward-backward). Put priors in an ordinary numpyro model and run numpyro's
   NUTS or SVI::
 
@@ -25,6 +26,7 @@ which is why this module runs past ~500 lines.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, NamedTuple, Optional
 
 import equinox as eqx
@@ -37,8 +39,8 @@ import numpyro.distributions as dist
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
 
-from probssm.core import checks
-from probssm.core.batching import as_batch
+from probssm.core import checks, progress as prog
+from probssm.core.batching import Batch, as_batch
 from probssm.core.protocol import SSM, AbstractDiscreteSSM, AbstractLinearGaussianSSM, sample_sequence
 from probssm.inference.smc import common as C
 from probssm.inference.smc.csmc import conditional_smc_sequence
@@ -50,17 +52,42 @@ class MarginalLikelihood(dist.Distribution):
 
     ``log_prob(y)`` marginalises the latent states exactly (NaN entries of y are
     missing); ``sample`` draws emissions from the model.
+
+    Args:
+        ssm: an `AbstractLinearGaussianSSM` or `AbstractDiscreteSSM`.
+        num_timesteps: T, the length of the observed sequence (required). A numpyro
+            distribution must declare its event shape, (T, D), before it sees any data:
+            numpyro checks ``obs`` against it, and ``sample`` (prior and posterior predictive
+            draws) needs T, which the model itself does not know. Pass ``y.shape[0]``.
+        inputs: optional (T, U) inputs of the sequence.
+
+    Example:
+        >>> def bayes(y):
+        ...     q = numpyro.sample("q", dist.HalfNormal(1.0))
+        ...     ssm = ps.models.LinearGaussianSSM(jnp.zeros(1), jnp.eye(1), jnp.eye(1), q * jnp.eye(1),
+        ...                                       jnp.eye(1), jnp.eye(1))
+        ...     numpyro.sample("y", ps.mcmc.MarginalLikelihood(ssm, num_timesteps=y.shape[0]), obs=y)
+
+    Raises:
+        ValueError: ``num_timesteps`` missing or not an integer >= 1; ``ssm`` without an exact
+            structure.
     """
 
     support = constraints.real_matrix  # NaN entries mark missing values
     pytree_data_fields = ("ssm", "inputs")
     pytree_aux_fields = ("num_timesteps",)
 
-    def __init__(self, ssm, num_timesteps: int, inputs=None, *, validate_args=None):
+    def __init__(self, ssm, num_timesteps: Optional[int] = None, inputs=None, *, validate_args=None):
         if not isinstance(ssm, (AbstractLinearGaussianSSM, AbstractDiscreteSSM)):
             raise ValueError(
                 f"ssm: expected a model with an exact structure (linear-Gaussian or discrete), got {type(ssm).__name__}"
             )
+        if num_timesteps is None:
+            raise ValueError("num_timesteps: required: MarginalLikelihood(ssm, num_timesteps=y.shape[0]) (a numpyro "
+                             "distribution declares its event shape (T, D) before it sees the data)")
+        if isinstance(num_timesteps, (bool, np.bool_)) or not isinstance(num_timesteps, (int, np.integer)) \
+                or num_timesteps < 1:
+            raise ValueError(f"num_timesteps: expected an integer >= 1 (the sequence length T), got {num_timesteps!r}")
         self.ssm = ssm
         self.num_timesteps = int(num_timesteps)
         self.inputs = inputs
@@ -191,37 +218,201 @@ class MCMCResult(NamedTuple):
     states: Optional[jax.Array]  # (chains, draws, T, d) latent-state draws, or None
     log_likelihood: jax.Array  # (chains, draws); a particle estimate for PMMH
     stats: dict  # per-draw sampler statistics, (chains, draws): "diverging" (NUTS), "accepted" (PMMH)
+    # (chains, draws, T) or (chains, draws, B, T): log p(y_t | y_{0:t-1}, theta) of each draw (see
+    # `pointwise_log_likelihood`); `to_arviz` puts it in the ``log_likelihood`` group (az.loo / az.waic)
+    pointwise_log_likelihood: Optional[jax.Array] = None
+
+
+def _check_hashable(build):
+    if not callable(build):
+        raise ValueError(f"build: expected a callable build(params) -> SSM, got {type(build).__name__}")
+    try:
+        hash(build)
+    except TypeError:
+        raise ValueError("build: expected a hashable callable (a function, or a functools.partial of hashable "
+                         "arguments): the compiled sampler is cached per builder") from None
+
+
+def _checked_batch(build, priors, u0, emissions, inputs, lengths):
+    """Emissions read as a batch (`probssm.inference.smc.common.prepare`: (T, D), (B, T, D), a list,
+    a 1-D series for a one-dimensional emission; no +-inf) and checked against the model built at
+    the first chain's starting point."""
+    theta = {name: biject_to(prior.support)(u0[name][0]) for name, prior in priors.items()}
+    return C.prepare(build(theta), emissions, inputs, lengths)
+
+
+def _log_prior(priors, u):
+    """(log p(theta(u)) + log |d theta / d u|, theta) on the unconstrained space."""
+    total, theta = 0.0, {}
+    for name, prior in priors.items():
+        bij = biject_to(prior.support)
+        theta[name] = bij(u[name])
+        total = total + jnp.sum(prior.log_prob(theta[name])) + jnp.sum(bij.log_abs_det_jacobian(u[name], theta[name]))
+    return total, theta
+
+
+def _exact_ll(model, batch):
+    """Per-sequence exact log-likelihoods (B,) (or () for one sequence); padding is missing."""
+    from probssm.learn.mle import exact_log_likelihood
+
+    return batch.map(lambda y, u, n: exact_log_likelihood(model, C.mask_padding(y, n), u))
+
+
+def pointwise_log_likelihood_sequence(model, emissions, inputs=None, length=None):
+    """(T,) log p(y_t | y_{0:t-1}) of one sequence under a model with an exact structure (traceable).
+
+    The one-step-ahead predictive terms of the exact filter, obtained as differences of the exact
+    log-likelihoods of the prefixes y_{0:t} (so they sum to the exact log p(y) whatever the
+    filter's conventions, e.g. a diffuse start): O(T^2) work, vectorised. A missing step (NaN)
+    and the padding beyond ``length`` contribute 0.
+    """
+    from probssm.learn.mle import exact_log_likelihood
+
+    y = C.mask_padding(jnp.asarray(emissions), length)
+    num_timesteps = y.shape[0]
+    steps = jnp.arange(num_timesteps)
+    if inputs is None:
+        inputs = model.default_inputs(y)  # lagged observations are read from the full sequence
+
+    def prefix(t):
+        keep = (steps <= t).reshape((-1,) + (1,) * (y.ndim - 1))
+        return exact_log_likelihood(model, jnp.where(keep, y, jnp.nan), inputs)
+
+    cumulative = lax.map(prefix, steps)
+    return jnp.diff(cumulative, prepend=jnp.zeros((1,), cumulative.dtype))
+
+
+def _split(batch: Batch):
+    """(arrays, static flags) of a batch: jitted functions take the flags as static arguments."""
+    return (batch.emissions, batch.inputs, batch.lengths), (batch.batched, batch.inputs_batched)
+
+
+@partial(jax.jit, static_argnames=("build", "flags", "chunk"))
+def _pointwise_core(build, samples, arrays, flags, chunk=16):
+    batch = Batch(*arrays, *flags)
+
+    def one_draw(theta):
+        model = build(theta)
+        return batch.map(lambda y, u, n: pointwise_log_likelihood_sequence(model, y, u, n))
+
+    return lax.map(one_draw, samples, batch_size=chunk)
+
+
+def pointwise_log_likelihood(build: Callable[[dict], SSM], samples: dict, emissions, *, inputs=None, lengths=None):
+    """log p(y_t | y_{0:t-1}, theta) for every draw of ``samples`` and every time step.
+
+    Why per time step: the one-step-ahead predictive terms are the natural pointwise unit of a
+    time series (they sum to log p(y | theta) and are what leave-future-out and prequential
+    criteria score); ArviZ's PSIS-LOO on them is the usual approximate LOO for state-space
+    models (each y_t is left out of its own predictive term only, not of the filter's past).
+    Missing steps (NaN) and padding contribute 0.
+
+    Args:
+        build: ``build(params) -> SSM`` with an exact structure.
+        samples: ``{name: (chains, draws, *shape)}`` (e.g. ``MCMCResult.samples``).
+        emissions: (T, D), (B, T, D) or a list of (T_b, D) arrays; inputs, lengths as for `nuts`.
+
+    Returns:
+        (chains, draws, T) or (chains, draws, B, T).
+    """
+    _check_hashable(build)
+    batch = as_batch(emissions, inputs, lengths)
+    leaves = {k: jnp.asarray(v) for k, v in samples.items()}
+    lead = jnp.shape(next(iter(leaves.values())))[:2]
+    flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in leaves.items()}
+    out = _pointwise_core(build, flat, *_split(batch))
+    return out.reshape(tuple(lead) + out.shape[1:])
+
+
+def _nuts_settings(num_warmup, num_samples, num_chains, target_accept, max_tree_depth, dense_mass, progress):
+    return (int(num_warmup), int(num_samples), int(num_chains), float(target_accept), int(max_tree_depth),
+            bool(dense_mass), bool(progress))
+
+
+@partial(jax.jit, static_argnames=("build", "flags", "settings"))
+def _nuts_core(key, build, priors, arrays, flags, u0, settings):
+    """Every chain of NUTS on log p(theta) + log p(y | theta), in one compiled function.
+
+    Module-level and keyed on the static structure only (the builder, the settings, the pytree
+    structure of the priors and the shapes of the data): a second `nuts` call with new data of
+    the same shape, or new prior hyperparameters, reuses the compiled code.
+    """
+    from numpyro.infer.hmc import hmc
+
+    num_warmup, num_samples, num_chains, target_accept, max_tree_depth, dense_mass, progress = settings
+    batch = Batch(*arrays, *flags)
+
+    def potential(u):
+        lp, theta = _log_prior(priors, u)
+        return -(lp + jnp.sum(_exact_ll(build(theta), batch)))
+
+    init_kernel, sample_kernel = hmc(potential_fn=potential, algo="NUTS")
+    total = num_warmup + num_samples
+
+    def chain(args):
+        k, u_init, c = args
+        state = init_kernel(u_init, num_warmup, target_accept_prob=target_accept, max_tree_depth=max_tree_depth,
+                            dense_mass=dense_mass, rng_key=k)
+
+        def body(state, i):
+            state = sample_kernel(state)
+            if progress:
+                prog.report(c * total + i, -state.potential_energy, every=prog.report_every(total * num_chains))
+            return state, (state.z, state.diverging)
+
+        _, (zs, div) = lax.scan(body, state, jnp.arange(total))
+        return jax.tree_util.tree_map(lambda a: a[num_warmup:], (zs, div))
+
+    keys = jax.random.split(key, num_chains)
+    us, diverging = lax.map(chain, (keys, u0, jnp.arange(num_chains)))
+    samples = {name: biject_to(prior.support)(us[name]) for name, prior in priors.items()}
+    flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in samples.items()}
+    lls = lax.map(lambda p: jnp.sum(_exact_ll(build(p), batch)), flat, batch_size=16)
+    return samples, diverging, lls.reshape(num_chains, num_samples)
 
 
 def nuts(key, build: Callable[[dict], SSM], priors: dict, emissions, *, num_warmup: int = 500,
-         num_samples: int = 500, num_chains: int = 2, inputs=None, draw_states: bool = True, init_params=None,
-         progress: bool = False) -> MCMCResult:
+         num_samples: int = 500, num_chains: int = 2, inputs=None, lengths=None, draw_states: bool = True,
+         init_params=None, pointwise: bool = True, target_accept: float = 0.8, max_tree_depth: int = 10,
+         dense_mass: bool = False, progress: bool = False) -> MCMCResult:
     """NUTS over parameters with the exact marginal likelihood, then p(states | y, theta) draws.
 
     Args:
         key: `jax.random` key.
         build: ``build(params) -> SSM`` with an exact structure; ``params`` holds one
-            value per prior.
+            value per prior. Hashable (a module-level function is): the compiled sampler is
+            cached per builder.
         priors: ``{name: numpyro distribution}``.
-        emissions: (T, D) or (B, T, D).
-        num_chains: run one after another on CPU (``chain_method="sequential"``) unless
-            several devices are visible.
+        emissions: (T, D), (B, T, D) or a list of (T_b, D) arrays (the sequences share the
+            parameters); inputs, lengths as for `ps.kalman.filter`.
+        num_chains: run one after another (``lax.map``) inside the compiled sampler.
         draw_states: also draw one latent path per parameter draw (Kalman FFBS or
             forward-filter backward-sample for discrete models), for one sequence (T, D).
-        init_params: optional ``{name: value}`` starting point (constrained space).
+        init_params: optional ``{name: value}`` starting point (constrained space); default:
+            the median of prior draws.
+        pointwise: also compute the pointwise log-likelihood log p(y_t | y_{0:t-1}, theta) of
+            every draw (`pointwise_log_likelihood`, O(T^2) per draw), which `to_arviz` puts in
+            the ``log_likelihood`` group for ``az.loo`` / ``az.waic``.
+        target_accept, max_tree_depth, dense_mass: NUTS settings (numpyro's `hmc` kernel with
+            step-size and mass-matrix adaptation during warm-up).
+        progress: a progress bar over all chains' iterations.
 
     Returns:
         `MCMCResult`; `to_arviz(result)` gives `arviz.InferenceData`.
-    """
-    from numpyro.infer import MCMC, NUTS, init_to_value, init_to_median
 
+    Compiled once per model structure: the sampler is one module-level jitted function whose
+    static arguments are the builder and the settings; the data, the prior hyperparameters, the
+    key and the starting point are traced. A second call with new data of the same shape does
+    not recompile.
+    """
+    _check_hashable(build)
     _check_priors(priors, build)
     num_warmup = checks.positive_int(num_warmup, "num_warmup", minimum=0)
     num_samples = checks.positive_int(num_samples, "num_samples")
     num_chains = checks.positive_int(num_chains, "num_chains")
-    ys = jnp.asarray(emissions)
-    if ys.ndim not in (2, 3):
-        raise ValueError(f"emissions: expected shape (T, D) or (B, T, D), got shape {tuple(ys.shape)}")
+    max_tree_depth = checks.positive_int(max_tree_depth, "max_tree_depth")
+    if not 0.0 < float(target_accept) < 1.0:
+        raise ValueError(f"target_accept: expected a value in (0, 1), got {target_accept}")
     if init_params is not None:
         for name, value in init_params.items():
             if name not in priors:
@@ -235,33 +426,30 @@ def nuts(key, build: Callable[[dict], SSM], priors: dict, emissions, *, num_warm
         probe = prior.sample(jax.random.PRNGKey(0))
         if not bool(jnp.all(jnp.isfinite(prior.log_prob(probe)))):
             raise ValueError(f"priors: {name!r} gives a non-finite log density at its own draws")
-    model = numpyro_model(build, priors, ys, inputs)
-    strategy = init_to_value(values=init_params) if init_params is not None else init_to_median()
-    kernel = NUTS(model, init_strategy=strategy)
-    chain_method = "parallel" if jax.local_device_count() >= num_chains else "sequential"
-    mcmc = MCMC(kernel, num_warmup=num_warmup, num_samples=num_samples, num_chains=num_chains,
-                chain_method=chain_method, progress_bar=progress)
-    key_mcmc, key_states = jax.random.split(key)
-    mcmc.run(key_mcmc, extra_fields=("diverging",))
-    samples = mcmc.get_samples(group_by_chain=True)
-    diverging = mcmc.get_extra_fields(group_by_chain=True)["diverging"]
-    flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in samples.items()}
-
-    from probssm.learn.mle import exact_log_likelihood
-
-    lls = jax.vmap(lambda p: exact_log_likelihood(build(p), ys, inputs))(flat).reshape(num_chains, num_samples)
+    key_init, key_mcmc, key_states = jax.random.split(key, 3)
+    u0 = _initial_unconstrained(key_init, priors, init_params, num_chains)
+    batch = _checked_batch(build, priors, u0, emissions, inputs, lengths)
+    settings = _nuts_settings(num_warmup, num_samples, num_chains, target_accept, max_tree_depth, dense_mass,
+                              progress)
+    with prog.progress_bar((num_warmup + num_samples) * num_chains, "NUTS", bool(progress)):
+        samples, diverging, lls = _nuts_core(key_mcmc, build, priors, *_split(batch), u0, settings)
     states = None
-    if draw_states and ys.ndim == 2:
-        states = _draw_states(key_states, build, flat, ys, inputs)
+    if draw_states and not batch.batched:
+        flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in samples.items()}
+        probe = build(jax.tree_util.tree_map(lambda a: a[0], flat))
+        states = _draw_states(key_states, build, flat, batch.emissions, batch.inputs,
+                              linear=isinstance(probe, AbstractLinearGaussianSSM))
         states = states.reshape((num_chains, num_samples) + states.shape[1:])
-    return MCMCResult(samples, states, lls, {"diverging": diverging})
+    pointwise_ll = pointwise_log_likelihood(build, samples, batch.emissions, inputs=batch.inputs,
+                                            lengths=batch.lengths) if pointwise else None
+    return MCMCResult(samples, states, lls, {"diverging": diverging}, pointwise_ll)
 
 
-def _draw_states(key, build, flat_params, ys, inputs):
+@partial(jax.jit, static_argnames=("build", "linear"))
+def _draw_states(key, build, flat_params, ys, inputs, *, linear):
     num = jax.tree_util.tree_leaves(flat_params)[0].shape[0]
     keys = jax.random.split(key, num)
-    probe = build(jax.tree_util.tree_map(lambda a: a[0], flat_params))
-    if isinstance(probe, AbstractLinearGaussianSSM):
+    if linear:
         from probssm.inference import kalman
 
         def one(k, p):
@@ -274,14 +462,19 @@ def _draw_states(key, build, flat_params, ys, inputs):
         def one(k, p):
             return hmm.sample_params(k, build(p).discrete_params(ys, inputs), 1)[0]
 
-    return jax.jit(jax.vmap(one))(keys, flat_params)
+    return jax.vmap(one)(keys, flat_params)
 
 
 def to_arviz(result: MCMCResult, *, time_coords=None, state_names=None):
     """`arviz.InferenceData` with chains, draws and named dimensions.
 
-    Parameters get dims ``<name>_dim_i``; latent states ``("time", "state")``;
-    the log-likelihood goes to ``sample_stats.model_log_likelihood``.
+    Parameters get dims ``<name>_dim_i``; latent states ``("time", "state")``; the total
+    log-likelihood of each draw goes to ``sample_stats.model_log_likelihood``; the pointwise
+    log-likelihood log p(y_t | y_{0:t-1}, theta) (when the result carries it, as `nuts`'s does)
+    to the ``log_likelihood`` group as variable ``"y"`` with dims ``("time",)`` (or
+    ``("sequence", "time")`` for a batch), so ``az.loo(idata)`` and ``az.waic(idata)`` run.
+    The pointwise unit is one time step of each observed sequence (see
+    `pointwise_log_likelihood` for why).
     """
     import arviz as az
 
@@ -296,7 +489,17 @@ def to_arviz(result: MCMCResult, *, time_coords=None, state_names=None):
         dims["states"] = ["time", "state"]
     sample_stats = {"model_log_likelihood": np.asarray(result.log_likelihood)}
     sample_stats.update({k: np.asarray(v) for k, v in result.stats.items()})
-    return az.from_dict(posterior=posterior, sample_stats=sample_stats, coords=coords, dims=dims)
+    log_likelihood = None
+    pointwise = result.pointwise_log_likelihood
+    if pointwise is not None:
+        pointwise = np.asarray(pointwise)
+        log_likelihood = {"y": pointwise}
+        T = pointwise.shape[-1]
+        if "time" not in coords:
+            coords["time"] = np.arange(T) if time_coords is None else np.asarray(time_coords)
+        dims["y"] = ["time"] if pointwise.ndim == 3 else ["sequence", "time"]
+    return az.from_dict(posterior=posterior, sample_stats=sample_stats, log_likelihood=log_likelihood,
+                        coords=coords, dims=dims)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -398,6 +601,30 @@ def _pmmh_chain(key, u0, log_target, *, num_warmup, num_samples, target_accept):
     return jax.tree_util.tree_map(drop, us), drop(lls), drop(accepted)
 
 
+@partial(jax.jit, static_argnames=("build", "flags", "settings"))
+def _pmmh_core(keys, build, priors, arrays, flags, u0, settings):
+    """Every PMMH chain in one module-level compiled function (static: builder, settings, shapes)."""
+    num_particles, resampling, num_warmup, num_samples, target_accept = settings
+    batch = Batch(*arrays, *flags)
+
+    def log_target(k, u):
+        total, theta = _log_prior(priors, u)
+        model = build(theta)
+
+        def one(y, uu, n, kk):
+            return particle_filter_sequence(kk, model, y, uu, num_particles=num_particles, resampling=resampling,
+                                            ess_threshold=1.0, history=False, length=n).log_likelihood
+
+        ll = jnp.sum(batch.map(one, C.sequence_keys(k, batch), extra_axes=(0,)))
+        return total + ll, ll
+
+    us, lls, accepted = jax.vmap(lambda k, u: _pmmh_chain(k, u, log_target, num_warmup=num_warmup,
+                                                          num_samples=num_samples, target_accept=target_accept))(
+        keys, u0)
+    samples = {k: biject_to(p.support)(us[k]) for k, p in priors.items()}
+    return samples, lls, accepted
+
+
 def pmmh(key, build: Callable[[dict], SSM], priors: dict, emissions, *, num_particles: int = 500,
          num_warmup: int = 1000, num_samples: int = 2000, num_chains: int = 2, inputs=None, lengths=None,
          init_params=None, resampling: str = "systematic", target_accept: float = 0.15) -> MCMCResult:
@@ -426,32 +653,14 @@ def pmmh(key, build: Callable[[dict], SSM], priors: dict, emissions, *, num_part
     if not 0.0 < float(target_accept) < 1.0:
         raise ValueError(f"target_accept: expected a value in (0, 1), got {target_accept}")
     resampling = C.check_resampling(resampling)
-    batch = as_batch(emissions, inputs, lengths)
+    _check_hashable(build)
     _check_init(priors, init_params)
-    bijectors = {k: biject_to(p.support) for k, p in priors.items()}
-
-    def log_target(k, u):
-        total = 0.0
-        theta = {}
-        for name, prior in priors.items():
-            theta[name] = bijectors[name](u[name])
-            total = total + jnp.sum(prior.log_prob(theta[name]))
-            total = total + jnp.sum(bijectors[name].log_abs_det_jacobian(u[name], theta[name]))
-        model = build(theta)
-
-        def one(y, uu, n, kk):
-            return particle_filter_sequence(kk, model, y, uu, num_particles=num_particles, resampling=resampling,
-                                            ess_threshold=1.0, history=False, length=n).log_likelihood
-
-        ll = jnp.sum(batch.map(one, C.sequence_keys(k, batch), extra_axes=(0,)))
-        return total + ll, ll
-
     key_init, key_run = jax.random.split(key)
     u0 = _initial_unconstrained(key_init, priors, init_params, num_chains)
-    run = jax.jit(jax.vmap(lambda k, u: _pmmh_chain(k, u, log_target, num_warmup=num_warmup,
-                                                      num_samples=num_samples, target_accept=float(target_accept))))
-    us, lls, accepted = run(jax.random.split(key_run, num_chains), u0)
-    samples = {k: bijectors[k](us[k]) for k in priors}
+    batch = _checked_batch(build, priors, u0, emissions, inputs, lengths)
+    settings = (num_particles, resampling, num_warmup, num_samples, float(target_accept))
+    samples, lls, accepted = _pmmh_core(jax.random.split(key_run, num_chains), build, priors, *_split(batch), u0,
+                                        settings)
     return MCMCResult(samples, None, lls, {"accepted": accepted})
 
 
@@ -519,48 +728,12 @@ def _pg_chain(key, u0, log_conditional, sweep, draw_reference, update, *, num_wa
     return jax.tree_util.tree_map(lambda a: a[num_warmup:], out)
 
 
-def particle_gibbs(key, build: Callable[[dict], SSM], priors: dict, emissions, *, num_particles: int = 100,
-                   num_warmup: int = 500, num_samples: int = 1000, num_chains: int = 2, inputs=None,
-                   lengths=None, init_params=None, update: Optional[Callable] = None, num_param_steps: int = 5,
-                   target_accept: float = 0.3) -> MCMCResult:
-    """Particle Gibbs with ancestor sampling over parameters and latent states, for any model.
-
-    Each iteration: a conditional-SMC sweep with ancestor sampling
-    (`probssm.inference.smc.conditional_smc`) draws the states given the parameters;
-    then the parameters are drawn given the states, by ``update`` when you have an
-    exact conditional (e.g. conjugate), else by ``num_param_steps`` adaptive
-    random-walk MH steps on log p(theta) + log p(z, y | theta) (unconstrained space;
-    the proposal adapts during warm-up only).
-
-    Args:
-        build, priors, init_params: as in `nuts`.
-        emissions: (T, D), (B, T, D) or a list of (T_b, D) arrays (one conditional sweep per
-            sequence; the sequences share the parameters).
-        inputs, lengths: as for `ps.smc.conditional_smc`. A padded sequence's path still covers
-            all T steps (beyond its length the states follow the model's prediction).
-        num_particles: N >= 2 particles of each conditional sweep (the reference included).
-        update: optional ``update(key, params, states) -> params`` drawing from
-            p(params | states, y) (constrained values, same keys as ``priors``; states (T, d), or
-            (B, T, d) for a batch).
-        num_param_steps: MH steps per sweep when ``update`` is None.
-
-    Returns:
-        `MCMCResult` with ``states`` (chains, draws, T, d) ((chains, draws, B, T, d) for a batch);
-        ``log_likelihood`` holds the complete-data log p(z, y | theta) of each draw;
-        ``stats["accept_rate"]`` the parameter steps' acceptance rate.
-    """
-    _check_priors(priors, build)
-    num_particles = checks.positive_int(num_particles, "num_particles", minimum=2)
-    num_warmup = checks.positive_int(num_warmup, "num_warmup", minimum=0)
-    num_samples = checks.positive_int(num_samples, "num_samples")
-    num_chains = checks.positive_int(num_chains, "num_chains")
-    num_param_steps = checks.positive_int(num_param_steps, "num_param_steps")
-    if not 0.0 < float(target_accept) < 1.0:
-        raise ValueError(f"target_accept: expected a value in (0, 1), got {target_accept}")
-    if update is not None and not callable(update):
-        raise ValueError("update: expected a callable update(key, params, states) -> params")
-    batch = as_batch(emissions, inputs, lengths)
-    _check_init(priors, init_params)
+@partial(jax.jit, static_argnames=("build", "update", "flags", "settings"))
+def _pg_core(keys, build, update, priors, arrays, flags, u0, settings):
+    """Every particle-Gibbs chain in one module-level compiled function (static: builder, update,
+    settings, shapes)."""
+    num_particles, num_warmup, num_samples, num_param_steps, target_accept = settings
+    batch = Batch(*arrays, *flags)
     bijectors = {k: biject_to(p.support) for k, p in priors.items()}
     T = batch.num_timesteps
 
@@ -602,11 +775,61 @@ def particle_gibbs(key, build: Callable[[dict], SSM], priors: dict, emissions, *
             new = update(k, theta_of(u), z)
             return {name: bijectors[name].inv(jnp.asarray(new[name], batch.emissions.dtype)) for name in priors}
 
-    key_init, key_run = jax.random.split(key)
-    u0 = _initial_unconstrained(key_init, priors, init_params, num_chains)
     chain = lambda k, u: _pg_chain(k, u, log_conditional, sweep, draw_reference, update_u, num_warmup=num_warmup,
                                    num_samples=num_samples, num_param_steps=num_param_steps,
                                    target_accept=float(target_accept))
-    us, states, lls, rates = jax.jit(jax.vmap(chain))(jax.random.split(key_run, num_chains), u0)
-    samples = {k: bijectors[k](us[k]) for k in priors}
+    us, states, lls, rates = jax.vmap(chain)(keys, u0)
+    return {k: bijectors[k](us[k]) for k in priors}, states, lls, rates
+
+
+def particle_gibbs(key, build: Callable[[dict], SSM], priors: dict, emissions, *, num_particles: int = 100,
+                   num_warmup: int = 500, num_samples: int = 1000, num_chains: int = 2, inputs=None,
+                   lengths=None, init_params=None, update: Optional[Callable] = None, num_param_steps: int = 5,
+                   target_accept: float = 0.3) -> MCMCResult:
+    """Particle Gibbs with ancestor sampling over parameters and latent states, for any model.
+
+    Each iteration: a conditional-SMC sweep with ancestor sampling
+    (`probssm.inference.smc.conditional_smc`) draws the states given the parameters;
+    then the parameters are drawn given the states, by ``update`` when you have an
+    exact conditional (e.g. conjugate), else by ``num_param_steps`` adaptive
+    random-walk MH steps on log p(theta) + log p(z, y | theta) (unconstrained space;
+    the proposal adapts during warm-up only).
+
+    Args:
+        build, priors, init_params: as in `nuts`.
+        emissions: (T, D), (B, T, D) or a list of (T_b, D) arrays (one conditional sweep per
+            sequence; the sequences share the parameters).
+        inputs, lengths: as for `ps.smc.conditional_smc`. A padded sequence's path still covers
+            all T steps (beyond its length the states follow the model's prediction).
+        num_particles: N >= 2 particles of each conditional sweep (the reference included).
+        update: optional ``update(key, params, states) -> params`` drawing from
+            p(params | states, y) (constrained values, same keys as ``priors``; states (T, d), or
+            (B, T, d) for a batch).
+        num_param_steps: MH steps per sweep when ``update`` is None.
+
+    Returns:
+        `MCMCResult` with ``states`` (chains, draws, T, d) ((chains, draws, B, T, d) for a batch);
+        ``log_likelihood`` holds the complete-data log p(z, y | theta) of each draw;
+        ``stats["accept_rate"]`` the parameter steps' acceptance rate.
+    """
+    _check_priors(priors, build)
+    num_particles = checks.positive_int(num_particles, "num_particles", minimum=2)
+    num_warmup = checks.positive_int(num_warmup, "num_warmup", minimum=0)
+    num_samples = checks.positive_int(num_samples, "num_samples")
+    num_chains = checks.positive_int(num_chains, "num_chains")
+    num_param_steps = checks.positive_int(num_param_steps, "num_param_steps")
+    if not 0.0 < float(target_accept) < 1.0:
+        raise ValueError(f"target_accept: expected a value in (0, 1), got {target_accept}")
+    if update is not None and not callable(update):
+        raise ValueError("update: expected a callable update(key, params, states) -> params")
+    _check_hashable(build)
+    if update is not None:
+        _check_hashable(update)
+    _check_init(priors, init_params)
+    key_init, key_run = jax.random.split(key)
+    u0 = _initial_unconstrained(key_init, priors, init_params, num_chains)
+    batch = _checked_batch(build, priors, u0, emissions, inputs, lengths)
+    settings = (num_particles, num_warmup, num_samples, num_param_steps, float(target_accept))
+    samples, states, lls, rates = _pg_core(jax.random.split(key_run, num_chains), build, update, priors,
+                                           *_split(batch), u0, settings)
     return MCMCResult(samples, states, lls, {"accept_rate": rates})

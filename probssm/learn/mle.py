@@ -135,6 +135,7 @@ def mle(model, emissions, num_iters: int = 200, *, inputs=None, lengths=None, op
     if not P.spec(model, fixed).paths:
         raise ValueError("fixed: every learnable array is fixed; nothing to fit")
     batch = _checked_batch(model, emissions, inputs, lengths)
+    model = checks.unify_dtypes(model, batch.emissions)  # one dtype for the optimiser's state
     global _DEFAULT_OPTIMIZER
     if optimizer is None:
         if _DEFAULT_OPTIMIZER is None:  # one instance, so repeated fits reuse the compiled loop

@@ -62,6 +62,7 @@ from numpyro.distributions import constraints
 from probssm.core import checks
 from probssm.core.lags import lagged_inputs
 from probssm.core.protocol import AbstractDiscreteSSM, DiscreteParams
+from probssm.models.emissions.base import check_support
 from probssm.models.emissions.glm import (EXPONENTIAL_BASIS, BernoulliGLM, PoissonGLM, check_link,
                                           exponential_basis, glm_kernel, history_covariates,
                                           raised_cosine_basis)
@@ -444,26 +445,39 @@ class HMMGLM(AbstractHMMGLM):
         return jnp.concatenate([h, u], -1)
 
     def emission_log_likelihoods(self, emissions, covariates, mode: str = "hard", key=None, normalized: bool = True,
-                                 noise=None):
+                                 noise=None, observed=None):
         """(T, K) log p(x_t | z_t = k, history) of spikes (T, N) from precomputed covariates (T, N * J + U).
 
-        ``normalized=False`` leaves out the log x! terms of the Poisson (constant in the parameters)."""
+        ``normalized=False`` leaves out the log x! terms of the Poisson (constant in the parameters).
+        ``observed`` (T, N) bool, optional: entries where it is False (missing spikes) are dropped."""
         K, N = self.num_states, self.num_neurons
         w = self.coupling_weights(mode, key, noise).reshape(K, N, -1)
         W = jnp.concatenate([w, self.input_weights], -1)
         eta = jnp.einsum("tu,kdu->tkd", covariates, W) + self.biases
-        ll = jnp.sum(glm_kernel(self.family, self.link)(emissions[:, None, :], eta), -1)
+        terms = glm_kernel(self.family, self.link)(emissions[:, None, :], eta)
         if normalized and self.family == "poisson":
-            ll = ll - jnp.sum(gammaln(emissions + 1.0), -1, keepdims=True)
-        return ll
+            terms = terms - gammaln(emissions + 1.0)[:, None, :]
+        if observed is not None:
+            terms = jnp.where(observed[:, None, :], terms, 0.0)
+        return jnp.sum(terms, -1)
+
+    def check_emissions(self, emissions) -> None:
+        """Spike data in the family's support (NaN = missing): Poisson counts non-negative
+        integers, Bernoulli bins 0 or 1; concrete arrays only."""
+        if self.family == "poisson":
+            check_support(emissions, "HMMGLM (Poisson)", integer=True, low=0)
+        else:
+            check_support(emissions, "HMMGLM (Bernoulli)", integer=True, low=0, high=1)
 
     # --- exact structure -----------------------------------------------------------
     def discrete_params(self, emissions, inputs=None) -> DiscreteParams:
         """One trial: emissions (T, N), inputs (T, U) or None -> `DiscreteParams` (hard weights)."""
         y = jnp.asarray(emissions)
+        observed = ~jnp.isnan(y)  # NaN = missing: dropped from the likelihood, read as 0 in the history
+        y = jnp.where(observed, y, 0.0)
         x = self.covariates(y, inputs)
         A = jnp.exp(self.log_transition_matrices(inputs)) if self.input_driven else self.transition_matrix
-        return DiscreteParams(self.initial_probs, A, self.emission_log_likelihoods(y, x))
+        return DiscreteParams(self.initial_probs, A, self.emission_log_likelihoods(y, x, observed=observed))
 
     # --- the protocol: input rows [y_{t-1}, ..., y_{t-L}, u_t] of `protocol_inputs` ---------
     @property

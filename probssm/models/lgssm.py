@@ -25,6 +25,7 @@ from probssm.core import checks
 from probssm.core.linalg import psd_solve, symmetrize
 from probssm.core.params import get as pget, replace as preplace
 from probssm.core.protocol import AbstractAdditiveGaussianSSM, AbstractLinearGaussianSSM, LinearGaussianParams
+from probssm.inference.kalman import check_initial_cov
 
 __all__ = ["LinearGaussianSSM", "LinearGaussianMoments"]
 
@@ -88,7 +89,9 @@ class LinearGaussianSSM(AbstractLinearGaussianSSM, AbstractAdditiveGaussianSSM):
 
     Args:
         initial_mean: (d,).
-        initial_cov: (d, d), positive definite.
+        initial_cov: (d, d), positive definite; ``inf`` on the diagonal (zeros in the rest of
+            that row and column) makes a component diffuse: a flat prior, handled exactly by
+            `ps.kalman` (Durbin & Koopman ch. 5). Such a model cannot be sampled from.
         transition_matrix: (d, d) or (T, d, d).
         transition_cov: (d, d) or (T, d, d).
         emission_matrix: (p, d) or (T, p, d).
@@ -166,7 +169,7 @@ class LinearGaussianSSM(AbstractLinearGaussianSSM, AbstractAdditiveGaussianSSM):
         for name, a in (("initial_mean", m1), ("transition_matrix", F), ("emission_matrix", H),
                         ("transition_offset", b), ("emission_offset", dd)):
             checks.finite(a, name)
-        checks.psd(P1, "initial_cov")
+        check_initial_cov(P1)
         checks.psd(Q, "transition_cov", strict=False)
         checks.psd(R, "emission_cov", strict=False)
         self.initial_mean, self.initial_cov = conv(m1), P1
@@ -211,7 +214,13 @@ class LinearGaussianSSM(AbstractLinearGaussianSSM, AbstractAdditiveGaussianSSM):
         return b, d
 
     def initial(self, inputs=None):
-        return dist.MultivariateNormal(self.initial_mean, covariance_matrix=self.initial_cov)
+        P1 = self.initial_cov
+        if checks.is_concrete(P1) and bool(jnp.isinf(P1).any()):
+            raise ValueError("initial_cov: holds inf (a diffuse, flat prior); there is no initial distribution "
+                             "to sample or evaluate, expected a finite initial_cov")
+        P1 = eqx.error_if(P1, jnp.isinf(P1).any(), "initial_cov: holds inf (a diffuse, flat prior); there is "
+                          "no initial distribution to sample or evaluate, expected a finite initial_cov")
+        return dist.MultivariateNormal(self.initial_mean, covariance_matrix=P1)
 
     def transition(self, z_prev, t, inputs=None):
         b, _ = self._offsets(t, inputs)
@@ -271,7 +280,7 @@ class LinearGaussianSSM(AbstractLinearGaussianSSM, AbstractAdditiveGaussianSSM):
     # --- closed-form EM M-step ----------------------------------------------------------
     def m_step(self, stats: LinearGaussianMoments, fixed: tuple = ()) -> "LinearGaussianSSM":
         """Closed-form M-step: each conditional is a linear regression with Gaussian noise,
-        z_t ~ [F b B] [z_{t-1}; 1; u_t] and y_t ~ [H d D] [z_t; 1; u_t]; coefficients held fixed
+        `z_t ~ [F b B] [z_{t-1}; 1; u_t]` and `y_t ~ [H d D] [z_t; 1; u_t]`; coefficients held fixed
         move to the target, the free ones solve the normal equations, and the noise covariance
         is the expected residual outer product. With no transitions observed (T = 1) the
         transition parameters are kept.

@@ -3,6 +3,7 @@
     import probssm as ps
     pf = ps.smc.particle_filter(key, model, y, 1000)
     est = ps.smc.paris(key, model, y, functional, 1000)
+    sm = ps.smc.smoother(key, model, y, 1000, method="ffbsi")     # one-call particle smoother
 
 Every engine takes one sequence (T, D), a batch (B, T, D) or a list of (T_b, D) arrays
 (with ``lengths=`` for a padded batch), and has a public traceable single-sequence core
@@ -24,3 +25,6 @@ __all__ += ["CSMCResult", "conditional_smc", "conditional_smc_sequence", "PPGRes
 from probssm.inference.smc.hmc_smc import HMCSMCResult, hmc_smc
 
 __all__ += ["HMCSMCResult", "hmc_smc"]
+from probssm.inference.smc.smoother import ParticleSmootherResult, smoother, smoother_sequence
+
+__all__ += ["ParticleSmootherResult", "smoother", "smoother_sequence"]

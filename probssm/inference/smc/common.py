@@ -22,6 +22,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro.distributions as dist
 
 from probssm.core import checks
@@ -293,10 +294,13 @@ def check_resampling(resampling):
 
 def prepare(model, emissions, inputs=None, lengths=None, *, single: bool = False) -> Batch:
     """Read emissions (T, D), (B, T, D) or a list of (T_b, D) arrays (with inputs and lengths)
-    through `probssm.core.batching.as_batch`, and check them against the model: the emission
+    through `probssm.core.batching.as_batch`, and check them against the model: no +-inf
+    (on concrete arrays: NaN, not inf, marks a missing value, as in the exact engines); the emission
     distribution of a state (shaped and typed as a draw of ``model.initial``) must have the
     event shape of one row of y. ``single``: refuse a batch."""
     batch = as_batch(emissions, inputs, lengths)
+    if checks.is_concrete(batch.emissions) and bool(np.isinf(np.asarray(batch.emissions)).any()):
+        raise ValueError("emissions: found inf; use NaN to mark missing values")
     if single and batch.batched:
         raise ValueError(f"emissions: expected one sequence (T, D), got shape {tuple(batch.emissions.shape)}")
     u = batch.inputs

@@ -28,7 +28,7 @@ from probssm.core import checks
 from probssm.core import params as core_params
 from probssm.core.lags import lagged_inputs
 from probssm.core.optim import descend
-from probssm.models.emissions.base import REAL, AbstractEmissions
+from probssm.models.emissions.base import REAL, AbstractEmissions, check_support
 
 __all__ = [
     "AbstractGLMEmissions", "PoissonGLM", "BernoulliGLM", "LINKS", "FAMILIES", "check_link", "link_mean",
@@ -259,6 +259,10 @@ class PoissonGLM(_GLMFamily):
 
     family: ClassVar[str] = "poisson"
 
+    def check_emissions(self, emissions) -> None:
+        """Counts must be non-negative integers (NaN = missing)."""
+        check_support(emissions, "PoissonGLM", integer=True, low=0)
+
     def log_prob(self, y, mean):
         return jnp.where(y > 0, y * jnp.log(mean), 0.0) - mean - gammaln(y + 1.0)
 
@@ -276,6 +280,10 @@ class BernoulliGLM(_GLMFamily):
 
     def __init__(self, weights, biases, link: str = "sigmoid"):
         super().__init__(weights, biases, link)
+
+    def check_emissions(self, emissions) -> None:
+        """Values must be 0 or 1 (NaN = missing)."""
+        check_support(emissions, "BernoulliGLM", integer=True, low=0, high=1)
 
     def mean_function(self, eta):
         if self.link == "sigmoid":
