@@ -35,7 +35,7 @@ test: $(VENV)/.test lint
 	$(BIN)/python -m pytest -m "not slow" -q -n 2 --dist loadfile
 
 test-all: $(VENV)/.test
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	HYPOTHESIS_PROFILE=all $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # The documentation site (mkdocs, --strict: any warning fails). `make docs` executes every
 # examples/*.py for the gallery and the tutorials in docs/tutorials/ (slow the first time; results

@@ -373,12 +373,8 @@ def _check_batched(run, out):
             np.testing.assert_array_equal(a, b[::-1])
 
 
-# Genuine bugs found by the walk (not in issue 15's list); remove the mark once fixed.
-_GAUSSIAN_JIT_BUG = (
-    "bug: ps.gaussian.filter/smoother inside jax.jit with concrete emissions closed over raise "
-    "TracerBoolConversionError: checks.emissions_batch and gaussian._prepare test bool(jnp.any(jnp.isinf(y))) "
-    "(jnp on a concrete array inside a trace gives a tracer; use np)")
-KNOWN_FAILURES = {("gaussian", "filter"): _GAUSSIAN_JIT_BUG, ("gaussian", "smoother"): _GAUSSIAN_JIT_BUG}
+# Genuine bugs found by the walk are marked here (xfail, strict) until fixed; none open now.
+KNOWN_FAILURES: dict = {}
 
 # Gradient checks run in CI for one log-likelihood per engine family (they compile forward and
 # backward passes); the others are marked slow (make test-all).

@@ -268,7 +268,10 @@ def test_bad_emissions_and_arguments_raise():
     with pytest.raises(ValueError, match="emissions"):
         ps.kalman.filter(model, np.zeros((10, 2)))
     with pytest.raises(ValueError, match="emissions"):
-        ps.kalman.filter(model, np.zeros(10))
+        ps.kalman.filter(model, np.zeros((2, 2, 10, 1)))
+    # a 1-D series is one sequence of a 1-D emission, (T,) -> (T, 1)
+    assert float(ps.kalman.filter(model, np.zeros(10)).log_likelihood) == \
+        float(ps.kalman.filter(model, np.zeros((10, 1))).log_likelihood)
     with pytest.raises(ValueError, match="emissions"):
         ps.kalman.filter(model, np.full((10, 1), np.inf))
     with pytest.raises(ValueError, match="inputs"):

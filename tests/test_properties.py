@@ -561,8 +561,6 @@ def test_categorical_hmm_equals_numpy(seed, C):
 @given(seeds, st.sampled_from(["initial_probs", "transition_matrix"]),
        st.sampled_from(["negative", "unnormalised", "nan", "wrong_shape"]), st.sampled_from(["constructor", "tree_at"]))
 def test_hmm_bad_probabilities_raise_naming_them(seed, field, kind, where):
-    # a wrong-shaped initial_probs set by tree_at is blamed on transition_matrix: see the xfail below
-    assume(not (field == "initial_probs" and kind == "wrong_shape" and where == "tree_at"))
     a = hmm_arrays(seed, 3)
     good = a["pi"] if field == "initial_probs" else a["A"]
     bad = {"negative": good - 2 * good.max(), "unnormalised": good * 1.5,
@@ -577,9 +575,6 @@ def test_hmm_bad_probabilities_raise_naming_them(seed, field, kind, where):
             ps.hmm.filter(eqx.tree_at(lambda m: getattr(m, field), gaussian_hmm(a), jnp.asarray(bad)), y)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a (2,) initial_probs set by eqx.tree_at on a 3-state HMM raises "
-                   "'transition_matrix: expected shape (2, 2)...' (K is read from initial_probs, not the emissions), "
-                   "so the message names the wrong argument")
 def test_hmm_wrong_shape_initial_probs_after_tree_at_named():
     a = hmm_arrays(0, 3)
     with raises_naming("initial_probs"):

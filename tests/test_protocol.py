@@ -71,8 +71,9 @@ def test_batching_reads_lists_and_never_guesses_from_equal_sizes():
         batching.as_batch(np.zeros((3, 1)), np.zeros((4, 2)))
     with pytest.raises(ValueError, match="lengths"):
         batching.as_batch(y, lengths=np.array([1, 2, 3, 9]))
+    assert batching.as_batch(np.zeros(5)).emissions.shape == (5, 1)  # a 1-D series: one emission dimension
     with pytest.raises(ValueError, match="emissions"):
-        batching.as_batch(np.zeros(5))
+        batching.as_batch(np.zeros((2, 2, 2, 2)))
 
 
 # ----------------------------------------------------------------------------------------------

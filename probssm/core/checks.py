@@ -101,7 +101,7 @@ def emissions_batch(emissions, emission_dim: int, name: str = "emissions"):
         raise ValueError(
             f"{name}: expected shape (T, {emission_dim}) or (B, T, {emission_dim}), got shape {tuple(y.shape)}"
         )
-    if is_concrete(y) and bool(jnp.any(jnp.isinf(y))):
+    if is_concrete(y) and bool(np.isinf(np.asarray(y)).any()):
         raise ValueError(f"{name}: found inf; use NaN to mark missing values")
     return y, y.ndim == 3
 

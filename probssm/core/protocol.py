@@ -22,6 +22,7 @@ from typing import NamedTuple, Optional
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 
@@ -334,6 +335,10 @@ def sample(key, model: SSM, num_timesteps: int, inputs=None):
     if not isinstance(model, SSM):
         raise ValueError(f"model: expected a probssm SSM, got {type(model).__name__}")
     num_timesteps = checks.positive_int(num_timesteps, "num_timesteps")
+    initial_cov = getattr(model, "initial_cov", None)
+    if initial_cov is not None and checks.is_concrete(initial_cov) and np.isinf(np.asarray(initial_cov)).any():
+        raise ValueError("model: its initial_cov holds inf (a diffuse, flat prior); sampling needs a proper "
+                         "initial distribution, expected a finite initial_cov")
     if model.emission_lags and inputs is not None:
         raise ValueError("inputs: an autoregressive model reads its own past emissions as inputs; expected None")
     if model.emission_lags and not isinstance(model.input_dim, int):

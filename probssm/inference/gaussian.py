@@ -53,6 +53,7 @@ from typing import Callable, Optional
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from probssm.core import batching, checks
@@ -311,7 +312,7 @@ def _prepare(model, emissions, inputs, lengths, method, num_iter, alpha, beta, k
         if isinstance(inputs, jax.Array) and inputs.ndim == 1:
             inputs = inputs[:, None]
     batch = batching.as_batch(emissions, inputs, lengths)
-    if checks.is_concrete(batch.emissions) and bool(jnp.any(jnp.isinf(batch.emissions))):
+    if checks.is_concrete(batch.emissions) and bool(np.isinf(np.asarray(batch.emissions)).any()):
         raise ValueError("emissions: found inf; use NaN to mark missing values")
     if model.num_timesteps is not None and model.num_timesteps != batch.num_timesteps:
         raise ValueError(f"model: its time-varying parameters have length {model.num_timesteps}, expected "

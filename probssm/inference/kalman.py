@@ -60,7 +60,7 @@ from probssm.core.scan import chunked_associative_scan
 __all__ = ["FilterResult", "SmootherResult", "ForecastResult", "filter", "smoother", "sample", "forecast",
            "log_likelihood", "filter_params", "smoother_params", "sample_params", "forecast_params",
            "mask_padding", "check_arguments", "expand_time", "predict", "update", "smoother_element",
-           "SmootherElement"]
+           "SmootherElement", "initial_form"]
 
 _LOG_2PI = 1.8378770664093453
 
@@ -814,8 +814,14 @@ def check_arguments(model, emissions, inputs=None, lengths=None, extra_steps: in
     p = model.emission_dim
     if isinstance(emissions, (list, tuple)):
         for i, y in enumerate(emissions):
-            if jnp.ndim(y) != 2 or jnp.shape(y)[-1] != p:
+            if not (jnp.ndim(y) == 2 and jnp.shape(y)[-1] == p) and not (jnp.ndim(y) == 1 and p == 1):
                 raise ValueError(f"emissions[{i}]: expected shape (T_b, {p}), got shape {tuple(jnp.shape(y))}")
+    if batching.is_concatenated(emissions, lengths):
+        # hmmlearn-style concatenated sequences: split emissions and inputs into a padded batch
+        if inputs is not None and not isinstance(inputs, list):
+            inputs = jax.tree_util.tree_map(
+                lambda a: batching.split_concatenated(a, lengths, 0.0, "inputs")[0], inputs)
+        emissions, lengths = batching.split_concatenated(emissions, lengths)
     batch_t = batching.as_batch(emissions, None, lengths)
     if batch_t.emissions.shape[-1] != p:
         raise ValueError(f"emissions: expected shape (T, {p}) or (B, T, {p}), got shape "
@@ -945,6 +951,26 @@ def _warn_huge_initial_cov(params: LinearGaussianParams) -> None:
 _MODES: dict = {}
 
 
+def _initial_cov(model, batch: Batch, extra_steps: int = 0):
+    first = batch.inputs
+    if batch.inputs_batched:
+        first = jax.tree_util.tree_map(lambda a: a[0], batch.inputs)
+    return _system_params(model, batch.num_timesteps + extra_steps, first).initial_cov
+
+
+def initial_form(model, emissions, inputs=None, lengths=None):
+    """False when the model's initial covariance is concrete and finite, a (d,) boolean numpy
+    mask of its diffuse (inf) components when it holds inf, None when it is traced (undecided).
+    Learners call it once, outside their jit, and pass the answer as ``diffuse=`` so that only
+    one form of the filter is compiled."""
+    batch = batching.as_batch(emissions, inputs, lengths)
+    P1 = _initial_cov(model, batch)
+    if not checks.is_concrete(P1):
+        return None
+    mask = np.isinf(np.diagonal(np.asarray(P1)))
+    return tuple(bool(m) for m in mask) if mask.any() else False
+
+
 def _diffuse_of(model, batch: Batch, diffuse, parallel, extra_steps: int = 0):
     """(mode, mask): the static form of the run ("none", "exact", "auto") and the checked
     ``diffuse`` mask (an array or None); the model's mode is cached per model object."""
@@ -963,10 +989,7 @@ def _diffuse_of(model, batch: Batch, diffuse, parallel, extra_steps: int = 0):
         key = id(model)
         mode = _MODES.get(key)
         if mode is None:
-            first = batch.inputs
-            if batch.inputs_batched:
-                first = jax.tree_util.tree_map(lambda a: a[0], batch.inputs)
-            P1 = _system_params(model, batch.num_timesteps + extra_steps, first).initial_cov
+            P1 = _initial_cov(model, batch, extra_steps)
             mode = diffuse_mode(P1)
             if checks.is_concrete(P1):
                 try:
@@ -1051,9 +1074,14 @@ def sample(key, model, emissions, num_samples: int = 1, *, inputs=None, lengths=
     """
     num_samples = checks.positive_int(num_samples, "num_samples")
     batch = check_arguments(model, emissions, inputs, lengths)
-    if _diffuse_of(model, batch, None, parallel)[0] != "none":
+    mode = _diffuse_of(model, batch, None, False)[0]
+    if mode == "exact":
         raise ValueError("model: its initial_cov holds inf (a diffuse, flat prior); sampling needs a proper "
                          "initial distribution, expected a finite initial_cov")
+    if mode == "auto":  # traced initial_cov: the same refusal, at run time
+        model = eqx.error_if(model, jnp.isinf(_initial_cov(model, batch)).any(),
+            "model: its initial_cov holds inf (a diffuse, flat prior); sampling needs a proper initial "
+            "distribution, expected a finite initial_cov")
     return _run_sample(key, model, batch.emissions, batch.inputs, batch.lengths, num_samples=num_samples,
                        parallel=bool(parallel), chunk_size=_chunk(chunk_size), **_flags(batch))
 
@@ -1094,6 +1122,8 @@ def log_likelihood(model, emissions, *, inputs=None, lengths=None, diffuse=None)
         inside their own jit.
     """
     batch = batching.as_batch(emissions, inputs, lengths)
+    if diffuse is not None and diffuse is not False:
+        diffuse = jnp.asarray(diffuse, bool)
 
     def one(y, u, n):
         y = mask_padding(y, n)

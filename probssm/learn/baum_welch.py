@@ -27,6 +27,7 @@ from typing import Any, NamedTuple, Optional
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from probssm.core import checks, progress as prog
@@ -212,7 +213,7 @@ def _check_prior(prior, K, dtype):
     if aA.shape not in ((), (K,), (K, K)):
         raise ValueError(f"prior: transition_concentration expected a float or shape ({K}, {K}), got shape {aA.shape}")
     for name, a in (("initial_concentration", a0), ("transition_concentration", aA)):
-        if checks.is_concrete(a) and bool(jnp.any(a < 1.0)):
+        if checks.is_concrete(a) and bool(np.any(np.asarray(a) < 1.0)):
             raise ValueError(f"prior: {name} expected values >= 1 (MAP is degenerate below 1), found {float(a.min())}")
     em = prior.emissions
     if em is not None:

@@ -229,6 +229,10 @@ def em_lgssm(model, emissions, num_iters: int = 100, *, inputs=None, lengths=Non
     m_step_iters = checks.positive_int(m_step_iters, "m_step_iters")
     fixed = _normalise_fixed(model, fixed)
     batch = kalman.check_arguments(model, emissions, inputs, lengths)
+    if kalman.initial_form(model, batch.emissions, batch.inputs, batch.lengths):
+        raise ValueError("model: its initial_cov holds inf (a diffuse, flat prior); EM's expected complete-data "
+                         "log-likelihood needs a proper initial distribution. Fit by ps.learn.mle (exact "
+                         "diffuse log-likelihood, with initial_cov in fixed) or give a finite initial_cov")
     if batch.num_timesteps < 2:
         raise ValueError("emissions: EM needs sequences of at least 2 time steps (with T = 1 the transition is "
                          "unobserved and the emission regression fits the data exactly, a degenerate maximum); "

@@ -38,7 +38,7 @@ def from_unconstrained(model, fields: dict, params: dict):
     return P.from_unconstrained(model, P.ParamSpec(tuple(fields), tuple(fields.values())), params)
 
 
-def exact_log_likelihood(model, emissions, inputs=None, lengths=None):
+def exact_log_likelihood(model, emissions, inputs=None, lengths=None, diffuse=None):
     """log p(y) (summed over a batch) from the model's declared exact structure; traceable.
 
     Args:
@@ -46,13 +46,13 @@ def exact_log_likelihood(model, emissions, inputs=None, lengths=None):
         emissions: (T, D) or (B, T, D), NaN = missing.
         inputs: None, (T, U) shared or (B, T, U).
         lengths: None or (B,) true lengths of padded sequences.
+        diffuse: linear-Gaussian only: as in `ps.kalman.log_likelihood` (None: decided from the
+            initial covariance, at run time when it is traced; False: no diffuse component).
     """
     if isinstance(model, AbstractLinearGaussianSSM):
         from probssm.inference import kalman
 
-        if lengths is None:
-            return kalman.log_likelihood(model, emissions, inputs=inputs)
-        return kalman.log_likelihood(model, emissions, inputs=inputs, lengths=lengths)
+        return kalman.log_likelihood(model, emissions, inputs=inputs, lengths=lengths, diffuse=diffuse)
     if isinstance(model, AbstractDiscreteSSM):
         from probssm.inference import hmm
 
@@ -63,14 +63,15 @@ def exact_log_likelihood(model, emissions, inputs=None, lengths=None):
     )
 
 
-@partial(jax.jit, static_argnames=("fixed", "optimizer", "num_iters", "show"))
-def _fit(model, ys, inputs, lengths, *, fixed, optimizer, num_iters, show):
+@partial(jax.jit, static_argnames=("fixed", "optimizer", "num_iters", "show", "diffuse"))
+def _fit(model, ys, inputs, lengths, *, fixed, optimizer, num_iters, show, diffuse=None):
     spec = P.spec(model, fixed)
     params = P.to_unconstrained(model, spec)
     num_obs = jnp.maximum(jnp.sum(~jnp.isnan(ys)), 1)
 
     def loss(params):
-        return -exact_log_likelihood(P.from_unconstrained(model, spec, params), ys, inputs, lengths) / num_obs
+        return -exact_log_likelihood(P.from_unconstrained(model, spec, params), ys, inputs, lengths,
+                                     diffuse) / num_obs
 
     value_and_grad = jax.value_and_grad(loss)
     every = prog.report_every(num_iters)
@@ -135,6 +136,15 @@ def mle(model, emissions, num_iters: int = 200, *, inputs=None, lengths=None, op
     if not P.spec(model, fixed).paths:
         raise ValueError("fixed: every learnable array is fixed; nothing to fit")
     batch = _checked_batch(model, emissions, inputs, lengths)
+    diffuse = None
+    if isinstance(model, AbstractLinearGaussianSSM):
+        from probssm.inference import kalman
+
+        # decided here, on the concrete model, so that one form of the filter is compiled
+        diffuse = kalman.initial_form(model, batch.emissions, batch.inputs, batch.lengths)
+        if diffuse and "initial_cov" in P.spec(model, fixed).paths:
+            raise ValueError("fixed: initial_cov holds inf (a diffuse, flat prior) and cannot be learned; "
+                             "expected 'initial_cov' in fixed")
     model = checks.unify_dtypes(model, batch.emissions)  # one dtype for the optimiser's state
     global _DEFAULT_OPTIMIZER
     if optimizer is None:
@@ -144,7 +154,7 @@ def mle(model, emissions, num_iters: int = 200, *, inputs=None, lengths=None, op
     show = prog.default_enabled(progress, num_iters)
     with prog.progress_bar(num_iters, "MLE", show):
         return _fit(model, batch.emissions, batch.inputs, batch.lengths, fixed=fixed, optimizer=optimizer,
-                    num_iters=num_iters, show=show)
+                    num_iters=num_iters, show=show, diffuse=diffuse)
 
 
 def _checked_batch(model, emissions, inputs, lengths) -> batching.Batch:

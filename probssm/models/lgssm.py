@@ -18,6 +18,7 @@ from typing import NamedTuple, Optional
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro.distributions as dist
 from numpyro.distributions import constraints
 
@@ -215,7 +216,7 @@ class LinearGaussianSSM(AbstractLinearGaussianSSM, AbstractAdditiveGaussianSSM):
 
     def initial(self, inputs=None):
         P1 = self.initial_cov
-        if checks.is_concrete(P1) and bool(jnp.isinf(P1).any()):
+        if checks.is_concrete(P1) and bool(np.isinf(np.asarray(P1)).any()):
             raise ValueError("initial_cov: holds inf (a diffuse, flat prior); there is no initial distribution "
                              "to sample or evaluate, expected a finite initial_cov")
         P1 = eqx.error_if(P1, jnp.isinf(P1).any(), "initial_cov: holds inf (a diffuse, flat prior); there is "

@@ -6,6 +6,7 @@ from typing import ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro.distributions as dist
 
 from probssm.core import checks
@@ -23,7 +24,7 @@ class Bernoulli(AbstractEmissions):
     def __init__(self, probs):
         probs = float_array(probs, "probs")
         num_states_dim(probs, "probs")
-        if checks.is_concrete(probs) and bool(jnp.any((probs < 0) | (probs > 1))):
+        if checks.is_concrete(probs) and bool(np.any((np.asarray(probs) < 0) | (np.asarray(probs) > 1))):
             raise ValueError("probs: expected probabilities in [0, 1]")
         self.probs = probs
 

@@ -6,6 +6,7 @@ from typing import ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro.distributions as dist
 
 from probssm.core import checks
@@ -88,7 +89,7 @@ class DiagonalGaussian(AbstractEmissions):
         means = float_array(means, "means")
         K, D = num_states_dim(means, "means")
         variances = checks.shape(float_array(jnp.asarray(variances, means.dtype), "variances"), "variances", (K, D))
-        if checks.is_concrete(variances) and bool(jnp.any(variances <= 0)):
+        if checks.is_concrete(variances) and bool(np.any(np.asarray(variances) <= 0)):
             raise ValueError("variances: expected positive values")
         self.means, self.variances = means, variances
 

@@ -6,6 +6,7 @@ from typing import ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro.distributions as dist
 from jax.scipy.special import gammaln
 
@@ -24,7 +25,7 @@ class Poisson(AbstractEmissions):
     def __init__(self, rates):
         rates = float_array(rates, "rates")
         num_states_dim(rates, "rates")
-        if checks.is_concrete(rates) and bool(jnp.any(rates <= 0)):
+        if checks.is_concrete(rates) and bool(np.any(np.asarray(rates) <= 0)):
             raise ValueError("rates: expected positive rates")
         self.rates = rates
 

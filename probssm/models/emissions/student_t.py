@@ -6,6 +6,7 @@ from typing import ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro.distributions as dist
 from jax.scipy.special import gammaln
 
@@ -40,7 +41,7 @@ class StudentT(AbstractEmissions):
         scales = checks.shape(jnp.asarray(scales, means.dtype), "scales", (K, D, D))
         checks.psd(scales, "scales")
         dofs = jnp.broadcast_to(jnp.asarray(dofs, means.dtype), (K,))
-        if checks.is_concrete(dofs) and bool(jnp.any(dofs <= 0)):
+        if checks.is_concrete(dofs) and bool(np.any(np.asarray(dofs) <= 0)):
             raise ValueError("dofs: expected positive degrees of freedom")
         self.means, self.scales, self.dofs = means, scales, dofs
 
