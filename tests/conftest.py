@@ -23,3 +23,19 @@ else:
     settings.register_profile("all", max_examples=200, deadline=None, print_blob=True,
                               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# Every compiled XLA executable holds a few memory mappings, and jit caches keep them alive for the
+# life of the worker. Over the whole suite one worker compiles thousands of functions and reaches the
+# kernel's vm.max_map_count (65530), and XLA then aborts or segfaults in the middle of a compile. The
+# tests share compiled functions within a file, never across files, so the caches are emptied at
+# each file boundary.
+def pytest_runtest_teardown(item, nextitem):
+    if nextitem is None or nextitem.module is not item.module:
+        import gc
+
+        if os.environ.get("PROBSSM_MAPS_LOG"):
+            with open("/proc/self/maps") as f, open(os.environ["PROBSSM_MAPS_LOG"], "a") as log:
+                log.write(f"{item.module.__name__} {len(f.readlines())}\n")
+        jax.clear_caches()
+        gc.collect()

@@ -285,6 +285,7 @@ NOT_ENGINES = {
     "kalman": {
         "FilterResult", "SmootherResult", "ForecastResult", "SmootherElement",  # result types
         "check_arguments",  # argument check, run outside jit by the engines
+        "initial_form",  # reads concrete initial_cov to choose the filter form, before jit (None if traced)
         "mask_padding", "expand_time",  # array helpers
         "predict", "update", "smoother_element",  # one-step kernels of the engines (traced inside every case)
     },

@@ -10,6 +10,12 @@ from conformance_models import (MODELS, N, R, T, _first_coordinate_functional,
                                 exact_functional, exact_log_likelihood, inputs_for, make_data)
 
 
+# CI runs the smoothers on one family of each kind (exact linear-Gaussian oracle, exact discrete
+# oracle, a nonlinear additive model, a user-written SSM); `make test-all` runs every family.
+CI_FAMILIES = ("lgssm", "hmm_categorical", "nonlinear", "user_ssm")
+EVERY_FAMILY = [name if name in CI_FAMILIES else pytest.param(name, marks=pytest.mark.slow) for name in MODELS]
+
+
 @pytest.fixture(scope="module")
 def data():
     return make_data()
@@ -38,7 +44,7 @@ def test_particle_filter_is_unbiased_against_the_exact_oracle(name, data):
     assert abs(np.mean(lls) - exact) < 0.5  # and not merely unbiased with a wild spread
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", EVERY_FAMILY)
 def test_paris_and_ppg_smooth_every_family(name, data):
     model, y, u = MODELS[name], data[name], inputs_for(name)
     fn = _first_coordinate_functional(name)
@@ -54,7 +60,7 @@ def test_paris_and_ppg_smooth_every_family(name, data):
     assert np.isfinite(np.asarray(g.estimate)).all()
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", EVERY_FAMILY)
 def test_backward_sampling_and_conditional_smc_on_every_family(name, data):
     model, y, u = MODELS[name], data[name], inputs_for(name)
     pf = ps.smc.particle_filter(jax.random.PRNGKey(1), model, y, 64, inputs=u)

@@ -335,10 +335,6 @@ def sample(key, model: SSM, num_timesteps: int, inputs=None):
     if not isinstance(model, SSM):
         raise ValueError(f"model: expected a probssm SSM, got {type(model).__name__}")
     num_timesteps = checks.positive_int(num_timesteps, "num_timesteps")
-    initial_cov = getattr(model, "initial_cov", None)
-    if initial_cov is not None and checks.is_concrete(initial_cov) and np.isinf(np.asarray(initial_cov)).any():
-        raise ValueError("model: its initial_cov holds inf (a diffuse, flat prior); sampling needs a proper "
-                         "initial distribution, expected a finite initial_cov")
     if model.emission_lags and inputs is not None:
         raise ValueError("inputs: an autoregressive model reads its own past emissions as inputs; expected None")
     if model.emission_lags and not isinstance(model.input_dim, int):
@@ -350,4 +346,10 @@ def sample(key, model: SSM, num_timesteps: int, inputs=None):
                     f"inputs: expected a leading time axis of length {num_timesteps}, "
                     f"got shape {jnp.shape(leaf)}"
                 )
+    # a diffuse prior has no distribution to draw from (the model's own error_if covers tracing)
+    initial_cov = (model.linear_gaussian_params(num_timesteps, inputs).initial_cov
+                   if isinstance(model, AbstractLinearGaussianSSM) else None)
+    if initial_cov is not None and checks.is_concrete(initial_cov) and np.isinf(np.asarray(initial_cov)).any():
+        raise ValueError("model: its initial_cov holds inf (a diffuse, flat prior); sampling needs a proper "
+                         "initial distribution, expected a finite initial_cov")
     return _sample_jit(key, model, num_timesteps, inputs)

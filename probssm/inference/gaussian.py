@@ -334,7 +334,7 @@ def _prepare(model, emissions, inputs, lengths, method, num_iter, alpha, beta, k
         if out.shape != expected:
             raise ValueError(f"{name}: expected a Jacobian of shape {expected}, got shape {out.shape}")
     ys = batch.emissions
-    has_missing = (not checks.is_concrete(ys)) or bool(jnp.any(jnp.isnan(ys)))
+    has_missing = (not checks.is_concrete(ys)) or bool(np.isnan(np.asarray(ys)).any())
     cfg = _Config(method, num_iter, float(alpha), float(beta), None if kappa is None else float(kappa),
                   transition_jacobian, emission_jacobian)
     return batch, cfg, dict(has_missing=has_missing, batched=batch.batched, inputs_batched=batch.inputs_batched)

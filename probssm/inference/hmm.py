@@ -204,11 +204,9 @@ def check_params(model, batch: Batch) -> None:
     if inputs is not None and batch.inputs_batched:
         inputs = jax.tree_util.tree_map(lambda a: a[0], inputs)
     initial_probs, A = _chain_params(model, first(batch.emissions), inputs)
-    # K from the emissions (or the transition matrix) when they say: a wrong-shaped initial_probs
-    # set by eqx.tree_at must be blamed on itself, not on the transition matrix it disagrees with
-    K = getattr(getattr(model, "emissions", None), "num_states", None)
-    if not isinstance(K, int):
-        K = A.shape[-1] if A.ndim >= 2 else model.num_states
+    # K from the emission log-likelihoods (shapes only): a wrong-shaped initial_probs set by
+    # eqx.tree_at must be blamed on itself, not on the transition matrix it disagrees with
+    K = jax.eval_shape(model.discrete_params, first(batch.emissions), inputs).log_likelihoods.shape[-1]
     checks.shape(initial_probs, "initial_probs", (K,), f"({K},)")
     checks.probabilities(initial_probs, "initial_probs")
     checks.shape(A, "transition_matrix", A.shape[:-2] + (K, K), f"({K}, {K}) or (T, {K}, {K})")
