@@ -18,7 +18,7 @@ try:
 except ImportError:  # hypothesis is a test extra; the other test files run without it
     pass
 else:
-    settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True, print_blob=True,
+    settings.register_profile("ci", max_examples=8, deadline=None, derandomize=True, print_blob=True,
                               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     settings.register_profile("all", max_examples=200, deadline=None, print_blob=True,
                               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

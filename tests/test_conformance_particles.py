@@ -89,7 +89,7 @@ def _shifted(name, shift):
     return eqx.tree_at(lambda m: m.initial_mean, model, model.initial_mean + shift)
 
 
-@pytest.mark.parametrize("name", ("hmm_gaussian", "nonlinear"))
+@pytest.mark.parametrize("name", (pytest.param("hmm_gaussian", marks=pytest.mark.slow), "nonlinear"))
 def test_parameter_samplers_on_discrete_and_nonlinear_families(name, data):
     import numpyro.distributions as dist
 

@@ -27,13 +27,24 @@ def z_scores(estimates, exact):
 
 
 @pytest.fixture(scope="module")
-def informative():
+def informative_data():
     """Observation noise 100x smaller than the transition noise in standard deviation."""
     model = lgssm(1e-4, np.array([[1.0, 0.0], [0.3, 1.0]]))
     _, y = ps.sample(jax.random.PRNGKey(0), model, T)
+    return model, y
+
+
+@pytest.fixture(scope="module")
+def informative(informative_data):
+    model, y = informative_data
     return model, y, ps.kalman.filter(model, y), runs(model, y)
 
 
+# The Monte Carlo comparisons against the Kalman filter are heavy (R independent HMC-SMC runs):
+# `make test-all` runs them; CI runs HMC-SMC on four families in test_conformance_particles.
+
+
+@pytest.mark.slow
 def test_filtering_moments_match_kalman(informative):
     model, y, kf, res = informative
     # 40 z-scores each: P(max |z| > 4.5) < 3e-4 when unbiased
@@ -43,12 +54,14 @@ def test_filtering_moments_match_kalman(informative):
     assert np.abs(z_scores(var, exact_var)).max() < 4.5
 
 
+@pytest.mark.slow
 def test_likelihood_estimate_matches_kalman(informative):
     model, y, kf, res = informative
     ratio = np.exp(np.asarray(res.log_likelihood) - float(kf.log_likelihood))
     assert abs(ratio.mean() - 1.0) < 4 * ratio.std(ddof=1) / np.sqrt(R)
 
 
+@pytest.mark.slow
 def test_ess_stays_high_where_the_bootstrap_filter_degenerates(informative):
     model, y, kf, res = informative
     pf = ps.smc.particle_filter(jax.random.PRNGKey(2), model, jnp.broadcast_to(y, (R,) + y.shape), N,
@@ -58,6 +71,7 @@ def test_ess_stays_high_where_the_bootstrap_filter_degenerates(informative):
     assert float(np.mean(np.asarray(res.acceptance_rate))) > 0.3
 
 
+@pytest.mark.slow
 def test_missing_steps_are_skipped(informative):
     model, y, kf, _ = informative
     y_missing = np.asarray(y).copy()
@@ -68,8 +82,8 @@ def test_missing_steps_are_skipped(informative):
     assert np.abs(z_scores(res.filtered_means, kf_m.filtered_means)).max() < 4.5
 
 
-def test_bad_input(informative):
-    model, y, _, _ = informative
+def test_bad_input(informative_data):
+    model, y = informative_data
     key = jax.random.PRNGKey(0)
     with pytest.raises(ValueError, match="num_particles"):
         ps.smc.hmc_smc(key, model, y, 1)

@@ -239,6 +239,7 @@ def test_paris_additive_functionals_match_rts(lg, paris_runs, method):
     assert np.all(np.asarray(est_cross).std(0) < 0.1 * (np.abs(sum_cross) + 10))
 
 
+@pytest.mark.slow  # 32 PaRIS runs; CI checks the PaRIS score on an HMM (test_score_of_nested_hmm_parameters_...)
 def test_paris_score_equals_grad_of_kalman_log_likelihood(lg):
     model, y, sm = lg
     spec = P.spec(model, ("transition_offset", "emission_offset"))
