@@ -184,3 +184,19 @@ def test_model_and_argument_checks(nile):
     tampered = eqx.tree_at(lambda m: m.initial_cov, model, jnp.array([[-INF]]))
     with pytest.raises(ValueError, match="^initial_cov"):
         ps.kalman.filter(tampered, y)
+
+
+def test_initial_form_is_concrete_only_and_traceable(nile):
+    y = nile[:, None]
+    assert ps.kalman.initial_form(local_level(), y) == (True,)
+    assert ps.kalman.initial_form(local_level(p1=1e7), y) is False
+    # under jit / vmap the covariance is traced: undecided, and nothing raises
+    seen = []
+    jax.jit(lambda p1: seen.append(ps.kalman.initial_form(local_level(p1=p1), y)) or p1)(1.0)
+    jax.vmap(lambda p1: seen.append(ps.kalman.initial_form(local_level(p1=p1), y)) or p1)(jnp.ones(2))
+    assert seen == [None, None]
+    # a bad value set by eqx.tree_at is still refused where inference starts
+    import equinox as eqx
+    bad = eqx.tree_at(lambda m: m.emission_cov, local_level(), -jnp.eye(1))
+    with pytest.raises(ValueError, match="emission_cov"):
+        ps.kalman.filter(bad, y)

@@ -959,8 +959,8 @@ def _initial_cov(model, batch: Batch, extra_steps: int = 0):
 
 
 def initial_form(model, emissions, inputs=None, lengths=None):
-    """False when the model's initial covariance is concrete and finite, a (d,) boolean numpy
-    mask of its diffuse (inf) components when it holds inf, None when it is traced (undecided).
+    """False when the model's initial covariance is concrete and finite, a (d,) tuple of bools
+    marking its diffuse (inf) components when it holds inf, None when it is traced (undecided).
     Learners call it once, outside their jit, and pass the answer as ``diffuse=`` so that only
     one form of the filter is compiled."""
     batch = batching.as_batch(emissions, inputs, lengths)
