@@ -133,6 +133,17 @@ def _kalman_cases():
         ]
     params = lambda th: lgssm(th).linear_gaussian_params(T)
     long_params = lambda th: lgssm(th).linear_gaussian_params(T + 3)
+    # long enough (> 2 blocks of 32 steps) for the steady-state forms to switch to the constant gain
+    y_long = jnp.concatenate([Y] * 4)
+    cases += [
+        Case("kalman", "filter[steady]", lambda th, k: ps.kalman.filter(lgssm(th), y_long),
+             lambda o: o.log_likelihood + jnp.sum(o.filtered_means)),
+        Case("kalman", "smoother[steady, parallel]", lambda th, k: ps.kalman.smoother(lgssm(th), y_long, parallel=True),
+             lambda o: o.log_likelihood + jnp.sum(o.smoothed_means) + jnp.sum(o.smoothed_covs)),
+        Case("kalman", "sample[steady]", lambda th, k: ps.kalman.sample(k, lgssm(th), y_long, 2), jnp.sum),
+        Case("kalman", "affine_recurrence", lambda th, k: ps.kalman.affine_recurrence(
+            th * jnp.array([[0.9, 0.1], [-0.1, 0.9]]), Y, 8), jnp.sum),
+    ]
     cases += [
         Case("kalman", "log_likelihood", lambda th, k: ps.kalman.log_likelihood(lgssm(th), Y), lambda o: o),
         Case("kalman", "filter_params", lambda th, k: ps.kalman.filter_params(params(th), Y),
@@ -288,6 +299,7 @@ NOT_ENGINES = {
         "initial_form",  # reads concrete initial_cov to choose the filter form, before jit (None if traced)
         "mask_padding", "expand_time",  # array helpers
         "predict", "update", "smoother_element",  # one-step kernels of the engines (traced inside every case)
+        "steady_state_rtol",  # a tolerance for a dtype (a constant)
     },
     "hmm": {
         "FilterResult", "SmootherResult", "Posterior",  # result types

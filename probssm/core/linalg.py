@@ -30,10 +30,13 @@ def mvn_logpdf_chol(residual, chol):
 UNROLL_MAX = 6
 
 
-def cholesky(a):
-    """Lower Cholesky factor of symmetric positive definite ``a`` (batched over leading axes)."""
+def cholesky(a, unroll: bool = True):
+    """Lower Cholesky factor of symmetric positive definite ``a`` (batched over leading axes).
+
+    ``unroll=False`` always calls LAPACK: for one-off factorisations outside a loop, where the
+    written-out form would only add compile time."""
     n = a.shape[-1]
-    if n > UNROLL_MAX:
+    if n > UNROLL_MAX or not unroll:
         return jnp.linalg.cholesky(a)
     L = [[None] * n for _ in range(n)]
     for j in range(n):
@@ -52,11 +55,11 @@ def cholesky(a):
     return jnp.stack(rows, axis=-2)
 
 
-def solve_lower(L, b):
+def solve_lower(L, b, unroll: bool = True):
     """Solve L x = b for lower-triangular L; b is (..., n) or (..., n, m)."""
     n = L.shape[-1]
     vector = b.ndim == L.ndim - 1
-    if n > UNROLL_MAX:
+    if n > UNROLL_MAX or not unroll:
         return solve_triangular(L, b, lower=True)
     bm = b[..., None] if vector else b
     xs = []
@@ -69,11 +72,11 @@ def solve_lower(L, b):
     return x[..., 0] if vector else x
 
 
-def solve_upper_transposed(L, b):
+def solve_upper_transposed(L, b, unroll: bool = True):
     """Solve L^T x = b for lower-triangular L; b is (..., n) or (..., n, m)."""
     n = L.shape[-1]
     vector = b.ndim == L.ndim - 1
-    if n > UNROLL_MAX:
+    if n > UNROLL_MAX or not unroll:
         return solve_triangular(L, b, lower=True, trans=1)
     bm = b[..., None] if vector else b
     xs = [None] * n
@@ -86,9 +89,9 @@ def solve_upper_transposed(L, b):
     return x[..., 0] if vector else x
 
 
-def cho_solve_lower(L, b):
+def cho_solve_lower(L, b, unroll: bool = True):
     """Solve (L L^T) x = b given the lower Cholesky factor."""
-    return solve_upper_transposed(L, solve_lower(L, b))
+    return solve_upper_transposed(L, solve_lower(L, b, unroll), unroll)
 
 
 FUSE_MAX = 8

@@ -39,6 +39,7 @@ written once for all of them; split, every piece would import the others' kernel
 """
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import NamedTuple, Optional
 
@@ -60,7 +61,7 @@ from probssm.core.scan import chunked_associative_scan
 __all__ = ["FilterResult", "SmootherResult", "ForecastResult", "filter", "smoother", "sample", "forecast",
            "log_likelihood", "filter_params", "smoother_params", "sample_params", "forecast_params",
            "mask_padding", "check_arguments", "expand_time", "predict", "update", "smoother_element",
-           "SmootherElement", "initial_form"]
+           "SmootherElement", "initial_form", "steady_state_rtol", "affine_recurrence"]
 
 _LOG_2PI = 1.8378770664093453
 
@@ -155,12 +156,13 @@ def _predict(m, P, F, b, Q):
 
 def _update_joseph(m, P, H, d, R, y, mask):
     """`_update` with the Joseph form (I - K H) P (I - K H)^T + K R K^T: the first step's, where
-    P is the prior covariance; a huge prior variance then does not cancel against itself."""
+    P is the prior covariance; a huge prior variance then does not cancel against itself. It runs once per
+    sequence, so its factorisations call LAPACK (written out, they would only add compile time)."""
     H, d, R, y, num_obs = _mask_observation(H, d, R, y, mask)
     HP = mm(H, P)
-    L = cholesky(mm(HP, H.T) + R)
-    v = solve_lower(L, y - mm(H, m) - d)
-    K = cho_solve_lower(L, HP).T  # (d, p) = P H^T S^{-1}
+    L = cholesky(mm(HP, H.T) + R, unroll=False)
+    v = solve_lower(L, y - mm(H, m) - d, unroll=False)
+    K = cho_solve_lower(L, HP, unroll=False).T  # (d, p) = P H^T S^{-1}
     m = m + mm(K, mm(L, v))
     eye = jnp.eye(P.shape[-1], dtype=P.dtype)
     I_KH = eye - mm(K, H)
@@ -168,14 +170,14 @@ def _update_joseph(m, P, H, d, R, y, mask):
     # Information form (P^{-1} + H^T R^{-1} H)^{-1} where P dwarfs R: no cancellation at all.
     # Its inputs are replaced by I where they are not positive definite (then it is not used),
     # so neither branch carries a NaN into the other's gradient.
-    LP, LR = cholesky(P), cholesky(R)
+    LP, LR = cholesky(P, unroll=False), cholesky(R, unroll=False)
     ok = lax.stop_gradient(jnp.all(jnp.diagonal(LP) > 0) & jnp.all(jnp.diagonal(LR) > 0))
     ok = ok & (jnp.trace(P) > 1e8 * jnp.trace(R))
     LP = jnp.where(ok, LP, eye)
-    Hw = solve_lower(jnp.where(ok, LR, jnp.eye(R.shape[-1], dtype=R.dtype)), H)
-    LPinv = solve_lower(LP, eye)
-    LJ = cholesky(symmetrize(mm(LPinv.T, LPinv) + mm(Hw.T, Hw)))
-    P_info = symmetrize(cho_solve_lower(LJ, eye))
+    Hw = solve_lower(jnp.where(ok, LR, jnp.eye(R.shape[-1], dtype=R.dtype)), H, unroll=False)
+    LPinv = solve_lower(LP, eye, unroll=False)
+    LJ = cholesky(symmetrize(mm(LPinv.T, LPinv) + mm(Hw.T, Hw)), unroll=False)
+    P_info = symmetrize(cho_solve_lower(LJ, eye, unroll=False))
     P = jnp.where(ok, P_info, P_joseph)
     ll = -0.5 * (v @ v) - jnp.sum(jnp.log(jnp.diagonal(L))) - 0.5 * num_obs * _LOG_2PI
     return m, P, ll
@@ -297,6 +299,19 @@ def _predictive_log_likelihood(params_tv, ms, Ps, ys, masks):
     return jnp.sum(lls)
 
 
+def _general_chunk(chunk_size, dim, num_timesteps):
+    """Chunk of the associative scan of the general parallel forms when none is given. On CPU
+    short chunks (the doubling inside a chunk multiplies the work by its depth; 16 was fastest at
+    d = 4 and 32 on 2 cores); on an accelerator one chunk, unless the (T, d, d) elements of a
+    chunk would exceed 2^26 entries."""
+    if chunk_size is not None:
+        return chunk_size
+    if jax.default_backend() == "cpu":
+        return 16
+    limit = max(1, (1 << 26) // (dim * dim))
+    return None if num_timesteps <= limit else 1 << (limit.bit_length() - 1)
+
+
 def _filter_parallel(params: LinearGaussianParams, ys, masks, chunk_size):
     num_timesteps = ys.shape[0]
     p = _broadcast_time(params, num_timesteps)
@@ -307,6 +322,7 @@ def _filter_parallel(params: LinearGaussianParams, ys, masks, chunk_size):
         p.emission_offset[1:], p.emission_cov[1:], ys[1:], None if masks is None else masks[1:])
     elems = jax.tree_util.tree_map(lambda a, r: jnp.concatenate([a[None], r]), first, rest)
     identity = _filter_identity(params.initial_mean.shape[0], ys.dtype)
+    chunk_size = _general_chunk(chunk_size, params.initial_mean.shape[0], num_timesteps)
     out = chunked_associative_scan(_filter_combine, elems, identity, chunk_size)
     ll = _predictive_log_likelihood(p, out.b, out.C, ys, masks)
     return FilterResult(ll, out.b, out.C)
@@ -388,12 +404,14 @@ def _rts_backward(params, filtered: FilterResult, m_pred, P_pred):
     return jnp.concatenate([m_s, ms[-1:]]), jnp.concatenate([P_s, Ps[-1:]]), cross
 
 
-def _smooth(params, ys, masks, parallel, chunk_size, mode="none", diffuse=None):
+def _smooth(params, ys, masks, parallel, chunk_size, mode="none", diffuse=None, steady_state=True):
     return _dispatch(mode, parallel, params, lambda q: _smooth_diffuse(q, ys, masks, diffuse),
-                     lambda q: _smooth_standard(q, ys, masks, parallel, chunk_size))
+                     lambda q: _smooth_standard(q, ys, masks, parallel, chunk_size, steady_state))
 
 
-def _smooth_standard(params, ys, masks, parallel, chunk_size):
+def _smooth_standard(params, ys, masks, parallel, chunk_size, steady_state=True):
+    if steady_state and _steady_applies(params, ys, masks, "none"):
+        return _smooth_steady(params, ys, parallel, chunk_size)
     if parallel:
         filtered = _filter(params, ys, masks, parallel, chunk_size)
         body, last = _smoother_elements(params, filtered)
@@ -401,6 +419,7 @@ def _smooth_standard(params, ys, masks, parallel, chunk_size):
         dim = last.g.shape[0]
         identity = _SmootherElement(jnp.eye(dim, dtype=last.g.dtype), jnp.zeros(dim, last.g.dtype),
                                     jnp.zeros((dim, dim), last.g.dtype))
+        chunk_size = _general_chunk(chunk_size, dim, ys.shape[0])
         out = chunked_associative_scan(_smoother_combine, elems, identity, chunk_size, reverse=True)
         means, covs = out.g, out.L
         cross = jnp.einsum("tij,tkj->tik", covs[1:], body.E)  # Cov[z_{t+1}, z_t] = P^s_{t+1} E_t^T
@@ -411,14 +430,330 @@ def _smooth_standard(params, ys, masks, parallel, chunk_size):
                           means, covs, cross)
 
 
-def _filter(params, ys, masks, parallel, chunk_size, mode="none", diffuse=None):
+def _filter(params, ys, masks, parallel, chunk_size, mode="none", diffuse=None, steady_state=True):
     """``mode``: "none" (finite initial covariance), "exact" (diffuse) or "auto" (decided at run time)."""
     def standard(q):
+        if steady_state and _steady_applies(q, ys, masks, "none"):
+            return _filter_steady(q, ys, parallel, chunk_size)
         if parallel:
             return _filter_parallel(q, ys, masks, chunk_size)
         return _filter_sequential(q, ys, masks)
 
     return _dispatch(mode, parallel, params, lambda q: _filter_diffuse_core(q, ys, masks, diffuse)[0], standard)
+
+
+# ----------------------------------------------------------------------------------------------
+# Steady state: time-invariant F, Q, H, R and no missing data
+# ----------------------------------------------------------------------------------------------
+# Then the covariance recursion does not depend on y and converges (for a detectable and
+# stabilisable system) to the fixed point of the Riccati equation. The filter runs in blocks of
+# _STEADY_BLOCK steps: a block runs the full recursion until the filtered covariance of its last
+# step differs from the step before by at most rtol * max|P| (elementwise; rtol =
+# `steady_state_rtol(dtype)`), and every later block uses the constant gain, so a step is three
+# matrix-vector products. The smoother does the same backwards: its gain E is constant where the
+# filter's covariances are, and its covariance recursion converges going back from the end.
+# The deviation from the full recursion is the distance of the covariances from their fixed point
+# at the switch, about rtol * rho / (1 - rho) relative for a contraction rate rho of the
+# recursion. Under vmap over a batch of sequences the covariance recursion is not batched (it
+# depends on the shared parameters only): it is computed once for the whole batch.
+_STEADY_BLOCK = 32
+
+
+def steady_state_rtol(dtype) -> float:
+    """Relative change of the filtered covariance over one step below which the Kalman filter
+    switches to its steady-state gain: 1e-12 in float64, 32 eps (3.8e-6) in float32."""
+    return max(1e-12, 32.0 * float(jnp.finfo(dtype).eps))
+
+
+def _steady_applies(params: LinearGaussianParams, ys, masks, mode) -> bool:
+    """Static: may the steady-state form run? (F, Q, H, R time-invariant, no missing entry, a
+    finite initial covariance and at least two blocks of steps.)"""
+    if masks is not None or mode != "none" or ys.shape[0] < 2 * _STEADY_BLOCK + 1:
+        return False
+    tv = _is_time_varying(params)
+    return not (tv.transition_matrix or tv.transition_cov or tv.emission_matrix or tv.emission_cov)
+
+
+class _SteadyGain(NamedTuple):
+    P: jax.Array  # (d, d) filtered covariance
+    Pp: jax.Array  # (d, d) predicted covariance
+    K: jax.Array  # (d, p) gain Pp H^T S^{-1}
+    Linv: jax.Array  # (p, p) L^{-1}, S = L L^T
+    const: jax.Array  # () -sum log diag L - p/2 log 2 pi
+
+
+def _steady_gain(P, F, Q, H, R) -> _SteadyGain:
+    _, Pp = _predict(jnp.zeros(P.shape[-1], P.dtype), P, F, jnp.zeros(P.shape[-1], P.dtype), Q)
+    HP = mm(H, Pp)
+    L = cholesky(mm(HP, H.T) + R, unroll=False)  # once per block: LAPACK, less to compile
+    K = cho_solve_lower(L, HP, unroll=False).T
+    Linv = solve_lower(L, jnp.eye(L.shape[-1], dtype=L.dtype), unroll=False)
+    const = -jnp.sum(jnp.log(jnp.diagonal(L))) - 0.5 * L.shape[-1] * _LOG_2PI
+    return _SteadyGain(P, Pp, K, Linv, const)
+
+
+def _blocks(a, num_blocks, fill=0):
+    """(n, ...) -> (num_blocks, _STEADY_BLOCK, ...), padded at the end with ``fill``."""
+    pad = num_blocks * _STEADY_BLOCK - a.shape[0]
+    a = jnp.concatenate([a, jnp.full((pad,) + a.shape[1:], fill, a.dtype)])
+    return a.reshape((num_blocks, _STEADY_BLOCK) + a.shape[1:])
+
+
+def _unblock(a, n):
+    return a.reshape((-1,) + a.shape[2:])[:n]
+
+
+def _block_valid(start, end):
+    """(S,) bool: positions start..start+S-1 lie before ``end``."""
+    return start + jnp.arange(_STEADY_BLOCK) < end
+
+
+def _converged(P_last, P_before, rtol):
+    return jnp.max(jnp.abs(P_last - P_before)) <= rtol * jnp.max(jnp.abs(P_last))
+
+
+def _offsets(params: LinearGaussianParams, num_steps):
+    """Per-step transition and emission offsets of steps 1..T-1: (n, d), (n, p)."""
+    b, d = params.transition_offset, params.emission_offset
+    b = b[1:] if b.ndim > 1 else jnp.broadcast_to(b, (num_steps,) + b.shape)
+    d = d[1:] if d.ndim > 1 else jnp.broadcast_to(d, (num_steps,) + d.shape)
+    return b, d
+
+
+def _write_block(buf, vals, start):
+    """``buf`` with ``vals`` (S, ...) written at positions start..start+S-1, those past the end
+    dropped, in place (a block that would run past the end is shifted back and merged with what
+    is there). Writing into a carried buffer, rather than stacking blocks and slicing, saves a
+    copy of every (T, d, d) output."""
+    size = vals.shape[0]
+    off = jnp.minimum(start, buf.shape[0] - size)
+    shift = start - off
+    existing = lax.dynamic_slice_in_dim(buf, off, size)
+    rolled = jnp.roll(vals, shift, axis=0)
+    keep_new = (jnp.arange(size) >= shift).reshape((size,) + (1,) * (vals.ndim - 1))
+    return lax.dynamic_update_slice_in_dim(buf, jnp.where(keep_new, rolled, existing), off, 0)
+
+
+def _read_block(buf, start, size):
+    """Positions start..start+size-1 of ``buf`` (those past the end: arbitrary values)."""
+    off = jnp.minimum(start, buf.shape[0] - size)
+    return jnp.roll(lax.dynamic_slice_in_dim(buf, off, size), off - start, axis=0)
+
+
+def _steady_forward(params: LinearGaussianParams, ys, with_means: bool):
+    """Blocked filter (see above) over steps t = 1..T-1; block j holds t = 1 + j S .. (j + 1) S.
+
+    Returns the filtered means and covariances (T, d), (T, d, d), the blocked
+    (num_blocks, S, d) predicted means and (num_blocks, S) ``steady`` flags, the final gain and
+    the log-likelihood. ``with_means=False`` skips the means of steady blocks (the parallel
+    form computes them with `affine_recurrence`): the means there are left zero, the
+    log-likelihood stops at the last full block and the mean carried out of it is returned."""
+    F, Q, H, R = params.transition_matrix, params.transition_cov, params.emission_matrix, params.emission_cov
+    p0 = _at(params, 0)
+    m0, P0, ll0 = _update_joseph(p0.initial_mean, p0.initial_cov, H, p0.emission_offset, R, ys[0], None)
+    num_timesteps = ys.shape[0]
+    n = num_timesteps - 1
+    num_blocks = -(-n // _STEADY_BLOCK)
+    bs, ds = _offsets(params, n)
+    starts = 1 + _STEADY_BLOCK * jnp.arange(num_blocks)
+    xs = (_blocks(ys[1:], num_blocks), _blocks(bs, num_blocks), _blocks(ds, num_blocks), starts)
+    rtol = steady_state_rtol(ys.dtype)
+    dim, size = m0.shape[0], _STEADY_BLOCK
+
+    def full(state, x):
+        m, P, ll, _, _ = state
+
+        def step(c, xx):
+            m, P, ll = c
+            y, b, d, valid = xx
+            mp, Pp = _predict(m, P, F, b, Q)
+            m2, P2, l = _update(mp, Pp, H, d, R, y, None)
+            return (jnp.where(valid, m2, m), P2, ll + jnp.where(valid, l, 0.0)), (m2, P2, mp)
+
+        (m, P, ll), (ms, Ps, mps) = lax.scan(step, (m, P, ll), x[:4])
+        conv = _converged(Ps[-1], Ps[-2], rtol)
+        return (m, P, ll, conv, _steady_gain(P, F, Q, H, R)), (ms, Ps, mps)
+
+    def steady(state, x):
+        m, P, ll, conv, g = state
+        if with_means:
+            def step(c, xx):
+                m, ll = c
+                y, b, d, valid = xx
+                mp = mm(F, m) + b
+                v = y - mm(H, mp) - d
+                w = mm(g.Linv, v)
+                m2 = mp + mm(g.K, v)
+                return (jnp.where(valid, m2, m), ll + jnp.where(valid, g.const - 0.5 * (w @ w), 0.0)), (m2, mp)
+
+            (m, ll), (ms, mps) = lax.scan(step, (m, ll), x[:4])
+        else:
+            ms = mps = jnp.zeros((size, dim), m.dtype)
+        return (m, P, ll, conv, g), (ms, jnp.broadcast_to(g.P, (size, dim, dim)), mps)
+
+    def block(carry, x):
+        state, means, covs = carry
+        is_steady = state[3]
+        ok = _block_valid(x[-1], n + 1)  # (computed here: a (T,) mask would be constant-folded)
+        state, (ms, Ps, mps) = lax.cond(is_steady, steady, full, state, x[:3] + (ok,))
+        means, covs = _write_block(means, ms, x[-1]), _write_block(covs, Ps, x[-1])
+        return (state, means, covs), (mps, is_steady & ok)
+
+    means = jnp.zeros((num_timesteps, dim), m0.dtype).at[0].set(m0)
+    covs = jnp.zeros((num_timesteps, dim, dim), m0.dtype).at[0].set(P0)
+    p = H.shape[0]
+    no_gain = _SteadyGain(P0, P0, jnp.zeros((dim, p), P0.dtype), jnp.zeros((p, p), P0.dtype), ll0)
+    state = (m0, P0, ll0, jnp.asarray(False), no_gain)
+    ((m, _, ll, _, gain), means, covs), (mps, flags) = lax.scan(block, (state, means, covs), xs)
+    return means, covs, mps, flags, gain, m, ll
+
+
+def _steady_chunk(chunk_size):
+    """Chunk of `affine_recurrence` in the parallel steady-state forms: one chunk unless asked
+    (log2 T doubling levels of one (T, d) x (d, d) product each, in one compiled loop; on 2 CPU
+    cores that costs less than the sequential filter up to d = 32 at T = 1e5)."""
+    return chunk_size
+
+
+def affine_recurrence(A, u, chunk_size: Optional[int] = None):
+    """x_i = A x_{i-1} + u_i (x_{-1} = 0) for a constant A (d, d) and u (n, d), in parallel.
+
+    Inside chunks of ``chunk_size`` steps (rounded up to a power of two; None: one chunk),
+    doubling: level k adds A^(2^k) times the partial sums 2^k places before, one (n, d) x (d, d)
+    product per level; a sequential scan carries the state across chunks, and A^(j+1) times the
+    incoming state is added to step j of each chunk. Work O(n d^2 log chunk), span
+    O(log chunk + n / chunk); one compiled loop body whatever n is. Traceable.
+    """
+    n, dim = u.shape
+    c = n if chunk_size is None else max(1, min(int(chunk_size), n))
+    num_levels = math.ceil(math.log2(c)) if c > 1 else 0
+    c = 1 << num_levels
+    num_chunks = -(-n // c)
+    x = jnp.concatenate([u, jnp.zeros((num_chunks * c - n, dim), u.dtype)]).reshape(num_chunks, c, dim)
+
+    def level(k, carry):
+        x, Ak = carry
+        offset = jnp.left_shift(1, k)
+        padded = jnp.concatenate([jnp.zeros_like(x), x], axis=1)
+        before = lax.dynamic_slice_in_dim(padded, c - offset, c, axis=1)
+        return x + before @ Ak.T, Ak @ Ak
+
+    x, A_chunk = lax.fori_loop(0, num_levels, level, (x, A))  # A_chunk = A^c
+    if num_chunks > 1:
+        powers = A[None]  # A^1 .. A^c by doubling: [A^1..A^k] -> [A^1..A^k, A^(k+1)..A^(2k)]
+        for _ in range(num_levels):
+            powers = jnp.concatenate([powers, powers @ powers[-1]])
+
+        def carry_in(s, last):
+            return A_chunk @ s + last, s
+
+        _, starts = lax.scan(carry_in, jnp.zeros(dim, u.dtype), x[:, -1])
+        x = x + jnp.einsum("jab,nb->nja", powers, starts)
+    return x.reshape(-1, dim)[:n]
+
+
+def _steady_filter_blocks(params: LinearGaussianParams, ys, parallel, chunk_size):
+    """`_steady_forward` with the means of steady steps filled in (in parallel when asked)."""
+    means, covs, mps, flags, g, m_last, ll = _steady_forward(params, ys, with_means=not parallel)
+    if parallel:
+        F, H = params.transition_matrix, params.emission_matrix
+        n = ys.shape[0] - 1
+        bs, ds = _offsets(params, n)
+        flat = flags.reshape(-1)[:n]
+        KH = mm(g.K, H)
+        u = bs - bs @ KH.T + (ys[1:] - ds) @ g.K.T  # (I - K H) b + K (y - d)
+        # the mean carried out of the last full block enters the recurrence just before the first
+        # steady step (when there is none, nothing of the recurrence is used)
+        before = jnp.maximum(jnp.argmax(flat) - 1, 0)
+        u = jnp.where(flat[:, None], u, 0.0).at[before].add(jnp.where(flat[before], 0.0, m_last))
+        x = affine_recurrence(F - KH @ F, u, _steady_chunk(chunk_size))
+        means = means.at[1:].set(jnp.where(flat[:, None], x, means[1:]))
+        mp = means[:-1] @ F.T + bs
+        w = (ys[1:] - mp @ H.T - ds) @ g.Linv.T
+        ll = ll + jnp.sum(jnp.where(flat, g.const - 0.5 * jnp.sum(w * w, axis=-1), 0.0))
+        mps = jnp.where(flags[..., None], _blocks(mp, flags.shape[0]), mps)
+    return means, covs, mps, flags, g, ll
+
+
+def _filter_steady(params: LinearGaussianParams, ys, parallel, chunk_size):
+    means, covs, _, _, _, ll = _steady_filter_blocks(params, ys, parallel, chunk_size)
+    return FilterResult(ll, means, covs)
+
+
+def _smooth_steady(params: LinearGaussianParams, ys, parallel, chunk_size):
+    """RTS smoother on the blocked filter output: block j smooths t = j S .. (j + 1) S - 1
+    (t <= T - 2) from t + 1, recomputing the predicted covariance of t + 1 from the filtered one
+    (no (T, d, d) array of predictions is stored). The smoother gain of the last full step is
+    carried: it is the steady one by the time a block may use it."""
+    means, covs, mps, flags, g, ll = _steady_filter_blocks(params, ys, parallel, chunk_size)
+    F, Q = params.transition_matrix, params.transition_cov
+    num_timesteps, dim = means.shape
+    n = num_timesteps - 1
+    num_blocks = flags.shape[0]
+    size = _STEADY_BLOCK
+    mp_flat = mps.reshape(-1, dim)[:n]  # predicted mean of t + 1 at position t
+    # the gain of step t is steady when P_t is: t >= 1 and step t was steady in the filter
+    steady_t = jnp.concatenate([jnp.zeros(1, bool), flags.reshape(-1)[:n - 1]])
+    starts = size * jnp.arange(num_blocks)
+    xs = (_blocks(mp_flat, num_blocks), _blocks(steady_t, num_blocks, False), starts, starts)
+    rtol = steady_state_rtol(ys.dtype)
+
+    def gain(P, unroll=True):
+        FP = mm(F, P)
+        Pp = symmetrize(mm(FP, F.T) + Q)
+        return cho_solve_lower(cholesky(Pp, unroll), FP, unroll).T, Pp
+
+    E_inf = gain(g.P, unroll=False)[0]
+    if parallel:
+        # in reverse from t = T - 1 (smoothed = filtered): x_t = E x_{t+1} + m_t - E mp_{t+1}
+        u = jnp.where(steady_t[:, None], means[:-1] - mp_flat @ E_inf.T, 0.0)
+        u = jnp.concatenate([u, means[-1:]])[::-1]
+        x_par = affine_recurrence(E_inf, u, _steady_chunk(chunk_size))[::-1][:-1]
+        xs = xs + (_blocks(x_par, num_blocks),)
+
+    def full(state, x, m, P):
+        m_next, P_next, _ = state
+
+        def step(c, xx):
+            m_next, P_next = c
+            m, P, mp, st, ok = xx[:5]
+            Et, Pp = gain(P, unroll=False)  # mostly transient steps: LAPACK, less to compile
+            m_s = m + mm(Et, m_next - mp)
+            if parallel:
+                m_s = jnp.where(st, xx[5], m_s)
+            P_s = symmetrize(P + mm(mm(Et, P_next - Pp), Et.T))
+            m_s, P_s = jnp.where(ok, m_s, m_next), jnp.where(ok, P_s, P_next)
+            return (m_s, P_s), (m_s, P_s, mm(P_next, Et.T))
+
+        (m_next, P_next), (m_s, P_s, cross) = lax.scan(step, (m_next, P_next), (m, P) + x[:3] + x[4:],
+                                                        reverse=True)
+        conv = _converged(P_s[0], P_s[1], rtol) & jnp.all(x[1] | ~x[2])
+        return (m_next, P_next, conv), (m_s, P_s, cross)
+
+    def steady(state, x, m, P):
+        m_next, P_next, conv = state
+        if parallel:
+            m_s = x[4]
+            m_first = m_s[0]
+        else:
+            m_first, m_s = lax.scan(lambda mn, xx: (xx[0] + mm(E_inf, mn - xx[1]),) * 2, m_next, (m, x[0]),
+                                    reverse=True)
+        return (m_first, P_next, conv), (m_s, jnp.broadcast_to(P_next, (size, dim, dim)),
+                                         jnp.broadcast_to(mm(P_next, E_inf.T), (size, dim, dim)))
+
+    def block(carry, x):
+        state, s_means, s_covs, cross = carry
+        start = x[3]
+        x = x[:2] + (_block_valid(start, n),) + x[3:]
+        m, P = _read_block(means, start, size), _read_block(covs, start, size)
+        use_steady = state[2] & jnp.all(x[1] | ~x[2])
+        state, (m_s, P_s, c) = lax.cond(use_steady, steady, full, state, x, m, P)
+        return (state, _write_block(s_means, m_s, start), _write_block(s_covs, P_s, start),
+                _write_block(cross, c, start)), None
+
+    init = ((means[-1], covs[-1], jnp.asarray(False)), means, covs, jnp.zeros((n, dim, dim), covs.dtype))
+    (_, s_means, s_covs, cross), _ = lax.scan(block, init, xs, reverse=True)
+    return SmootherResult(ll, means, covs, s_means, s_covs, cross)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -619,7 +954,81 @@ def diffuse_mode(initial_cov, diffuse=None) -> str:
 # ----------------------------------------------------------------------------------------------
 # Backward sampling and forecasting
 # ----------------------------------------------------------------------------------------------
+def _jittered_chol(L, unroll=True):
+    dim = L.shape[-1]
+    return cholesky(L + 1e-12 * jnp.trace(L) / dim * jnp.eye(dim, dtype=L.dtype), unroll)
+
+
+def _sample_steady(key, params: LinearGaussianParams, ys, num_samples, parallel, chunk_size):
+    """Backward sampling on the blocked steady-state filter: z_t = E_t z_{t+1} + g_t + chol(L_t) eps_t
+    with E_t and L_t constant where the filter's covariances are (one Cholesky factor for them
+    all); in parallel, `affine_recurrence` over those steps, per draw."""
+    means, covs, mps, flags, g, _ = _steady_filter_blocks(params, ys, parallel, chunk_size)
+    F, Q = params.transition_matrix, params.transition_cov
+    num_timesteps, dim = means.shape
+    n = num_timesteps - 1
+    num_blocks = flags.shape[0]
+    size = _STEADY_BLOCK
+    mp_flat = mps.reshape(-1, dim)[:n]
+    steady_t = jnp.concatenate([jnp.zeros(1, bool), flags.reshape(-1)[:n - 1]])
+    starts = size * jnp.arange(num_blocks)
+    eps = jax.random.normal(key, (num_timesteps, num_samples, dim), ys.dtype)
+
+    def element(P, unroll=True):
+        FP = mm(F, P)
+        Pp = symmetrize(mm(FP, F.T) + Q)
+        E = cho_solve_lower(cholesky(Pp, unroll), FP, unroll).T
+        return E, _jittered_chol(symmetrize(P - mm(mm(E, Pp), E.T)), unroll)
+
+    E_inf, chol_inf = element(g.P, unroll=False)
+    z_last = means[-1] + eps[-1] @ _jittered_chol(covs[-1], unroll=False).T
+    xs = (_blocks(mp_flat, num_blocks), _blocks(eps[:-1], num_blocks), starts, starts)
+    if parallel:
+        offsets = (means[:-1] - mp_flat @ E_inf.T)[:, None] + eps[:-1] @ chol_inf.T  # (n, S, d)
+        u = jnp.where(steady_t[:, None, None], offsets, 0.0)
+        u = jnp.concatenate([u, z_last[None]])[::-1]
+        rec = jax.vmap(lambda v: affine_recurrence(E_inf, v, _steady_chunk(chunk_size)), in_axes=1, out_axes=1)
+        xs = xs + (_blocks(rec(u)[::-1][:-1], num_blocks),)
+
+    def full(z_next, x, m, P):
+        def step(z_next, xx):
+            m, P, mp, e, ok = xx[:5]
+            E, chol = element(P, unroll=False)  # transient steps only: LAPACK, less to compile
+            z = z_next @ E.T + (m - mm(E, mp)) + e @ chol.T
+            if parallel:
+                z = jnp.where(xx[5], xx[6], z)
+            z = jnp.where(ok, z, z_next)
+            return z, z
+
+        return lax.scan(step, z_next, (m, P) + x[:3] + x[4:], reverse=True)
+
+    def steady(z_next, x, m, P):
+        if parallel:
+            return x[-1][0], x[-1]
+
+        def step(z_next, xx):
+            m, mp, e, ok = xx
+            z = z_next @ E_inf.T + (m - mm(E_inf, mp)) + e @ chol_inf.T
+            z = jnp.where(ok, z, z_next)  # the last block may run past T - 2
+            return z, z
+
+        return lax.scan(step, z_next, (m, x[0], x[1], x[2]), reverse=True)
+
+    def block(z_next, x):
+        start = x[3]
+        x = x[:2] + (_block_valid(start, n),) + x[3:]
+        m, P = _read_block(means, start, size), _read_block(covs, start, size)
+        return lax.cond(jnp.all(x[4] | ~x[2]), steady, full, z_next, x, m, P)
+
+    xs = xs[:4] + (_blocks(steady_t, num_blocks, False),) + xs[4:]
+    _, zs = lax.scan(block, z_last, xs, reverse=True)
+    zs = jnp.concatenate([zs.reshape((-1, num_samples, dim))[:n], z_last[None]])
+    return jnp.swapaxes(zs, 0, 1)
+
+
 def _sample_paths(key, params, ys, masks, num_samples, parallel, chunk_size):
+    if _steady_applies(params, ys, masks, "none"):
+        return _sample_steady(key, params, ys, num_samples, parallel, chunk_size)
     filtered = _filter(params, ys, masks, parallel, chunk_size)
     body, last = _smoother_elements(params, filtered)
     num_timesteps, dim = filtered.filtered_means.shape
@@ -635,6 +1044,7 @@ def _sample_paths(key, params, ys, masks, num_samples, parallel, chunk_size):
             return (earlier[0] @ later[0], earlier[0] @ later[1] + earlier[1])
 
         identity = (jnp.eye(dim, dtype=ys.dtype), jnp.zeros(dim, ys.dtype))
+        chunk_size = _general_chunk(chunk_size, dim, num_timesteps)
         scan_one = lambda hs: chunked_associative_scan(combine, (E_all, hs), identity, chunk_size, reverse=True)[1]
         return jax.vmap(scan_one)(h)
 
@@ -757,14 +1167,14 @@ def _one_sequence(model, y, u, n, has_missing, extra_steps=0):
 
 
 @partial(jax.jit, static_argnames=("has_missing", "parallel", "chunk_size", "batched", "inputs_batched", "smooth",
-                                   "mode"))
+                                   "mode", "steady_state"))
 def _run(model, ys, inputs, lengths, diffuse=None, *, has_missing, parallel, chunk_size, batched, inputs_batched,
-         smooth, mode="none"):
+         smooth, mode="none", steady_state=True):
     def one(y, u, n):
         params, y, masks = _one_sequence(model, y, u, n, has_missing)
         if smooth:
-            return _smooth(params, y, masks, parallel, chunk_size, mode, diffuse)
-        return _filter(params, y, masks, parallel, chunk_size, mode, diffuse)
+            return _smooth(params, y, masks, parallel, chunk_size, mode, diffuse, steady_state)
+        return _filter(params, y, masks, parallel, chunk_size, mode, diffuse, steady_state)
 
     return Batch(ys, inputs, lengths, batched, inputs_batched).map(one)
 
@@ -1016,7 +1426,7 @@ def _chunk(chunk_size):
 
 
 def filter(model, emissions, *, inputs=None, lengths=None, parallel: bool = False,
-           chunk_size: Optional[int] = None, diffuse=None) -> FilterResult:
+           chunk_size: Optional[int] = None, diffuse=None, steady_state: bool = True) -> FilterResult:
     """Kalman filter: log p(y_{0:T-1}) and the filtered moments of every z_t.
 
     Args:
@@ -1028,11 +1438,18 @@ def filter(model, emissions, *, inputs=None, lengths=None, parallel: bool = Fals
             the log-likelihood is exact and the moments there are predictions.
         parallel: False for the sequential scan, True for the associative scan (O(log T) span).
         chunk_size: parallel only; combine elements in chunks of this length, sequentially
-            across chunks (bounds compile time and memory). None: one chunk.
+            across chunks (bounds compile time and memory). None: chosen from d, T and the
+            backend (on CPU 16 for the general form, 32 for the steady-state recurrence; on an
+            accelerator one chunk while its elements fit in 2^26 entries).
         diffuse: None, or a (d,) boolean mask of diffuse components (flat prior, exact diffuse
             initialisation; their rows and columns of initial_cov are ignored). ``inf`` on the
             diagonal of the model's initial_cov marks diffuse components too. Sequential only
             (``parallel=True`` raises); filtered variances not yet identified are ``inf``.
+        steady_state: when F, Q, H and R are time-invariant and no entry is missing, switch to
+            the steady-state gain once the covariance recursion has converged (relative change
+            of the filtered covariance over a step at most `steady_state_rtol`: 1e-12 in
+            float64); the covariances are then shared by every sequence of a batch. False runs
+            the full recursion at every step.
 
     Returns:
         `FilterResult`: log_likelihood (), filtered_means (T, d), filtered_covs (T, d, d), with a
@@ -1045,11 +1462,12 @@ def filter(model, emissions, *, inputs=None, lengths=None, parallel: bool = Fals
     batch = check_arguments(model, emissions, inputs, lengths)
     mode, diffuse = _diffuse_of(model, batch, diffuse, parallel)
     return _run(model, batch.emissions, batch.inputs, batch.lengths, diffuse, parallel=bool(parallel),
-                chunk_size=_chunk(chunk_size), smooth=False, mode=mode, **_flags(batch))
+                chunk_size=_chunk(chunk_size), smooth=False, mode=mode, steady_state=bool(steady_state),
+                **_flags(batch))
 
 
 def smoother(model, emissions, *, inputs=None, lengths=None, parallel: bool = False,
-             chunk_size: Optional[int] = None, diffuse=None) -> SmootherResult:
+             chunk_size: Optional[int] = None, diffuse=None, steady_state: bool = True) -> SmootherResult:
     """Rauch-Tung-Striebel smoother: smoothed moments and lag-one cross-covariances.
 
     Same arguments as `filter`. Returns a `SmootherResult`: the filter's fields plus
@@ -1059,7 +1477,8 @@ def smoother(model, emissions, *, inputs=None, lengths=None, parallel: bool = Fa
     batch = check_arguments(model, emissions, inputs, lengths)
     mode, diffuse = _diffuse_of(model, batch, diffuse, parallel)
     return _run(model, batch.emissions, batch.inputs, batch.lengths, diffuse, parallel=bool(parallel),
-                chunk_size=_chunk(chunk_size), smooth=True, mode=mode, **_flags(batch))
+                chunk_size=_chunk(chunk_size), smooth=True, mode=mode, steady_state=bool(steady_state),
+                **_flags(batch))
 
 
 def sample(key, model, emissions, num_samples: int = 1, *, inputs=None, lengths=None, parallel: bool = False,

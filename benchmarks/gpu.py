@@ -1,0 +1,146 @@
+"""Sequential against parallel-in-time forms, and particle throughput, on the default device.
+
+    python benchmarks/gpu.py            # GPU: T = 1e3..1e6, N = 1e3..1e6 (under 5 minutes)
+    python benchmarks/gpu.py --cpu      # the reduced CPU sizes (also what runs without a GPU)
+
+Kalman filter (d = 4, p = 2 and d = 32, p = 16; time-invariant, so the steady-state forms run,
+and the general "full recursion" form, steady_state=False), HMM forward-backward (K = 10,
+D = 5, Gaussian emissions) and the bootstrap particle filter on the stochastic-volatility model
+(T = 1e3). float64 unless --float32. "compile" is the tracing, lowering and XLA compilation jax reports
+during the first call, "run" the median of 3 calls after it. A size is skipped once a smaller one of the same row took
+more than --budget seconds. Prints one markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+import jax
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--cpu", action="store_true", help="reduced sizes (the default without a GPU)")
+parser.add_argument("--float32", action="store_true")
+parser.add_argument("--budget", type=float, default=20.0, help="seconds per call above which larger sizes are skipped")
+ARGS = parser.parse_args()
+jax.config.update("jax_enable_x64", not ARGS.float32)
+
+import probssm as ps  # noqa: E402
+
+ON_CPU = ARGS.cpu or jax.default_backend() == "cpu"
+TS = [1_000, 10_000] if ON_CPU else [1_000, 10_000, 100_000, 1_000_000]
+NS = [1_000, 10_000] if ON_CPU else [1_000, 10_000, 100_000, 1_000_000]
+
+
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+_compile_seconds = [0.0]
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **_: _compile_seconds.__setitem__(0, _compile_seconds[0] + duration)
+    if event in _COMPILE_EVENTS else None)
+
+
+def timed(fn, reps=3):
+    """(compile seconds jax reports during the first call, median steady-state seconds)."""
+    _compile_seconds[0] = 0.0
+    jax.block_until_ready(fn())
+    compile_s = _compile_seconds[0]
+    runs = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        runs.append(time.perf_counter() - t0)
+    return compile_s, float(np.median(runs))
+
+
+def kalman_problem(d, p, T, seed=0):
+    rng = np.random.default_rng(seed)
+    F = 0.95 * np.linalg.qr(rng.normal(size=(d, d)))[0]
+    A = rng.normal(size=(d, d))
+    B = rng.normal(size=(p, p))
+    model = ps.models.LinearGaussianSSM(np.zeros(d), np.eye(d), F, A @ A.T / d + 0.1 * np.eye(d),
+                                        rng.normal(size=(p, d)), B @ B.T / p + 0.5 * np.eye(p))
+    _, y = ps.sample(jax.random.PRNGKey(seed), model, T)
+    return model, y
+
+
+def hmm_problem(K, D, T, seed=0):
+    rng = np.random.default_rng(seed)
+    A = rng.dirichlet(np.ones(K), size=K) + 4 * np.eye(K)
+    A /= A.sum(1, keepdims=True)
+    covs = np.stack([np.eye(D) * (0.5 + rng.uniform()) for _ in range(K)])
+    model = ps.models.HMM(np.ones(K) / K, A, ps.emissions.Gaussian(2.0 * rng.normal(size=(K, D)), covs))
+    _, y = ps.sample(jax.random.PRNGKey(seed), model, T)
+    return model, y
+
+
+def main():
+    rows = []
+
+    def run_row(task, form, sizes, make_fn, unit):
+        for size in sizes:
+            try:
+                c, r = timed(make_fn(size))
+            except Exception as err:  # out of memory at the largest sizes: say so, go on
+                rows.append((task, form, size, None, None, unit, f"failed: {type(err).__name__}"))
+                break
+            rows.append((task, form, size, c, r, unit, ""))
+            if r > ARGS.budget:
+                break
+
+    for d, p in ((4, 2), (32, 16)):
+        problems = {}
+
+        def kalman(parallel, steady, d=d, p=p, problems=problems):
+            def make(T):
+                if T not in problems:
+                    problems.clear()
+                    problems[T] = kalman_problem(d, p, T)
+                model, y = problems[T]
+                return lambda: ps.kalman.filter(model, y, parallel=parallel, steady_state=steady).log_likelihood
+            return make
+
+        task = f"Kalman filter d={d} p={p}"
+        run_row(task, "sequential", TS, kalman(False, True), "T")
+        run_row(task, "parallel", TS, kalman(True, True), "T")
+        run_row(task, "sequential, full recursion", TS, kalman(False, False), "T")
+        run_row(task, "parallel, full recursion", TS, kalman(True, False), "T")
+
+    hmm_cache = {}
+
+    def hmm(parallel):
+        def make(T):
+            if T not in hmm_cache:
+                hmm_cache.clear()
+                hmm_cache[T] = hmm_problem(10, 5, T)
+            model, y = hmm_cache[T]
+            return lambda: ps.hmm.smoother(model, y, parallel=parallel).smoothed_probs
+        return make
+
+    run_row("HMM forward-backward K=10 D=5", "sequential", TS, hmm(False), "T")
+    run_row("HMM forward-backward K=10 D=5", "parallel", TS, hmm(True), "T")
+
+    sv = ps.models.StochasticVolatility(-1.02, 0.9702, 0.178)
+    _, y_sv = ps.sample(jax.random.PRNGKey(0), sv, 1000)
+
+    def pf(n):
+        return lambda: ps.smc.particle_filter(jax.random.PRNGKey(1), sv, y_sv, n, history=False).log_likelihood
+
+    run_row("bootstrap PF, stochastic volatility, T=1e3", "sequential in T, vmapped over N", NS, pf, "N")
+
+    device = jax.devices()[0]
+    print(f"device: {device.device_kind} ({jax.default_backend()}), {os.cpu_count()} host cores, "
+          f"jax {jax.__version__}, {'float32' if ARGS.float32 else 'float64'}\n")
+    print("| task | form | size | compile (s) | run (s) | us per step | note |")
+    print("|---|---|---|---|---|---|---|")
+    for task, form, size, c, r, unit, note in rows:
+        if r is None:
+            print(f"| {task} | {form} | {unit}={size:.0e} | – | – | – | {note} |")
+            continue
+        per = 1e6 * r / (1000 if unit == "N" else size)
+        print(f"| {task} | {form} | {unit}={size:.0e} | {c:.2f} | {r:.4f} | {per:.2f} | {note} |")
+
+
+if __name__ == "__main__":
+    main()
