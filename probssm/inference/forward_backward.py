@@ -39,7 +39,12 @@ element carries a matrix normalised to unit sum and its log scale, and
 
 is associative. It runs in chunks (`probssm.core.scan.chunked_associative_scan`):
 an associative scan inside each chunk, a sequential scan across them, so the
-compiled graph has a fixed size whatever T is.
+compiled graph has a fixed size whatever T is. On CPU the default
+(``chunk_size=TWO_LEVEL``) is the two-level form instead: chunks of about sqrt(T)
+steps multiply their matrices in parallel, a short scan carries the distribution
+across chunk boundaries, and every chunk then runs the ordinary scaled pass from its
+boundary in parallel (work O(T K^3), span O(sqrt T)); the doubling scan's
+O(T K^3 log T) work costs 10-15x the sequential pass on 2 cores, this form about 2x.
 
 Missing data: a row whose emission log-likelihood is 0 (NaN in y) contributes
 likelihood 1. A padded sequence with true ``length`` skips steps t >= length
@@ -52,6 +57,7 @@ the log-likelihoods; pl = 1 everywhere is the ordinary HMM.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import jax
@@ -62,7 +68,7 @@ from probssm.core.protocol import DiscreteParams
 from probssm.core.scan import chunked_associative_scan
 
 __all__ = ["FilterResult", "SmootherResult", "promote", "filter_params", "smoother_params", "viterbi_params",
-           "sample_params", "DEFAULT_CHUNK"]
+           "sample_params", "DEFAULT_CHUNK", "TWO_LEVEL"]
 
 DEFAULT_CHUNK = 512  # parallel scans on CPU: chunk length of the associative scan
 
@@ -211,6 +217,123 @@ def _backward_parallel(A, b, valid, chunk_size):
     return cols / cols.sum(-1, keepdims=True)
 
 
+TWO_LEVEL = "two-level"  # the chunk_size that selects the two-level parallel form (CPU default)
+
+
+def _two_level_size(num_timesteps):
+    """Chunk length c of the two-level form: about sqrt(T) (span c + T / c), at least 8."""
+    return max(8, int(math.isqrt(max(num_timesteps, 1))))
+
+
+def _chunks(a, num_chunks, size, fill):
+    pad = num_chunks * size - a.shape[0]
+    a = jnp.concatenate([a, jnp.full((pad,) + a.shape[1:], fill, a.dtype)])
+    return a.reshape((num_chunks, size) + a.shape[1:])
+
+
+def _forward_two_level(pi, A, b, valid):
+    """Forward pass in three phases over chunks of c ~ sqrt(T) steps (scan-then-propagate).
+
+    The predicted distribution moves through step t by p -> normalise(p diag(b_t) A_{t+1})
+    (diag(b_t) alone when step t + 1 is padding). 1) Every chunk, in parallel, multiplies its
+    steps' matrices (a sequential scan of K x K products, vmapped over chunks, normalised);
+    2) a short sequential scan over the chunks carries the predicted distribution to every
+    chunk start; 3) every chunk, in parallel, runs the ordinary scaled forward pass from its
+    start, which gives exact filtered probabilities and normalisers. Work O(T K^3 + T K^2),
+    span O(sqrt(T)); one compiled body per phase whatever T is."""
+    T, K = b.shape
+    size = _two_level_size(T)
+    num_chunks = -(-T // size)
+    tv = A.ndim == 3
+    v = jnp.ones(T, bool) if valid is None else valid
+    vn = jnp.concatenate([v[1:], jnp.zeros(1, bool)])
+    bs = _chunks(b, num_chunks, size, 1.0)
+    vs = _chunks(v, num_chunks, size, False)
+    vns = _chunks(vn, num_chunks, size, False)
+    A_next = _chunks(_next_transitions(A), num_chunks, size, 0.0) if tv else None
+    eye = jnp.eye(K, dtype=b.dtype)
+
+    def chunk_product(b_c, A_c, v_c, vn_c):
+        def step(G, xs):
+            b_t, A_t, v_t, vn_t = xs
+            M_t = jnp.where(vn_t, A_t if tv else A, eye) * b_t[:, None]
+            G = jnp.where(v_t, G @ M_t, G)
+            return G / jnp.sum(G), None
+
+        return lax.scan(step, eye / K, (b_c, A_c, v_c, vn_c))[0]
+
+    G = jax.vmap(chunk_product, in_axes=(0, 0 if tv else None, 0, 0))(bs, A_next, vs, vns)
+
+    def chain(p, G_j):
+        q = p @ G_j
+        return q / jnp.sum(q), p
+
+    _, starts = lax.scan(chain, pi, G)
+
+    def run(p0, b_c, A_c, v_c, vn_c):
+        def step(p, xs):
+            b_t, A_t, v_t, vn_t = xs
+            a = p * b_t
+            c = a.sum()
+            alpha = a / c
+            p_next = jnp.where(vn_t, jnp.sum(alpha[:, None] * (A_t if tv else A), 0), alpha)
+            return p_next, (alpha, jnp.where(v_t, c, 1.0))
+
+        return lax.scan(step, p0, (b_c, A_c, v_c, vn_c))[1]
+
+    alphas, cs = jax.vmap(run, in_axes=(0, 0, 0 if tv else None, 0, 0))(starts, bs, A_next, vs, vns)
+    return alphas.reshape(-1, K)[:T], cs.reshape(-1)[:T]
+
+
+def _backward_two_level(A, b, cs, valid):
+    """Backward pass in the same three phases: beta_{t-1} = A_t (b_t beta_t / c_t) is linear in
+    beta_t, so a chunk is a product of K x K matrices; the boundary betas are carried from the
+    end, and every chunk runs the scaled backward pass from its boundary. Betas are returned
+    normalised per step (each chunk's scale is arbitrary)."""
+    T, K = b.shape
+    size = _two_level_size(T)
+    num_chunks = -(-T // size)
+    tv = A.ndim == 3
+    v = jnp.ones(T, bool) if valid is None else valid
+    bc = b / cs[:, None]
+    # the step at t maps beta_t to beta_{t-1}; t = 0 maps nowhere (its matrix is never used)
+    step_valid = v & (jnp.arange(T) > 0)
+    bcs = _chunks(bc, num_chunks, size, 1.0)
+    vs = _chunks(step_valid, num_chunks, size, False)
+    A_t = _chunks(A, num_chunks, size, 0.0) if tv else None
+    eye = jnp.eye(K, dtype=b.dtype)
+
+    def chunk_product(bc_c, A_c, v_c):
+        def step(H, xs):
+            bc_t, A_s, v_t = xs
+            H = jnp.where(v_t, H @ ((A_s if tv else A) * bc_t[None, :]), H)
+            return H / jnp.sum(H), None
+
+        return lax.scan(step, eye / K, (bc_c, A_c, v_c))[0]
+
+    H = jax.vmap(chunk_product, in_axes=(0, 0 if tv else None, 0))(bcs, A_t, vs)
+
+    def chain(beta, H_j):
+        prev = H_j @ beta
+        return prev / jnp.sum(prev), beta
+
+    # boundary of chunk j: beta at its last step; chunk j + 1's product carries it back
+    first, later = lax.scan(chain, jnp.ones(K, b.dtype) / K, H[1:], reverse=True)
+    boundaries = jnp.concatenate([first[None], later])
+
+    def run(beta_last, bc_c, A_c, v_c):
+        def step(beta, xs):
+            bc_t, A_s, v_t = xs
+            prev = jnp.sum(jnp.swapaxes(A_s if tv else A, -1, -2) * (bc_t * beta)[:, None], 0)
+            prev = jnp.where(v_t, prev, beta)
+            return prev, beta
+
+        return lax.scan(step, beta_last, (bc_c, A_c, v_c), reverse=True)[1]
+
+    betas = jax.vmap(run, in_axes=(0, 0, 0 if tv else None, 0))(boundaries, bcs, A_t, vs).reshape(-1, K)[:T]
+    return betas / jnp.sum(betas, -1, keepdims=True)
+
+
 def _transition_counts(A, b, alphas, betas, valid):
     """sum_t A_t * outer(alpha_{t-1}, b_t beta_t) / n_t, with n_t the normaliser of that outer product."""
     w = b[1:] * betas[1:]
@@ -231,7 +354,10 @@ def _transition_counts(A, b, alphas, betas, valid):
 def _filter_one(params, plausibility, valid, parallel, chunk_size):
     b, m = _prepare_params(params, plausibility, valid)
     A = params.transition_matrices
-    if parallel:
+    if parallel and chunk_size == TWO_LEVEL:
+        alphas, cs = _forward_two_level(params.initial_probs, A, b, valid)
+        ll = jnp.sum(jnp.log(cs)) + jnp.sum(m)
+    elif parallel:
         alphas, cs, log_z = _forward_parallel(params.initial_probs, A, b, valid, chunk_size)
         ll = log_z + jnp.sum(m)
     else:
@@ -244,7 +370,10 @@ def _smooth_one(params, plausibility, valid, parallel, chunk_size):
     ll, alphas, cs, b = _filter_one(params, plausibility, valid, parallel, chunk_size)
     A = params.transition_matrices
     if parallel:
-        betas = _backward_parallel(A, b, valid, chunk_size)
+        if chunk_size == TWO_LEVEL:
+            betas = _backward_two_level(A, b, cs, valid)
+        else:
+            betas = _backward_parallel(A, b, valid, chunk_size)
         counts = _transition_counts(A, b, alphas, betas, valid)
     else:
         betas, bc = _backward_sequential(A, b, cs, valid)
@@ -340,8 +469,8 @@ def _core_chunk(chunk_size, parallel):
     if not parallel:
         return None
     if chunk_size is None:
-        return DEFAULT_CHUNK if jax.default_backend() == "cpu" else None
-    return int(chunk_size)
+        return TWO_LEVEL if jax.default_backend() == "cpu" else None
+    return chunk_size if chunk_size == TWO_LEVEL else int(chunk_size)
 
 
 def filter_params(params: DiscreteParams, *, length=None, plausibility=None, parallel: bool = False,
@@ -357,7 +486,8 @@ def filter_params(params: DiscreteParams, *, length=None, plausibility=None, par
             t >= length are skipped and their outputs are zero.
         plausibility: None or (T, K) non-negative weights on the emission likelihoods.
         parallel: associative scan instead of the sequential scan (a Python bool).
-        chunk_size: parallel only; chunk length (default 512 on CPU, one chunk elsewhere).
+        chunk_size: parallel only; chunk length of the associative scan, or ``TWO_LEVEL``
+            (default on CPU: the two-level form; one associative chunk elsewhere).
 
     Returns:
         `FilterResult`: log_likelihood (), filtered_probs (T, K).

@@ -37,7 +37,7 @@ from probssm.core import checks
 from probssm.core.batching import Batch, as_batch, check_input_dim, is_concatenated, split_concatenated
 from probssm.core.protocol import AbstractDiscreteSSM
 from probssm.inference.forward_backward import (
-    DEFAULT_CHUNK, FilterResult, SmootherResult, filter_params, sample_params, smoother_params, viterbi_params,
+    DEFAULT_CHUNK, TWO_LEVEL, FilterResult, SmootherResult, filter_params, sample_params, smoother_params, viterbi_params,
 )
 
 __all__ = ["FilterResult", "SmootherResult", "Posterior", "filter", "smoother", "viterbi", "sample",
@@ -222,7 +222,7 @@ def _chunk(chunk_size, parallel):
     if not parallel:
         return None
     if chunk_size is None:
-        return DEFAULT_CHUNK if jax.default_backend() == "cpu" else None
+        return TWO_LEVEL if jax.default_backend() == "cpu" else None
     return checks.positive_int(chunk_size, "chunk_size")
 
 
@@ -273,8 +273,9 @@ def filter(model, emissions, *, inputs=None, lengths=None, plausibility=None, pa
         plausibility: (T, K) or (B, T, K) non-negative weights on the emission likelihood
             (ARPHMM); None means 1.
         parallel: associative scan instead of the sequential scan.
-        chunk_size: parallel only; length of the chunks scanned associatively (default 512 on
-            CPU, one chunk on accelerators).
+        chunk_size: parallel only; length of the chunks scanned associatively (default: on CPU
+            the two-level form, chunks of about sqrt(T) run in parallel; one associative chunk
+            on accelerators).
 
     Returns:
         `FilterResult`: log_likelihood () and filtered_probs (T, K), with a leading B axis
