@@ -37,7 +37,7 @@ from probssm.core import checks
 from probssm.core.batching import Batch, as_batch, check_input_dim, is_concatenated, split_concatenated
 from probssm.core.protocol import AbstractDiscreteSSM
 from probssm.inference.forward_backward import (
-    DEFAULT_CHUNK, TWO_LEVEL, FilterResult, SmootherResult, filter_params, sample_params, smoother_params, viterbi_params,
+    TWO_LEVEL, FilterResult, SmootherResult, filter_params, sample_params, smoother_params, viterbi_params,
 )
 
 __all__ = ["FilterResult", "SmootherResult", "Posterior", "filter", "smoother", "viterbi", "sample",
