@@ -29,6 +29,9 @@ __all__ += ["dkf"]
 from probssm.inference import imap
 
 __all__ += ["imap"]
+from probssm.core import sharding
+
+__all__ += ["sharding"]
 
 # Deprecated aliases of names that moved outwards (simulators to `datasets`, DKF learners to
 # `learn`), bound here so that no inner module imports an outer one.

@@ -335,6 +335,7 @@ NOT_ENGINES = {
     "": {  # ps itself: submodules and I/O
         "core", "models", "inference", "kalman", "learn", "save", "load", "SSM", "lagged_inputs", "hmm",
         "emissions", "datasets", "smc", "gaussian", "mcmc", "dkf", "imap",
+        "sharding",  # device placement of batches (not an engine; checked by tests/test_sharding.py)
     },
 }
 

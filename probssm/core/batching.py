@@ -266,8 +266,8 @@ def as_batch(emissions, inputs=None, lengths=None, *, name: str = "emissions") -
         want = (B,) if batched else ()
         if n.shape != want:
             raise ValueError(f"lengths: expected shape {want}, got shape {tuple(n.shape)}")
-        if not isinstance(n, jax.core.Tracer):
-            a = np.asarray(n)
+        if not isinstance(n, jax.core.Tracer) and not (isinstance(n, jax.Array) and not n.is_fully_addressable):
+            a = np.asarray(n)  # a global array over several hosts (jax.distributed) is not read here
             if np.any(a < 1) or np.any(a > T):
                 raise ValueError(f"lengths: expected values in 1..{T}, got {a.min()}..{a.max()}")
         lengths = n

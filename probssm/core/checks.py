@@ -14,7 +14,12 @@ import jax.numpy as jnp
 
 
 def is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+    """Whether ``x``'s values can be read here: not traced, and not a global array spanning other
+    processes' devices (multi-host, see `probssm.core.sharding`), whose value checks are skipped
+    like those of traced arrays."""
+    if isinstance(x, jax.core.Tracer):
+        return False
+    return not (isinstance(x, jax.Array) and not x.is_fully_addressable)
 
 
 def positive_int(value, name: str, minimum: int = 1) -> int:
