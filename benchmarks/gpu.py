@@ -7,16 +7,15 @@ Kalman filter (d = 4, p = 2 and d = 32, p = 16; time-invariant, so the steady-st
 and the general "full recursion" form, steady_state=False), HMM forward-backward (K = 10,
 D = 5, Gaussian emissions) and the bootstrap particle filter on the stochastic-volatility model
 (T = 1e3). float64 unless --float32. "compile" is the tracing, lowering and XLA compilation jax reports
-during the first call, "run" the median of 3 calls after it. A size is skipped once a smaller one of the same row took
+during the first call, "run" the median of the calls after it (benchmarks/kalman.py's `timed`). A size is skipped once a smaller one of the same row took
 more than --budget seconds. Prints one markdown table.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import time
+import sys
 
-import numpy as np
 import jax
 
 parser = argparse.ArgumentParser()
@@ -24,7 +23,11 @@ parser.add_argument("--cpu", action="store_true", help="reduced sizes (the defau
 parser.add_argument("--float32", action="store_true")
 parser.add_argument("--budget", type=float, default=20.0, help="seconds per call above which larger sizes are skipped")
 ARGS = parser.parse_args()
-jax.config.update("jax_enable_x64", not ARGS.float32)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from hmm import make_problem as make_hmm_problem  # noqa: E402  (the problems of the CPU benchmarks)
+from kalman import make_problem, timed  # noqa: E402  (timed: compile time from jax's events)
+
+jax.config.update("jax_enable_x64", not ARGS.float32)  # after those imports, which turn x64 on
 
 import probssm as ps  # noqa: E402
 
@@ -33,46 +36,13 @@ TS = [1_000, 10_000] if ON_CPU else [1_000, 10_000, 100_000, 1_000_000]
 NS = [1_000, 10_000] if ON_CPU else [1_000, 10_000, 100_000, 1_000_000]
 
 
-_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                   "/jax/core/compile/backend_compile_duration")
-_compile_seconds = [0.0]
-jax.monitoring.register_event_duration_secs_listener(
-    lambda event, duration, **_: _compile_seconds.__setitem__(0, _compile_seconds[0] + duration)
-    if event in _COMPILE_EVENTS else None)
-
-
-def timed(fn, reps=3):
-    """(compile seconds jax reports during the first call, median steady-state seconds)."""
-    _compile_seconds[0] = 0.0
-    jax.block_until_ready(fn())
-    compile_s = _compile_seconds[0]
-    runs = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        runs.append(time.perf_counter() - t0)
-    return compile_s, float(np.median(runs))
-
-
 def kalman_problem(d, p, T, seed=0):
-    rng = np.random.default_rng(seed)
-    F = 0.95 * np.linalg.qr(rng.normal(size=(d, d)))[0]
-    A = rng.normal(size=(d, d))
-    B = rng.normal(size=(p, p))
-    model = ps.models.LinearGaussianSSM(np.zeros(d), np.eye(d), F, A @ A.T / d + 0.1 * np.eye(d),
-                                        rng.normal(size=(p, d)), B @ B.T / p + 0.5 * np.eye(p))
-    _, y = ps.sample(jax.random.PRNGKey(seed), model, T)
-    return model, y
+    model, y = make_problem(d, p, T, seed)
+    return model, jax.numpy.asarray(y, jax.numpy.result_type(float))
 
 
 def hmm_problem(K, D, T, seed=0):
-    rng = np.random.default_rng(seed)
-    A = rng.dirichlet(np.ones(K), size=K) + 4 * np.eye(K)
-    A /= A.sum(1, keepdims=True)
-    covs = np.stack([np.eye(D) * (0.5 + rng.uniform()) for _ in range(K)])
-    model = ps.models.HMM(np.ones(K) / K, A, ps.emissions.Gaussian(2.0 * rng.normal(size=(K, D)), covs))
-    _, y = ps.sample(jax.random.PRNGKey(seed), model, T)
-    return model, y
+    return make_hmm_problem(K, D, T, seed)
 
 
 def main():

@@ -154,3 +154,29 @@ def test_backward_samples_on_the_steady_path_match_the_smoother(problem, paralle
     covs = np.asarray(s.smoothed_covs)
     se = np.sqrt((np.einsum("tii,tjj->tij", covs[1:], covs[:-1]) + cross ** 2) / N)
     assert np.abs((emp_cross - cross) / se).max() < 5.0
+
+
+def test_affine_recurrence_under_jit_and_vmap_and_bad_input():
+    A = jnp.array([[0.9, 0.1], [-0.1, 0.8]])
+    u = jnp.asarray(np.random.default_rng(2).normal(size=(3, 40, 2)))
+    want = np.stack([np.asarray(kalman.affine_recurrence(A, ui, 8)) for ui in u])
+    got = jax.jit(jax.vmap(lambda ui: kalman.affine_recurrence(A, ui, 8)))(u)
+    assert_close(got, want)
+    with pytest.raises(ValueError, match="A, u"):
+        kalman.affine_recurrence(jnp.eye(3), u[0])
+    with pytest.raises(ValueError, match="chunk_size"):
+        kalman.affine_recurrence(A, u[0], 0)
+    assert kalman.steady_state_rtol(jnp.float64) == 1e-12
+    with pytest.raises(ValueError, match="dtype"):
+        kalman.steady_state_rtol(jnp.int32)
+
+
+def test_tree_at_model_with_a_bad_value_raises_on_the_steady_path(problem):
+    import equinox as eqx
+
+    model, y, u = problem
+    bad = eqx.tree_at(lambda m: m.transition_cov, model, -jnp.eye(3))
+    for fn in (ps.kalman.filter, ps.kalman.smoother):
+        for parallel in (False, True):
+            with pytest.raises(ValueError, match="transition_cov"):
+                fn(bad, y, inputs=u, parallel=parallel)

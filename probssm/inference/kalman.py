@@ -462,6 +462,8 @@ _STEADY_BLOCK = 32
 def steady_state_rtol(dtype) -> float:
     """Relative change of the filtered covariance over one step below which the Kalman filter
     switches to its steady-state gain: 1e-12 in float64, 32 eps (3.8e-6) in float32."""
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"dtype: expected a floating dtype, got {dtype}")
     return max(1e-12, 32.0 * float(jnp.finfo(dtype).eps))
 
 
@@ -624,8 +626,13 @@ def affine_recurrence(A, u, chunk_size: Optional[int] = None):
     incoming state is added to step j of each chunk. Work O(n d^2 log chunk), span
     O(log chunk + n / chunk); one compiled loop body whatever n is. Traceable.
     """
+    if jnp.ndim(u) != 2 or jnp.shape(A) != (jnp.shape(u)[-1],) * 2:
+        raise ValueError(f"A, u: expected A of shape (d, d) and u of shape (n, d), got shapes {jnp.shape(A)} "
+                         f"and {jnp.shape(u)}")
+    if chunk_size is not None:
+        chunk_size = checks.positive_int(chunk_size, "chunk_size")
     n, dim = u.shape
-    c = n if chunk_size is None else max(1, min(int(chunk_size), n))
+    c = n if chunk_size is None else min(chunk_size, n)
     num_levels = math.ceil(math.log2(c)) if c > 1 else 0
     c = 1 << num_levels
     num_chunks = -(-n // c)
@@ -680,6 +687,25 @@ def _filter_steady(params: LinearGaussianParams, ys, parallel, chunk_size):
     return FilterResult(ll, means, covs)
 
 
+def _backward_setup(means, mps, flags):
+    """What the blocked backward passes (smoother, sampler) read of the blocked filter: the
+    predicted mean of t + 1 at position t (n,), whether step t's backward gain is the steady one
+    (t >= 1 and step t was steady in the filter) and the first position of every block."""
+    dim = means.shape[-1]
+    n = means.shape[0] - 1
+    mp_flat = mps.reshape(-1, dim)[:n]
+    steady_t = jnp.concatenate([jnp.zeros(1, bool), flags.reshape(-1)[:n - 1]])
+    starts = _STEADY_BLOCK * jnp.arange(flags.shape[0])
+    return mp_flat, steady_t, starts
+
+
+def _backward_gain(P, F, Q, unroll=True):
+    """E = P F^T (F P F^T + Q)^{-1} and the predicted covariance F P F^T + Q."""
+    FP = mm(F, P)
+    Pp = symmetrize(mm(FP, F.T) + Q)
+    return cho_solve_lower(cholesky(Pp, unroll), FP, unroll).T, Pp
+
+
 def _smooth_steady(params: LinearGaussianParams, ys, parallel, chunk_size):
     """RTS smoother on the blocked filter output: block j smooths t = j S .. (j + 1) S - 1
     (t <= T - 2) from t + 1, recomputing the predicted covariance of t + 1 from the filtered one
@@ -691,19 +717,10 @@ def _smooth_steady(params: LinearGaussianParams, ys, parallel, chunk_size):
     n = num_timesteps - 1
     num_blocks = flags.shape[0]
     size = _STEADY_BLOCK
-    mp_flat = mps.reshape(-1, dim)[:n]  # predicted mean of t + 1 at position t
-    # the gain of step t is steady when P_t is: t >= 1 and step t was steady in the filter
-    steady_t = jnp.concatenate([jnp.zeros(1, bool), flags.reshape(-1)[:n - 1]])
-    starts = size * jnp.arange(num_blocks)
+    mp_flat, steady_t, starts = _backward_setup(means, mps, flags)
     xs = (_blocks(mp_flat, num_blocks), _blocks(steady_t, num_blocks, False), starts, starts)
     rtol = steady_state_rtol(ys.dtype)
-
-    def gain(P, unroll=True):
-        FP = mm(F, P)
-        Pp = symmetrize(mm(FP, F.T) + Q)
-        return cho_solve_lower(cholesky(Pp, unroll), FP, unroll).T, Pp
-
-    E_inf = gain(g.P, unroll=False)[0]
+    E_inf = _backward_gain(g.P, F, Q, unroll=False)[0]
     if parallel:
         # in reverse from t = T - 1 (smoothed = filtered): x_t = E x_{t+1} + m_t - E mp_{t+1}
         u = jnp.where(steady_t[:, None], means[:-1] - mp_flat @ E_inf.T, 0.0)
@@ -717,7 +734,7 @@ def _smooth_steady(params: LinearGaussianParams, ys, parallel, chunk_size):
         def step(c, xx):
             m_next, P_next = c
             m, P, mp, st, ok = xx[:5]
-            Et, Pp = gain(P, unroll=False)  # mostly transient steps: LAPACK, less to compile
+            Et, Pp = _backward_gain(P, F, Q, unroll=False)  # mostly transient steps: LAPACK
             m_s = m + mm(Et, m_next - mp)
             if parallel:
                 m_s = jnp.where(st, xx[5], m_s)
@@ -969,15 +986,11 @@ def _sample_steady(key, params: LinearGaussianParams, ys, num_samples, parallel,
     n = num_timesteps - 1
     num_blocks = flags.shape[0]
     size = _STEADY_BLOCK
-    mp_flat = mps.reshape(-1, dim)[:n]
-    steady_t = jnp.concatenate([jnp.zeros(1, bool), flags.reshape(-1)[:n - 1]])
-    starts = size * jnp.arange(num_blocks)
+    mp_flat, steady_t, starts = _backward_setup(means, mps, flags)
     eps = jax.random.normal(key, (num_timesteps, num_samples, dim), ys.dtype)
 
     def element(P, unroll=True):
-        FP = mm(F, P)
-        Pp = symmetrize(mm(FP, F.T) + Q)
-        E = cho_solve_lower(cholesky(Pp, unroll), FP, unroll).T
+        E, Pp = _backward_gain(P, F, Q, unroll)
         return E, _jittered_chol(symmetrize(P - mm(mm(E, Pp), E.T)), unroll)
 
     E_inf, chol_inf = element(g.P, unroll=False)
