@@ -112,8 +112,8 @@ def dynamax_parallel(d, p, T, limit):
     return None
 
 
-def sample_draw(model, y, parallel):
-    return lambda: ps.kalman.sample(jax.random.PRNGKey(0), model, y, 1, parallel=parallel)
+def sample_draw(model, y, parallel, steady_state=True):
+    return lambda: ps.kalman.sample(jax.random.PRNGKey(0), model, y, 1, parallel=parallel, steady_state=steady_state)
 
 
 def table(configs, limit):
@@ -154,12 +154,18 @@ def table(configs, limit):
         row("probssm parallel smoother", timed(lambda: ps.kalman.smoother(model, y, parallel=True).smoothed_means))
         row("probssm sampler (1 draw)", timed(sample_draw(model, y, False)))
         row("probssm parallel sampler (1 draw)", timed(sample_draw(model, y, True)))
+        # the general forms (what a time-varying model or missing data runs), steady_state=False
+        row("probssm filter, full recursion", timed(
+            lambda: ps.kalman.filter(model, y, steady_state=False).log_likelihood))
+        row("probssm parallel filter, full recursion", timed(
+            lambda: ps.kalman.filter(model, y, parallel=True, steady_state=False).log_likelihood))
+        row("probssm smoother, full recursion", timed(
+            lambda: ps.kalman.smoother(model, y, steady_state=False).smoothed_means))
+        row("probssm parallel smoother, full recursion", timed(
+            lambda: ps.kalman.smoother(model, y, parallel=True, steady_state=False).smoothed_means))
+        row("probssm sampler (1 draw), full recursion", timed(sample_draw(model, y, False, False)))
+        row("probssm parallel sampler (1 draw), full recursion", timed(sample_draw(model, y, True, False)))
         if T <= 10_000:
-            # the general forms (what a time-varying model or missing data runs), steady_state=False
-            row("probssm filter, full recursion", timed(
-                lambda: ps.kalman.filter(model, y, steady_state=False).log_likelihood))
-            row("probssm parallel filter, full recursion", timed(
-                lambda: ps.kalman.filter(model, y, parallel=True, steady_state=False).log_likelihood))
             row("dynamax parallel filter", dynamax_parallel(d, p, T, limit))
         if T <= 1_000:
             from pykalman import KalmanFilter

@@ -578,6 +578,53 @@ def test_engine_compiles_once_per_shape(em_data):
     assert engine._run._cache_size() == size
 
 
+def _count_traces(monkeypatch, module, name):
+    """Wrap ``module.name`` with a Python-side counter; the wrapper runs only while jax traces."""
+    calls = []
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_forward_backward_traces_once(em_data, monkeypatch, parallel):
+    """A second smoother call on new data and a new model of the same shapes does not re-trace
+    (a shape unused elsewhere, so the first call traces here)."""
+    init, y = em_data
+    fb_module = importlib.import_module("probssm.inference.forward_backward")
+    calls = _count_traces(monkeypatch, fb_module, "_smooth_one")
+    y = y[:123]
+    first = ps.hmm.smoother(init, y, parallel=parallel)
+    assert len(calls) == 1
+    other = ps.models.HMM(np.array([0.2, 0.3, 0.5]), init.transition_matrix,
+                          ps.emissions.Gaussian(np.asarray(init.emissions.means) + 0.5, init.emissions.covs))
+    second = ps.hmm.smoother(other, y + 0.25, parallel=parallel)
+    assert len(calls) == 1
+    assert not np.allclose(first.log_likelihood, second.log_likelihood)
+
+
+def test_baum_welch_traces_once(em_data, monkeypatch):
+    """A second fit with new data of the same shape (and a new starting model) does not re-trace
+    the compiled fit: the E-step's forward-backward is traced once."""
+    init, y = em_data
+    calls = _count_traces(monkeypatch, bw_module.hmm_engine, "smoother_params")
+    y = y[:131]
+    ps.learn.em(init, y, 5, progress=False)
+    assert len(calls) == 1
+    size = bw_module._fit._cache_size()
+    other = ps.models.HMM(np.array([0.2, 0.3, 0.5]), init.transition_matrix,
+                          ps.emissions.Gaussian(np.asarray(init.emissions.means) - 0.5, init.emissions.covs))
+    _, history = ps.learn.em(other, y - 0.25, 5, progress=False)
+    assert len(calls) == 1
+    assert bw_module._fit._cache_size() == size
+    assert np.all(np.isfinite(np.asarray(history)))
+
+
 def test_em_tol_stops_updating(em_data):
     init, y = em_data
     _, h = ps.learn.em(init, y, 10, tol=20.0)

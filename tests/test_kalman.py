@@ -1,6 +1,7 @@
 """Kalman engine against independent oracles: a plain numpy filter/RTS smoother
 (tests/reference.py) and pykalman; parallel against sequential; missing data
 against the problem with those entries removed."""
+import equinox as eqx
 import numpy as np
 import pytest
 import jax
@@ -123,6 +124,33 @@ def test_parallel_equals_sequential(rng, parallel, chunk_size):
         assert_close(b, a)
 
 
+def test_two_level_form_under_grad_and_batches(rng):
+    """The two-level parallel form (chunks reduced in parallel, then rerun) on a time-varying model
+    with missing rows: its gradient equals the sequential one; on a list of two sequences of
+    different lengths (a padded batch) it equals the sequential smoother of each."""
+    T = 50
+    model = random_model(rng, 3, 2, T=T)
+    _, y = ps.sample(jax.random.PRNGKey(6), model, T)
+    y = np.array(y)
+    y[7] = np.nan
+    y[20, 0] = np.nan
+
+    def loglik(scale, parallel):
+        m = eqx.tree_at(lambda m: m.transition_cov, model, model.transition_cov * scale)
+        return ps.kalman.filter(m, y, parallel=parallel, chunk_size="two-level" if parallel else None).log_likelihood
+
+    assert_close(jax.grad(loglik)(1.2, True), jax.grad(loglik)(1.2, False))
+    invariant = random_model(rng, 3, 2)
+    ys = [y, y[:37]]
+    par = ps.kalman.smoother(invariant, ys, parallel=True, chunk_size="two-level", steady_state=False)
+    for i, yi in enumerate(ys):
+        seq = ps.kalman.smoother(invariant, yi, steady_state=False)
+        n = yi.shape[0]
+        assert_close(par.log_likelihood[i], seq.log_likelihood)
+        assert_close(par.smoothed_means[i, :n], seq.smoothed_means)
+        assert_close(par.smoothed_covs[i, :n], seq.smoothed_covs)
+
+
 def test_missing_values_equal_removed_entries(rng):
     """Partial and whole missing rows give the filter of the problem without those entries."""
     T = 40
@@ -165,9 +193,8 @@ def test_float32_long_sequence():
     _, y = ps.sample(jax.random.PRNGKey(8), model64, T)
     ll64 = ps.kalman.filter(model64, y).log_likelihood
     model32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), model64)
-    for parallel in (False, True):
-        f32 = ps.kalman.filter(model32, jnp.asarray(y, jnp.float32), parallel=parallel,
-                               chunk_size=4096 if parallel else None)
+    for parallel, chunk_size in ((False, None), (True, 4096), (True, "two-level")):
+        f32 = ps.kalman.filter(model32, jnp.asarray(y, jnp.float32), parallel=parallel, chunk_size=chunk_size)
         assert f32.log_likelihood.dtype == jnp.float32
         assert np.all(np.isfinite(np.asarray(f32.filtered_means)))
         assert abs(float(f32.log_likelihood) - float(ll64)) / abs(float(ll64)) < 1e-3

@@ -179,6 +179,41 @@ def test_resampling_expected_offspring_chi_square(scheme):
         assert np.all(np.abs(counts - n * w) < 1.0)
 
 
+def test_particle_random_draws_per_key_and_standard():
+    """The engines' bit generator: one key gives the same words batched (vmap, nested too) or
+    alone; the float32 inverse-erf normals and the uniforms have the right law."""
+    from probssm.inference.smc import common as C
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    batched = np.asarray(jax.jit(jax.vmap(lambda k: C.random_bits(k, (7,))))(keys))
+    alone = np.stack([np.asarray(C.random_bits(k, (7,))) for k in keys])
+    np.testing.assert_array_equal(batched, alone)
+    assert len(np.unique(alone)) == alone.size
+    nested = np.asarray(jax.vmap(jax.vmap(lambda k: C.random_bits(k, (7,))))(jnp.stack([keys, keys])))
+    np.testing.assert_array_equal(nested[1], alone)
+    n = 200_000
+    z = np.asarray(C.standard_normal(jax.random.PRNGKey(1), (n,), jnp.float64))
+    assert z.dtype == np.float64 and abs(z.mean()) < 5 / np.sqrt(n) and abs(z.var() - 1) < 5 * np.sqrt(2 / n)
+    assert stats.kstest(z, "norm").pvalue > 1e-3
+    u = np.asarray(C.uniform(jax.random.PRNGKey(2), (n,), jnp.float64))
+    assert u.min() >= 0 and u.max() < 1 and stats.kstest(u, "uniform").pvalue > 1e-3
+
+
+@pytest.mark.parametrize("scheme", ["systematic", "stratified", "residual"])
+def test_resampling_offspring_unbiased_per_particle(scheme):
+    """Mean offspring counts over fixed keys equal N w_i within 5 standard errors, particle by
+    particle (zero weights included: never an offspring)."""
+    n, reps = 32, 3000
+    w = np.array(jax.random.dirichlet(jax.random.PRNGKey(5), 0.5 * np.ones(n)))
+    w[[0, 7, 31]] = 0.0
+    w = w / w.sum()
+    fn = jax.jit(jax.vmap(lambda k: jnp.bincount(rs.SCHEMES[scheme](k, jnp.asarray(w)), length=n)))
+    counts = np.asarray(fn(jax.random.split(jax.random.PRNGKey(6), reps)), np.float64)
+    assert np.all(counts[:, w == 0] == 0)
+    se = counts.std(0) / np.sqrt(reps)
+    assert np.all(np.abs(counts.mean(0) - n * w) <= 5 * se + 1e-9)
+
+
 @pytest.mark.parametrize("scheme", sorted(rs.SCHEMES))
 def test_resampling_float32_cumulative_sums(scheme):
     """float32 weights whose running sum drifts from one (n = 2e5): counts sum to n, zeros get none."""

@@ -7,6 +7,37 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+TWO_LEVEL = "two-level"  # the chunk_size that selects the two-level parallel forms (CPU default)
+
+
+def two_level_size(num_timesteps: int) -> int:
+    """Chunk length c of the two-level parallel forms: about sqrt(T) (span c + T / c), at least 8."""
+    return max(8, int(math.isqrt(max(num_timesteps, 1))))
+
+
+def scan_in_place(f, init, xs, length=None, reverse=False):
+    """`lax.scan` whose per-step outputs are written into carried buffers in place.
+
+    Same semantics as ``lax.scan(f, init, xs, length, reverse)``. On CPU, stacking a scan's
+    (d, d) outputs costs a copy of the whole (T, d, d) result (and a transpose under vmap); at
+    d = 32 that was as much as the step's own arithmetic. Here a `fori_loop` reads step i of
+    ``xs`` by a dynamic index and updates the output buffers at i, which XLA does in place.
+    """
+    leaves = jax.tree_util.tree_leaves(xs)
+    n = leaves[0].shape[0] if leaves else length
+    x0 = jax.tree_util.tree_map(lambda a: a[0], xs)
+    _, y_shape = jax.eval_shape(f, init, x0)
+    bufs = jax.tree_util.tree_map(lambda s: jnp.zeros((n,) + s.shape, s.dtype), y_shape)
+
+    def body(j, state):
+        carry, bufs = state
+        i = n - 1 - j if reverse else j
+        carry, y = f(carry, jax.tree_util.tree_map(lambda a: lax.dynamic_index_in_dim(a, i, 0, False), xs))
+        bufs = jax.tree_util.tree_map(lambda b, v: lax.dynamic_update_index_in_dim(b, v, i, 0), bufs, y)
+        return carry, bufs
+
+    return lax.fori_loop(0, n, body, (init, bufs))
+
 
 def _level_scan(fn, elems, identity):
     """Inclusive prefix combination by doubling (Hillis-Steele) inside one `fori_loop`.

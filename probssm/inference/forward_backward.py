@@ -57,7 +57,6 @@ the log-likelihoods; pl = 1 everywhere is the ordinary HMM.
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional
 
 import jax
@@ -65,7 +64,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from probssm.core.protocol import DiscreteParams
-from probssm.core.scan import chunked_associative_scan
+from probssm.core.scan import TWO_LEVEL, chunked_associative_scan, two_level_size
 
 __all__ = ["FilterResult", "SmootherResult", "promote", "filter_params", "smoother_params", "viterbi_params",
            "sample_params", "DEFAULT_CHUNK", "TWO_LEVEL"]
@@ -217,12 +216,7 @@ def _backward_parallel(A, b, valid, chunk_size):
     return cols / cols.sum(-1, keepdims=True)
 
 
-TWO_LEVEL = "two-level"  # the chunk_size that selects the two-level parallel form (CPU default)
-
-
-def _two_level_size(num_timesteps):
-    """Chunk length c of the two-level form: about sqrt(T) (span c + T / c), at least 8."""
-    return max(8, int(math.isqrt(max(num_timesteps, 1))))
+_two_level_size = two_level_size
 
 
 def _chunks(a, num_chunks, size, fill):

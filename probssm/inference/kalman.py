@@ -56,7 +56,7 @@ from probssm.core import batching, checks
 from probssm.core.batching import Batch
 from probssm.core.linalg import cho_solve_lower, cholesky, mm, solve_lower, symmetrize
 from probssm.core.protocol import AbstractLinearGaussianSSM, LinearGaussianParams
-from probssm.core.scan import chunked_associative_scan
+from probssm.core.scan import TWO_LEVEL, chunked_associative_scan, scan_in_place, two_level_size
 
 __all__ = ["FilterResult", "SmootherResult", "ForecastResult", "filter", "smoother", "sample", "forecast",
            "log_likelihood", "filter_params", "smoother_params", "sample_params", "forecast_params",
@@ -300,20 +300,124 @@ def _predictive_log_likelihood(params_tv, ms, Ps, ys, masks):
 
 
 def _general_chunk(chunk_size, dim, num_timesteps):
-    """Chunk of the associative scan of the general parallel forms when none is given. On CPU
-    short chunks (the doubling inside a chunk multiplies the work by its depth; 16 was fastest at
-    d = 4 and 32 on 2 cores); on an accelerator one chunk, unless the (T, d, d) elements of a
-    chunk would exceed 2^26 entries."""
+    """Chunk of the general parallel forms when none is given. On CPU the two-level form
+    (`TWO_LEVEL`: chunks of about sqrt(T) reduced in parallel, then rerun from their starts; work
+    about three sequential passes, where a doubling scan multiplies it by log2 of its chunk); on
+    an accelerator one associative scan, unless the (T, d, d) elements of a chunk would exceed
+    2^26 entries."""
     if chunk_size is not None:
         return chunk_size
     if jax.default_backend() == "cpu":
-        return 16
+        return TWO_LEVEL
     limit = max(1, (1 << 26) // (dim * dim))
     return None if num_timesteps <= limit else 1 << (limit.bit_length() - 1)
 
 
+def _chunk_layout(n):
+    """(number of chunks K, chunk length c, time index (K, c) clamped to n - 1, valid (K, c)) of
+    n steps cut into chunks of about sqrt(n); the last chunk is padded."""
+    size = two_level_size(n)
+    num_chunks = -(-n // size)
+    flat = jnp.arange(num_chunks * size)
+    return num_chunks, size, jnp.minimum(flat, n - 1).reshape(num_chunks, size), (flat < n).reshape(num_chunks, size)
+
+
+def _where_tree(flag, a, b):
+    return jax.tree_util.tree_map(lambda x, y: jnp.where(flag, x, y), a, b)
+
+
+def _filter_two_level(params: LinearGaussianParams, ys, masks, return_predicted: bool = False):
+    """Parallel filter in three phases over chunks of about sqrt(T) steps (scan-then-propagate).
+
+    1) Every chunk, in parallel (vmapped), folds its steps' elements into one with a sequential
+    scan: the conditional of its last state given the state before it and its observations, and
+    the information its observations carry about that state. 2) A scan over the chunks applies
+    those to the filtered moments of step 0, which gives the filtered moments before every chunk.
+    3) Every chunk, in parallel, runs the ordinary filter from there: the moments and the
+    log-likelihood are those of the sequential filter. Work about three sequential passes, span
+    O(sqrt(T)); one compiled body per phase whatever T is."""
+    p0 = _at(params, 0)
+    m0, P0, ll0 = _update_joseph(p0.initial_mean, p0.initial_cov, p0.emission_matrix, p0.emission_offset,
+                                 p0.emission_cov, ys[0], None if masks is None else masks[0])
+    n = ys.shape[0] - 1
+    if n == 0:
+        result = FilterResult(ll0, m0[None], P0[None])
+        return (result, m0[:0], P0[:0]) if return_predicted else result
+    num_chunks, size, idx, valid = _chunk_layout(n)
+    ts = idx + 1
+    dim = m0.shape[0]
+
+    def step_inputs(t):
+        q = _at(params, t)
+        return q, ys[t], None if masks is None else masks[t]
+
+    if num_chunks > 1:
+        def chunk_element(ts_c):
+            # The filter of the chunk started from a point mass at x = z_{s-1}: its mean is
+            # A x + b with covariance C (free of x), and the whitened innovation of step t is
+            # v_t - G_t x, so log p(y_chunk | x) = -|v - G x|^2 / 2 summed: J = sum G^T G,
+            # eta = sum G^T v. A Kalman step and a few products; no inverse.
+            def step(e, t):
+                q, y, mask = step_inputs(t)
+                H, d, R, y, _ = _mask_observation(q.emission_matrix, q.emission_offset, q.emission_cov, y, mask)
+                F = q.transition_matrix
+                FA = mm(F, e.A)
+                m_pred, P_pred = _predict(e.b, e.C, F, q.transition_offset, q.transition_cov)
+                HP = mm(H, P_pred)
+                L = cholesky(mm(HP, H.T) + R)
+                W = solve_lower(L, HP)
+                G = solve_lower(L, mm(H, FA))
+                v = solve_lower(L, y - mm(H, m_pred) - d)
+                return _FilterElement(FA - mm(W.T, G), m_pred + mm(W.T, v), symmetrize(P_pred - mm(W.T, W)),
+                                      e.eta + mm(G.T, v), e.J + mm(G.T, G)), None
+
+            start = _FilterElement(jnp.eye(dim, dtype=ys.dtype), jnp.zeros(dim, ys.dtype),
+                                   jnp.zeros((dim, dim), ys.dtype), jnp.zeros(dim, ys.dtype),
+                                   jnp.zeros((dim, dim), ys.dtype))
+            return lax.scan(step, start, ts_c)[0]
+
+        totals = jax.vmap(chunk_element)(ts[:-1])  # the last chunk's is not needed
+
+        def carry(state, e):
+            # Condition N(m, P) on the chunk's information (J, eta) about it, then map it through
+            # the chunk: with P = Lp Lp^T and S = I + Lp^T J Lp (>= I, so its factor exists),
+            # N = (I + P J)^{-1} P = X^T X for X = chol(S)^{-1} Lp^T, and the mean is
+            # m + N (eta - J m). (A general inverse of I + P J compiles several times slower.)
+            m, P = state
+            Lp = _jittered_chol(P)
+            X = solve_lower(cholesky(jnp.eye(dim, dtype=m.dtype) + mm(mm(Lp.T, e.J), Lp)), Lp.T)
+            N = mm(X.T, X)
+            u = m + mm(N, e.eta - mm(e.J, m))
+            return (mm(e.A, u) + e.b, symmetrize(mm(mm(e.A, N), e.A.T) + e.C)), state
+
+        last, starts = lax.scan(carry, (m0, P0), totals)
+        starts = jax.tree_util.tree_map(lambda a, l: jnp.concatenate([a, l[None]]), starts, last)
+    else:
+        starts = (m0[None], P0[None])
+
+    def rerun(m_start, P_start, ts_c, valid_c):
+        def step(carry, xs):
+            m, P = carry
+            t, v = xs
+            q, y, mask = step_inputs(t)
+            m_pred, P_pred = _predict(m, P, q.transition_matrix, q.transition_offset, q.transition_cov)
+            m_new, P_new, ll = _update(m_pred, P_pred, q.emission_matrix, q.emission_offset, q.emission_cov, y, mask)
+            out = (m_new, P_new, jnp.where(v, ll, 0.0))
+            return (m_new, P_new), (out + (m_pred, P_pred) if return_predicted else out)
+
+        return scan_in_place(step, (m_start, P_start), (ts_c, valid_c))[1]
+
+    out = jax.vmap(rerun)(starts[0], starts[1], ts, valid)
+    flat = [a.reshape((-1,) + a.shape[2:])[:n] for a in out]
+    result = FilterResult(ll0 + jnp.sum(flat[2]), jnp.concatenate([m0[None], flat[0]]),
+                          jnp.concatenate([P0[None], flat[1]]))
+    return (result, flat[3], flat[4]) if return_predicted else result
+
+
 def _filter_parallel(params: LinearGaussianParams, ys, masks, chunk_size):
     num_timesteps = ys.shape[0]
+    if _general_chunk(chunk_size, params.initial_mean.shape[0], num_timesteps) == TWO_LEVEL:
+        return _filter_two_level(params, ys, masks)
     p = _broadcast_time(params, num_timesteps)
     first = _first_filter_element(p.initial_mean, p.initial_cov, p.emission_matrix[0], p.emission_offset[0],
                                   p.emission_cov[0], ys[0], None if masks is None else masks[0])
@@ -404,6 +508,119 @@ def _rts_backward(params, filtered: FilterResult, m_pred, P_pred):
     return jnp.concatenate([m_s, ms[-1:]]), jnp.concatenate([P_s, Ps[-1:]]), cross
 
 
+def _backward_map(params, t, ms, Ps, m_pred, P_pred, valid=True):
+    """Backward map of step t, z_t = E z_{t+1} + g + N(0, L), from the filtered moments of t and
+    the predicted moments of t + 1 (the identity map where not ``valid``)."""
+    F = _at(params, t + 1).transition_matrix
+    P = Ps[t]
+    FP = mm(F, P)
+    E = cho_solve_lower(cholesky(P_pred[t]), FP).T
+    e = _SmootherElement(E, ms[t] - mm(E, m_pred[t]), symmetrize(P - mm(E, FP)))
+    dim = P.shape[-1]
+    identity = _SmootherElement(jnp.eye(dim, dtype=P.dtype), jnp.zeros(dim, P.dtype), jnp.zeros((dim, dim), P.dtype))
+    return _where_tree(valid, e, identity)
+
+
+def _backward_maps_two_level(params, filtered: FilterResult, m_pred, P_pred):
+    """Backward maps z_t = E_t z_{t+1} + g_t + N(0, L_t) of steps 0..T-2 laid out in chunks of
+    about sqrt(T) steps (the last padded with identity maps), and every chunk's composition
+    (z at its first step given z after its last), all chunks in parallel."""
+    ms, Ps = filtered.filtered_means, filtered.filtered_covs
+    dim = ms.shape[1]
+    num_chunks, size, idx, valid = _chunk_layout(ms.shape[0] - 1)
+    identity = _SmootherElement(jnp.eye(dim, dtype=ms.dtype), jnp.zeros(dim, ms.dtype), jnp.zeros((dim, dim), ms.dtype))
+
+    def chunk_maps(ts_c, valid_c):
+        def step(acc, xs):
+            e = _backward_map(params, *xs[:1], ms, Ps, m_pred, P_pred, xs[1])
+            return _smoother_combine(acc, e), e
+
+        return scan_in_place(step, identity, (ts_c, valid_c), reverse=True)
+
+    return jax.vmap(chunk_maps)(idx, valid)
+
+
+def _chunk_ends(carry, start, totals):
+    """The state after every chunk (backwards: the state its maps start from): a reverse scan of
+    ``carry`` over the chunks' compositions from ``start`` (the first chunk's is not needed)."""
+    rest = jax.tree_util.tree_map(lambda a: a[1:], totals)
+    first, ends = lax.scan(lambda st, e: (carry(st, e), st), start, rest, reverse=True)
+    return jax.tree_util.tree_map(lambda f, a: jnp.concatenate([f[None], a]), first, ends)
+
+
+def _unchunk(a, n):
+    return a.reshape((-1,) + a.shape[2:])[:n]
+
+
+def _rts_two_level(params, filtered: FilterResult, m_pred, P_pred):
+    """`_rts_backward` in three phases over chunks of about sqrt(T) steps, like
+    `_filter_two_level`: every chunk builds its backward maps and composes them (in parallel over
+    chunks), a scan over the chunks carries the smoothed moments from the last step to every
+    chunk's end, and every chunk applies its maps from there."""
+    ms, Ps = filtered.filtered_means, filtered.filtered_covs
+    n = ms.shape[0] - 1
+    if n == 0:
+        return ms, Ps, Ps[:0]
+    totals, maps = _backward_maps_two_level(params, filtered, m_pred, P_pred)
+
+    def moments(e, m_next, P_next):
+        return mm(e.E, m_next) + e.g, symmetrize(mm(mm(e.E, P_next), e.E.T) + e.L)
+
+    ends = _chunk_ends(lambda st, e: moments(e, *st), (ms[-1], Ps[-1]), totals)
+
+    def apply(m_end, P_end, maps_c):
+        def step(carry, e):
+            m, P = moments(e, *carry)
+            return (m, P), (m, P, mm(carry[1], e.E.T))  # Cov[z_{t+1}, z_t] = P^s_{t+1} E_t^T
+
+        return scan_in_place(step, (m_end, P_end), maps_c, reverse=True)[1]
+
+    m_s, P_s, cross = (_unchunk(a, n) for a in jax.vmap(apply)(ends[0], ends[1], maps))
+    return jnp.concatenate([m_s, ms[-1:]]), jnp.concatenate([P_s, Ps[-1:]]), cross
+
+
+def _sample_two_level(key, params, ys, masks, num_samples):
+    """Backward sampling in the two-level layout: z_{T-1} ~ N(m_{T-1}, P_{T-1}), then
+    z_t = E_t z_{t+1} + h_t with h_t = g_t + chol(L_t) eps_t. Every chunk builds its maps and
+    offsets and composes them (in parallel over chunks), a scan over the chunks carries the
+    draws from the last step to every chunk's end, and every chunk applies its maps from there."""
+    filtered, m_pred, P_pred = _filter_two_level(params, ys, masks, return_predicted=True)
+    ms, Ps = filtered.filtered_means, filtered.filtered_covs
+    num_timesteps, dim = ms.shape
+    num_chunks, size, idx, valid = _chunk_layout(max(num_timesteps - 1, 1))
+    eps = jax.random.normal(key, (num_chunks * size + 1, num_samples, dim), ms.dtype)  # one draw: compiles once
+    z_last = ms[-1] + eps[-1] @ _jittered_chol(Ps[-1]).T
+    if num_timesteps == 1:
+        return z_last[:, None]
+    eps = eps[:-1].reshape(num_chunks, size, num_samples, dim)
+    eye = jnp.eye(dim, dtype=ms.dtype)
+
+    def chunk_maps(ts_c, valid_c, eps_c):
+        def step(acc, xs):
+            t, v, eps_t = xs
+            e = _backward_map(params, t, ms, Ps, m_pred, P_pred, v)
+            # the factor of an identity map's L = 0 is not needed: its offset is zero
+            h = jnp.where(v, e.g + eps_t @ _jittered_chol(jnp.where(v, e.L, eye)).T, 0.0)
+            A, u = acc
+            return (mm(e.E, A), u @ e.E.T + h), (e.E, h)
+
+        return scan_in_place(step, (eye, jnp.zeros((num_samples, dim), ms.dtype)), (ts_c, valid_c, eps_c),
+                             reverse=True)
+
+    totals, (E, h) = jax.vmap(chunk_maps)(idx, valid, eps)
+    ends = _chunk_ends(lambda z, tot: z @ tot[0].T + tot[1], z_last, totals)
+
+    def apply(z_end, E_c, h_c):
+        def step(z_next, x):
+            z = z_next @ x[0].T + x[1]
+            return z, z
+
+        return scan_in_place(step, z_end, (E_c, h_c), reverse=True)[1]
+
+    zs = _unchunk(jax.vmap(apply)(ends, E, h), num_timesteps - 1)  # (T-1, S, d)
+    return jnp.swapaxes(jnp.concatenate([zs, z_last[None]]), 0, 1)
+
+
 def _smooth(params, ys, masks, parallel, chunk_size, mode="none", diffuse=None, steady_state=True):
     return _dispatch(mode, parallel, params, lambda q: _smooth_diffuse(q, ys, masks, diffuse),
                      lambda q: _smooth_standard(q, ys, masks, parallel, chunk_size, steady_state))
@@ -412,7 +629,10 @@ def _smooth(params, ys, masks, parallel, chunk_size, mode="none", diffuse=None, 
 def _smooth_standard(params, ys, masks, parallel, chunk_size, steady_state=True):
     if steady_state and _steady_applies(params, ys, masks, "none"):
         return _smooth_steady(params, ys, parallel, chunk_size)
-    if parallel:
+    if parallel and _general_chunk(chunk_size, params.initial_mean.shape[0], ys.shape[0]) == TWO_LEVEL:
+        filtered, m_pred, P_pred = _filter_two_level(params, ys, masks, return_predicted=True)
+        means, covs, cross = _rts_two_level(params, filtered, m_pred, P_pred)
+    elif parallel:
         filtered = _filter(params, ys, masks, parallel, chunk_size)
         body, last = _smoother_elements(params, filtered)
         elems = jax.tree_util.tree_map(lambda a, l: jnp.concatenate([a, l[None]]), body, last)
@@ -614,7 +834,7 @@ def _steady_chunk(chunk_size):
     """Chunk of `affine_recurrence` in the parallel steady-state forms: one chunk unless asked
     (log2 T doubling levels of one (T, d) x (d, d) product each, in one compiled loop; on 2 CPU
     cores that costs less than the sequential filter up to d = 32 at T = 1e5)."""
-    return chunk_size
+    return None if chunk_size == TWO_LEVEL else chunk_size
 
 
 def affine_recurrence(A, u, chunk_size: Optional[int] = None):
@@ -1039,9 +1259,11 @@ def _sample_steady(key, params: LinearGaussianParams, ys, num_samples, parallel,
     return jnp.swapaxes(zs, 0, 1)
 
 
-def _sample_paths(key, params, ys, masks, num_samples, parallel, chunk_size):
-    if _steady_applies(params, ys, masks, "none"):
+def _sample_paths(key, params, ys, masks, num_samples, parallel, chunk_size, steady_state=True):
+    if steady_state and _steady_applies(params, ys, masks, "none"):
         return _sample_steady(key, params, ys, num_samples, parallel, chunk_size)
+    if parallel and _general_chunk(chunk_size, params.initial_mean.shape[0], ys.shape[0]) == TWO_LEVEL:
+        return _sample_two_level(key, params, ys, masks, num_samples)
     filtered = _filter(params, ys, masks, parallel, chunk_size)
     body, last = _smoother_elements(params, filtered)
     num_timesteps, dim = filtered.filtered_means.shape
@@ -1098,7 +1320,7 @@ def filter_params(params: LinearGaussianParams, emissions, *, parallel: bool = F
             or time-invariant ones), e.g. ``model.linear_gaussian_params(T, inputs)``.
         emissions: (T, p); NaN marks a missing entry (dropped exactly, whole or partial rows).
         parallel: associative scan (O(log T) span) instead of the sequential scan.
-        chunk_size: parallel only; combine elements in chunks of this many steps (static int).
+        chunk_size: parallel only; as in `filter` (static int or ``"two-level"``).
         diffuse: None, or a (d,) boolean mask of diffuse components (a flat prior: exact diffuse
             initialisation, Durbin & Koopman ch. 5); their rows and columns of initial_cov are
             ignored. Entries ``inf`` on the diagonal of initial_cov are diffuse as well.
@@ -1193,12 +1415,12 @@ def _run(model, ys, inputs, lengths, diffuse=None, *, has_missing, parallel, chu
 
 
 @partial(jax.jit, static_argnames=("num_samples", "has_missing", "parallel", "chunk_size", "batched",
-                                   "inputs_batched"))
+                                   "inputs_batched", "steady_state"))
 def _run_sample(key, model, ys, inputs, lengths, *, num_samples, has_missing, parallel, chunk_size, batched,
-                inputs_batched):
+                inputs_batched, steady_state=True):
     def one(y, u, n, k):
         params, y, masks = _one_sequence(model, y, u, n, has_missing)
-        return _sample_paths(k, params, y, masks, num_samples, parallel, chunk_size)
+        return _sample_paths(k, params, y, masks, num_samples, parallel, chunk_size, steady_state)
 
     batch = Batch(ys, inputs, lengths, batched, inputs_batched)
     if not batched:
@@ -1433,8 +1655,8 @@ def _flags(batch: Batch) -> dict:
 
 
 def _chunk(chunk_size):
-    if chunk_size is None:
-        return None
+    if chunk_size is None or chunk_size == TWO_LEVEL:
+        return chunk_size
     return checks.positive_int(chunk_size, "chunk_size")
 
 
@@ -1450,10 +1672,12 @@ def filter(model, emissions, *, inputs=None, lengths=None, parallel: bool = Fals
         lengths: (B,) true lengths of a padded batch; steps beyond are treated as missing, so
             the log-likelihood is exact and the moments there are predictions.
         parallel: False for the sequential scan, True for the associative scan (O(log T) span).
-        chunk_size: parallel only; combine elements in chunks of this length, sequentially
-            across chunks (bounds compile time and memory). None: chosen from d, T and the
-            backend (on CPU 16 for the general form, 32 for the steady-state recurrence; on an
-            accelerator one chunk while its elements fit in 2^26 entries).
+        chunk_size: parallel only; an int combines elements by an associative scan inside
+            chunks of this length, sequentially across chunks (bounds compile time and memory);
+            ``"two-level"`` (`ps.core.scan.TWO_LEVEL`) reduces chunks of about sqrt(T) steps in
+            parallel and reruns the ordinary recursion in every chunk from its start. None:
+            chosen from the backend (on CPU the two-level form; on an accelerator one chunk
+            while its elements fit in 2^26 entries; the steady-state means one chunk).
         diffuse: None, or a (d,) boolean mask of diffuse components (flat prior, exact diffuse
             initialisation; their rows and columns of initial_cov are ignored). ``inf`` on the
             diagonal of the model's initial_cov marks diffuse components too. Sequential only
@@ -1495,10 +1719,11 @@ def smoother(model, emissions, *, inputs=None, lengths=None, parallel: bool = Fa
 
 
 def sample(key, model, emissions, num_samples: int = 1, *, inputs=None, lengths=None, parallel: bool = False,
-           chunk_size: Optional[int] = None) -> jax.Array:
+           chunk_size: Optional[int] = None, steady_state: bool = True) -> jax.Array:
     """Forward-filter backward-sample: draws of z_{0:T-1} from p(z | y).
 
-    Args: ``key`` (a `jax.random` key, required) and the arguments of `filter`.
+    Args: ``key`` (a `jax.random` key, required) and the arguments of `filter` (``steady_state``
+    as there: False draws through the full recursion).
 
     Returns:
         (num_samples, T, d), or (B, num_samples, T, d) for a batch (one key per sequence,
@@ -1515,7 +1740,8 @@ def sample(key, model, emissions, num_samples: int = 1, *, inputs=None, lengths=
             "model: its initial_cov holds inf (a diffuse, flat prior); sampling needs a proper initial "
             "distribution, expected a finite initial_cov")
     return _run_sample(key, model, batch.emissions, batch.inputs, batch.lengths, num_samples=num_samples,
-                       parallel=bool(parallel), chunk_size=_chunk(chunk_size), **_flags(batch))
+                       parallel=bool(parallel), chunk_size=_chunk(chunk_size), steady_state=bool(steady_state),
+                       **_flags(batch))
 
 
 def forecast(model, emissions, num_steps: int, *, inputs=None, lengths=None, parallel: bool = False,

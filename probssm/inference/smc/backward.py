@@ -43,14 +43,31 @@ def _guide_table(c):
 def draw_from_weights(key, normed_log_weights, shape, table=None, cumulative=None):
     """Independent draws of indices from the weights (guide-table inversion, O(1) expected each).
 
-    The guide table g[k] = first i with C_i > k / N starts each search in the right bucket; a
-    short vectorised forward walk finishes it.
+    The guide table g[k] = first i with C_i > k / N brackets each search: the index sought lies in
+    [g[k], g[k + 1]] for u in [k / N, (k + 1) / N). A vectorised bisection of that bracket finishes
+    it, so a bucket holding many particles of negligible weight costs log2 of its size, not a walk
+    through it; a short forward walk is kept as a safety net.
     """
     num = normed_log_weights.shape[0]
     c = C.cumulative(jnp.exp(normed_log_weights)) if cumulative is None else cumulative
     g = _guide_table(c) if table is None else table
     u = C.uniform(key, shape, c.dtype)
-    i = jnp.minimum(g[jnp.clip(jnp.floor(u * num).astype(jnp.int32), 0, num - 1)], num - 1)
+    k = jnp.clip(jnp.floor(u * num).astype(jnp.int32), 0, num - 1)
+    lo = jnp.minimum(g[k], num - 1)
+    hi = jnp.where(k + 1 < num, g[jnp.minimum(k + 1, num - 1)], num - 1)
+    hi = jnp.maximum(jnp.minimum(hi, num - 1), lo)
+
+    def bis_cond(s):
+        lo, hi = s
+        return jnp.any(lo < hi)
+
+    def bis_body(s):
+        lo, hi = s
+        mid = (lo + hi) // 2
+        right = c[mid] > u
+        return jnp.where(right, lo, mid + 1), jnp.where(right, mid, hi)
+
+    i, _ = lax.while_loop(bis_cond, bis_body, (lo, hi))
 
     def cond(i):
         return jnp.any(c[i] <= u)

@@ -101,6 +101,17 @@ def step(key, model, state: PFState, t, y, u, *, resampling="systematic", ess_th
     from the backward kernel.
     """
     k_res, k_move, k_as = jax.random.split(key, 3)
+    new, info, _ = _step((k_res, k_move, k_as), model, state, t, y, u, None, resampling=resampling,
+                         ess_threshold=ess_threshold, proposal=proposal, auxiliary=auxiliary, reference=reference,
+                         ancestor_sampling=ancestor_sampling)
+    return new, info
+
+
+def _step(keys, model, state: PFState, t, y, u, ess_prev, *, resampling="systematic", ess_threshold=0.5,
+          proposal=None, auxiliary=None, reference=None, ancestor_sampling=False):
+    """`step` with its three keys given, and the ESS of ``state``'s weights when known (None:
+    computed here); returns ``(new_state, StepInfo, W_t)`` (W_t the normalised weights)."""
+    k_res, k_move, k_as = keys
     num = state.log_weights.shape[0]
     zp, lw, ll = state
     eta = None
@@ -110,19 +121,27 @@ def step(key, model, state: PFState, t, y, u, *, resampling="systematic", ess_th
         eta = jnp.where(observed, eta, 0.0)
         lw, c = C.normalise(lw + eta)
         ll = ll + c
+        ess_prev = None
     uniform = jnp.full((num,), -math.log(num), lw.dtype)
     if reference is None:
-        do = C.ess(lw) <= ess_threshold * num
+        do = (C.ess(lw) if ess_prev is None else ess_prev) <= ess_threshold * num
         scheme = SCHEMES[resampling]
-        a, lw_carry = lax.cond(do, lambda: (scheme(k_res, jnp.exp(lw)), uniform),
-                               lambda: (jnp.arange(num, dtype=jnp.int32), lw))
+
+        def resample():  # the gather runs only on the steps that resample
+            a = scheme(k_res, jnp.exp(lw))
+            return a, zp[a], uniform
+
+        def keep():
+            return jnp.arange(num, dtype=jnp.int32), zp, lw
+
+        a, zp_a, lw_carry = lax.cond(do, resample, keep)
     else:
         do = jnp.asarray(True)
         a = multinomial(k_res, jnp.exp(lw))
         a0 = _ancestor_sample(k_as, model, state, t, u, reference) if ancestor_sampling else 0
         a = a.at[0].set(a0)
+        zp_a = zp[a]
         lw_carry = uniform
-    zp_a = zp[a]
     if proposal is None:
         z = C.sample_per_particle(k_move, lambda zz: model.transition(zz, t, u), zp_a)
     else:
@@ -135,8 +154,9 @@ def step(key, model, state: PFState, t, y, u, *, resampling="systematic", ess_th
             lambda zz, zi: proposal(zz, t, y, u).log_prob(zi))(zp_a, z)
     if eta is not None:
         incr = incr - eta[a]
-    lw_new, c2 = C.normalise(lw_carry + incr)
-    return PFState(z, lw_new, ll + c2), StepInfo(a, do, C.ess(lw_new))
+    lw_new, c2, w_new = C.normalise_weights(lw_carry + incr)
+    ess_new = 1.0 / jnp.sum(w_new * w_new)
+    return PFState(z, lw_new, ll + c2), StepInfo(a, do, ess_new), w_new
 
 
 def particle_filter_sequence(key, model, emissions, inputs=None, *, num_particles: int,
@@ -172,23 +192,28 @@ def particle_filter_sequence(key, model, emissions, inputs=None, *, num_particle
     num_timesteps = ys.shape[0]
     keys = jax.random.split(key, num_timesteps)
     state = init(keys[0], model, ys[0], C.row(inputs, 0), num_particles, proposal)
-    mean0 = C.weighted_mean(state.log_weights, state.particles)
+    w0 = jnp.exp(state.log_weights)
+    mean0 = C.weighted_sum(w0, state.particles)
+    ess0 = 1.0 / jnp.sum(w0 * w0)
+    step_keys = jax.vmap(lambda k: jax.random.split(k, 3))(keys[1:])  # (T-1, 3): resample, move, spare
+    move_keys = C.bit_keys(step_keys[:, 1])  # the move draws' generator states, drawn at once
 
-    def body(state, xs):
-        t, y, u, k = xs
-        new, info = step(k, model, state, t, y, u, resampling=resampling, ess_threshold=ess_threshold,
-                         proposal=proposal, auxiliary=auxiliary)
-        mean = C.weighted_mean(new.log_weights, new.particles)
+    def body(carry, xs):
+        state, ess_prev = carry
+        t, y, u, k, k_move = xs
+        new, info, w = _step((k[0], k_move, k[2]), model, state, t, y, u, ess_prev, resampling=resampling,
+                             ess_threshold=ess_threshold, proposal=proposal, auxiliary=auxiliary)
+        mean = C.weighted_sum(w, new.particles)
         if history:
             out = (mean, info.ess, new.particles, new.log_weights, info.ancestors, info.resampled)
         else:
             out = (mean, info.ess)
-        return new, out
+        return (new, info.ess), out
 
-    xs = (jnp.arange(1, num_timesteps), ys[1:], C.rest(inputs), keys[1:])
-    final, out = lax.scan(body, state, xs)
+    xs = (jnp.arange(1, num_timesteps), ys[1:], C.rest(inputs), step_keys, move_keys)
+    (final, _), out = lax.scan(body, (state, ess0), xs)
     means = jnp.concatenate([mean0[None], out[0]])
-    ess = jnp.concatenate([C.ess(state.log_weights)[None], out[1]])
+    ess = jnp.concatenate([ess0[None], out[1]])
     if history:
         parts = jnp.concatenate([state.particles[None], out[2]])
         lws = jnp.concatenate([state.log_weights[None], out[3]])

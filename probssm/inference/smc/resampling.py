@@ -38,15 +38,28 @@ def ancestors_from_counts(n, num_particles: int, weights=None):
     With ``weights``, particles of weight zero get no offspring even when a parallel (tree-ordered)
     float32 cumulative sum is not exactly flat across them: their count is pinned to that of the
     last positive-weight particle before them (a running max, which also makes n non-decreasing),
-    and every particle from the last positive one on gets N.
+    and every particle from the last positive one on gets N. That repair (a running max costs
+    more than the rest of the resampling on CPU) runs only when it changes the result: when a
+    zero-weight particle drew an offspring or the counts are not non-decreasing.
     """
-    n = jnp.clip(n, 0, num_particles).astype(jnp.int32)
-    if weights is not None:
-        idx = jnp.arange(num_particles)
-        pos = weights > 0
-        last = jnp.max(jnp.where(pos, idx, 0))
-        n = jnp.where(idx >= last, num_particles, n)
-        n = jax.lax.cummax(jnp.where(pos | (idx >= last), n, 0))
+    n = jnp.clip(n, 0, num_particles).astype(jnp.int32).at[-1].set(num_particles)
+    if weights is None:
+        return _read_counts(n, num_particles)
+    a = _read_counts(n, num_particles)
+    bad = jnp.any(weights[a] <= 0) | jnp.any(n[1:] < n[:-1])
+    return jax.lax.cond(bad, lambda: _read_counts(_pin_zero_weights(n, weights, num_particles), num_particles),
+                        lambda: a)
+
+
+def _pin_zero_weights(n, weights, num_particles):
+    idx = jnp.arange(num_particles)
+    pos = weights > 0
+    last = jnp.max(jnp.where(pos, idx, 0))
+    n = jnp.where(idx >= last, num_particles, n)
+    return jax.lax.cummax(jnp.where(pos | (idx >= last), n, 0))
+
+
+def _read_counts(n, num_particles):
     n = n.at[-1].set(num_particles)
     hist = jnp.zeros(num_particles + 1, jnp.int32).at[n].add(1)
     return jnp.minimum(jnp.cumsum(hist[:num_particles]), num_particles - 1)
