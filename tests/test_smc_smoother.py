@@ -70,6 +70,21 @@ def test_lgssm_against_kalman(lg_data, method):
         np.testing.assert_allclose(np.exp(np.asarray(sm.smoothed_log_weights)).sum(-1), 1.0, atol=1e-9)
 
 
+def test_paris_mcmc_backward_against_kalman(lg_data):
+    """PaRIS with the independent Metropolis-Hastings backward kernel: sums of smoothed means and of
+    lag-one products E[z_t,0 z_{t-1},0 | y] (which need correct backward draws, not only correct
+    marginals) against the RTS smoother."""
+    model, y, exact = lg_data
+    fn = ps.smc.AdditiveFunctional(initial=lambda z, yy, u: (z, jnp.zeros(())),
+                                   step=lambda zp, z, t, yy, u: (z, z[0] * zp[0]))
+    est = ps.smc.paris(jax.random.key(5), model, jnp.broadcast_to(y, (R,) + y.shape), fn, N, 2,
+                       backward="mcmc").estimate
+    m, cross = np.asarray(exact.smoothed_means), np.asarray(exact.smoothed_cross_covs)
+    lag_one = np.sum(cross[:, 0, 0] + m[1:, 0] * m[:-1, 0])
+    z = z_scores(np.column_stack([np.asarray(est[0]), np.asarray(est[1])]), np.append(m.sum(0), lag_one))
+    assert np.abs(z).max() < 5, np.abs(z).max()
+
+
 @pytest.mark.parametrize("method", ("ffbsi", "ffbsm", "marginal", "paris"))
 def test_hmm_against_forward_backward(method):
     model = hmm()

@@ -154,8 +154,7 @@ def _step(keys, model, state: PFState, t, y, u, ess_prev, *, resampling="systema
             lambda zz, zi: proposal(zz, t, y, u).log_prob(zi))(zp_a, z)
     if eta is not None:
         incr = incr - eta[a]
-    lw_new, c2, w_new = C.normalise_weights(lw_carry + incr)
-    ess_new = 1.0 / jnp.sum(w_new * w_new)
+    lw_new, c2, w_new, ess_new = C._normalise_with_ess(lw_carry + incr)
     return PFState(z, lw_new, ll + c2), StepInfo(a, do, ess_new), w_new
 
 

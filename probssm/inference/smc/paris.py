@@ -80,45 +80,71 @@ def init(key, model, y0, u0, functional, num_particles, proposal=None, reference
     return PaRISState(state, _initial_tau(functional, model, state.particles, y0, u0))
 
 
-def mcmc_indices(key, model, lw_prev, z_prev, z_new, ancestors, t, u, num_backward):
+def _weight_draws(weights, uniforms):
+    """(R, N) indices, each marginally an exact draw from the weights: per round r, the N sorted
+    points of a systematic set (one uniform U; O(N), no search) read off cyclically from an
+    independent uniform offset s, so slot i holds the point (((i + s) mod N) + U) / N, a uniform
+    on [0, 1) whatever i is. Slots of a round depend on each other, on nothing but (U, s).
+    ``uniforms``: (R, 2), the (U, s / N) of each round. Particles of weight zero can be drawn
+    where a float cumulative sum is not flat across them: the caller rejects them."""
+    from probssm.inference.smc.resampling import ancestors_from_counts
+
+    num = weights.shape[0]
+    c = C.cumulative(weights)
+    slots = jnp.arange(num, dtype=jnp.int32)
+    out = []
+    for r in range(uniforms.shape[0]):
+        a = ancestors_from_counts(jnp.ceil(num * c - uniforms[r, 0]), num)
+        shift = jnp.minimum(jnp.floor(uniforms[r, 1] * num).astype(jnp.int32), num - 1)
+        out.append(a[lax.rem(slots + shift, jnp.int32(num))])
+    return jnp.stack(out)
+
+
+def mcmc_indices(key, model, lw_prev, z_prev, z_new, ancestors, t, u, num_backward, weights=None):
     """(N * Ñ,) backward indices by independent Metropolis-Hastings (Dau & Chopin, 2023).
 
-    Particle i's chain starts at its ancestor a^i and takes Ñ steps, each proposing j ~ W_{t-1}
-    and accepting with probability min(1, f_t(z_t^i | z_{t-1}^j) / f_t(z_t^i | z_{t-1}^{current})); the
-    Ñ states visited are the draws. Each step leaves the backward kernel invariant and costs
-    O(1); the draws are correlated (not exact independent draws). Rows are ordered like
-    ``jnp.repeat(z_new, Ñ)``.
+    Particle i's chain starts at its ancestor a^i (given z_t^i, an exact draw from the backward
+    kernel) and takes Ñ steps, each proposing j ~ W_{t-1} and accepting with probability
+    min(1, f_t(z_t^i | z_{t-1}^j) / f_t(z_t^i | z_{t-1}^{current})) (never a j of weight zero);
+    the Ñ states visited are the draws, each an exact draw marginally (the chain starts in its
+    target and keeps it). The proposal of chain i is independent of its current state, as the
+    kernel needs; across chains the proposals of a step come from one systematic set
+    (`_weight_draws`), O(N) for all of them. ``weights``: W_{t-1} (default exp(lw_prev)).
+    Rows are ordered like ``jnp.repeat(z_new, Ñ)``.
     """
-    from probssm.inference.smc.backward import draw_from_weights
-
     num = z_new.shape[0]
-    k1, k2 = jax.random.split(key)
-    props = draw_from_weights(k1, lw_prev, (num_backward, num))
-    v = C.uniform(k2, (num_backward, num), lw_prev.dtype)
+    w = jnp.exp(lw_prev) if weights is None else weights
+    uniforms = C.uniform(key, (num_backward, num + 2), jnp.float32)  # one draw: V, then (U, s / N)
+    props = _weight_draws(w, uniforms[:, num:].astype(w.dtype))
+    # log V in float32: the acceptance probability is realised to about 1e-7, far below any
+    # Monte Carlo error, and a float64 log of N Ñ uniforms costs as much as the densities
+    log_v = jnp.where(w[props] > 0, jnp.log(uniforms[:, :num]), jnp.inf)
+
     def mh_step(carry, xs):
         cur, logf_cur = carry
-        prop, v_k = xs
+        prop, log_v_k = xs
         logf = C.transition_log_prob(model, z_prev[prop], z_new, t, u)
-        acc = jnp.log(v_k) < logf - logf_cur
+        acc = log_v_k < (logf - logf_cur).astype(jnp.float32)
         cur, logf_cur = jnp.where(acc, prop, cur), jnp.where(acc, logf, logf_cur)
         return (cur, logf_cur), cur
 
     logf_start = C.transition_log_prob(model, z_prev[ancestors], z_new, t, u)
-    _, visited = lax.scan(mh_step, (ancestors, logf_start), (props, v))  # (Ñ, N)
+    _, visited = lax.scan(mh_step, (ancestors, logf_start), (props, log_v))  # (Ñ, N)
     return visited.T.reshape(-1).astype(jnp.int32)
 
 
 def backward_update(key, model, functional, prev: F.PFState, tau_prev, z_new, t, y, u, num_backward,
-                    use_bound, max_rounds=2, ancestors=None):
+                    use_bound, max_rounds=2, ancestors=None, weights=None):
     """tau_t for every new particle, and the (N, Ñ) backward indices used.
 
     ``use_bound``: False (exact draws), True (accept-reject with the model's bound) or "mcmc"
-    (independent Metropolis-Hastings started at ``ancestors``).
+    (independent Metropolis-Hastings started at ``ancestors``). ``weights``: W_{t-1} when known.
     """
     num = z_new.shape[0]
     targets = jnp.repeat(z_new, num_backward, axis=0)
     if isinstance(use_bound, str):
-        j = mcmc_indices(key, model, prev.log_weights, prev.particles, z_new, ancestors, t, u, num_backward)
+        j = mcmc_indices(key, model, prev.log_weights, prev.particles, z_new, ancestors, t, u, num_backward,
+                         weights)
     else:
         bound = C.transition_log_bound(model, t, u) if use_bound else None
         j = backward_indices(key, model, prev.log_weights, prev.particles, targets, t, u, log_bound=bound,
@@ -190,14 +216,24 @@ def paris_sequence(key, model, emissions, inputs=None, *, additive_functional, n
     num_timesteps = ys.shape[0]
     keys = jax.random.split(key, num_timesteps)
     state = init(keys[0], model, ys[0], C.row(inputs, 0), functional, num_particles, proposal)
+    # The filter's keys are drawn up front, as in `particle_filter_sequence`, and each step hands
+    # its normalised weights and their ESS on to the next (no second exp pass over them).
+    step_keys = jax.vmap(lambda k: jax.random.split(k, 4))(keys[1:])  # resample, move, spare, backward
+    move_keys = C.bit_keys(step_keys[:, 1])
+    back_keys = C.bit_keys(step_keys[:, 3]) if use_bound == "mcmc" else step_keys[:, 3]
+    w0 = jnp.exp(state.filter.log_weights)
 
-    def body(state, xs):
-        t, y, u, k = xs
-        new, _ = step(k, model, state, t, y, u, functional, num_backward=num_backward, use_bound=use_bound,
-                      resampling=resampling, ess_threshold=ess_threshold, proposal=proposal, auxiliary=auxiliary)
-        return new, None
+    def body(carry, xs):
+        state, ess_prev, w_prev = carry
+        t, y, u, k, k_move, k_back = xs
+        new, info, w = F._step((k[0], k_move, k[2]), model, state.filter, t, y, u, ess_prev, resampling=resampling,
+                               ess_threshold=ess_threshold, proposal=proposal, auxiliary=auxiliary)
+        tau, _ = backward_update(k_back, model, functional, state.filter, state.tau, new.particles, t, y, u,
+                                 num_backward, use_bound, ancestors=info.ancestors, weights=w_prev)
+        return (PaRISState(new, tau), info.ess, w), None
 
-    final, _ = lax.scan(body, state, (jnp.arange(1, num_timesteps), ys[1:], C.rest(inputs), keys[1:]))
+    xs = (jnp.arange(1, num_timesteps), ys[1:], C.rest(inputs), step_keys, move_keys, back_keys)
+    (final, _, _), _ = lax.scan(body, (state, 1.0 / jnp.sum(w0 * w0), w0), xs)
     return PaRISResult(estimate(final), final.filter.log_likelihood, final)
 
 
