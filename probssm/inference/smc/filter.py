@@ -32,7 +32,7 @@ from probssm.inference.smc import common as C
 from probssm.inference.smc.resampling import SCHEMES, multinomial
 
 __all__ = ["ParticleFilterResult", "PFState", "StepInfo", "particle_filter", "particle_filter_sequence", "init",
-           "step", "check_proposal", "check_auxiliary"]
+           "step", "step_with_keys", "check_proposal", "check_auxiliary"]
 
 
 class ParticleFilterResult(NamedTuple):
@@ -101,14 +101,14 @@ def step(key, model, state: PFState, t, y, u, *, resampling="systematic", ess_th
     from the backward kernel.
     """
     k_res, k_move, k_as = jax.random.split(key, 3)
-    new, info, _ = _step((k_res, k_move, k_as), model, state, t, y, u, None, resampling=resampling,
+    new, info, _ = step_with_keys((k_res, k_move, k_as), model, state, t, y, u, None, resampling=resampling,
                          ess_threshold=ess_threshold, proposal=proposal, auxiliary=auxiliary, reference=reference,
                          ancestor_sampling=ancestor_sampling)
     return new, info
 
 
-def _step(keys, model, state: PFState, t, y, u, ess_prev, *, resampling="systematic", ess_threshold=0.5,
-          proposal=None, auxiliary=None, reference=None, ancestor_sampling=False):
+def step_with_keys(keys, model, state: PFState, t, y, u, ess_prev, *, resampling="systematic", ess_threshold=0.5,
+                   proposal=None, auxiliary=None, reference=None, ancestor_sampling=False):
     """`step` with its three keys given, and the ESS of ``state``'s weights when known (None:
     computed here); returns ``(new_state, StepInfo, W_t)`` (W_t the normalised weights)."""
     k_res, k_move, k_as = keys
@@ -154,7 +154,7 @@ def _step(keys, model, state: PFState, t, y, u, ess_prev, *, resampling="systema
             lambda zz, zi: proposal(zz, t, y, u).log_prob(zi))(zp_a, z)
     if eta is not None:
         incr = incr - eta[a]
-    lw_new, c2, w_new, ess_new = C._normalise_with_ess(lw_carry + incr)
+    lw_new, c2, w_new, ess_new = C.normalise_with_ess(lw_carry + incr)
     return PFState(z, lw_new, ll + c2), StepInfo(a, do, ess_new), w_new
 
 
@@ -200,7 +200,7 @@ def particle_filter_sequence(key, model, emissions, inputs=None, *, num_particle
     def body(carry, xs):
         state, ess_prev = carry
         t, y, u, k, k_move = xs
-        new, info, w = _step((k[0], k_move, k[2]), model, state, t, y, u, ess_prev, resampling=resampling,
+        new, info, w = step_with_keys((k[0], k_move, k[2]), model, state, t, y, u, ess_prev, resampling=resampling,
                              ess_threshold=ess_threshold, proposal=proposal, auxiliary=auxiliary)
         mean = C.weighted_sum(w, new.particles)
         if history:

@@ -226,7 +226,7 @@ def paris_sequence(key, model, emissions, inputs=None, *, additive_functional, n
     def body(carry, xs):
         state, ess_prev, w_prev = carry
         t, y, u, k, k_move, k_back = xs
-        new, info, w = F._step((k[0], k_move, k[2]), model, state.filter, t, y, u, ess_prev, resampling=resampling,
+        new, info, w = F.step_with_keys((k[0], k_move, k[2]), model, state.filter, t, y, u, ess_prev, resampling=resampling,
                                ess_threshold=ess_threshold, proposal=proposal, auxiliary=auxiliary)
         tau, _ = backward_update(k_back, model, functional, state.filter, state.tau, new.particles, t, y, u,
                                  num_backward, use_bound, ancestors=info.ancestors, weights=w_prev)
