@@ -216,7 +216,6 @@ def _backward_parallel(A, b, valid, chunk_size):
     return cols / cols.sum(-1, keepdims=True)
 
 
-_two_level_size = two_level_size
 
 
 def _chunks(a, num_chunks, size, fill):
@@ -236,7 +235,7 @@ def _forward_two_level(pi, A, b, valid):
     start, which gives exact filtered probabilities and normalisers. Work O(T K^3 + T K^2),
     span O(sqrt(T)); one compiled body per phase whatever T is."""
     T, K = b.shape
-    size = _two_level_size(T)
+    size = two_level_size(T)
     num_chunks = -(-T // size)
     tv = A.ndim == 3
     v = jnp.ones(T, bool) if valid is None else valid
@@ -285,7 +284,7 @@ def _backward_two_level(A, b, cs, valid):
     end, and every chunk runs the scaled backward pass from its boundary. Betas are returned
     normalised per step (each chunk's scale is arbitrary)."""
     T, K = b.shape
-    size = _two_level_size(T)
+    size = two_level_size(T)
     num_chunks = -(-T // size)
     tv = A.ndim == 3
     v = jnp.ones(T, bool) if valid is None else valid
