@@ -32,6 +32,11 @@ __all__ += ["imap"]
 from probssm.core import sharding
 
 __all__ += ["sharding"]
+from probssm.inference import gp  # noqa: E402
+from probssm.inference import vi  # noqa: E402
+from probssm.inference import gpvae  # noqa: E402
+
+__all__ += ["gp", "vi", "gpvae"]
 
 # Deprecated aliases of names that moved outwards (simulators to `datasets`, DKF learners to
 # `learn`), bound here so that no inner module imports an outer one.

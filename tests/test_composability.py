@@ -80,6 +80,27 @@ def dkf_model(th):
     return ps.dkf.exact_linear_gaussian(th * eye, 0.3 * eye, eye, 0.5 * eye)
 
 
+GP_TIMES = jnp.asarray(np.cumsum(_rng.uniform(0.2, 1.0, T)))  # irregular, sorted
+
+
+COUNTS = jnp.asarray(_rng.poisson(2.0, size=(T, D)).astype(float))  # Poisson data for the variational engine
+SITES = ps.vi.initial_sites(T, D)
+
+
+def gp_model(th):
+    """Markovian GP whose lengthscale is theta."""
+    return ps.models.MarkovianGP(ps.gp.Matern32(lengthscale=2.0 * th, variance=1.0), noise_variance=0.3)
+
+
+_ENC = ps.models.gpvae.mlp_encoder(jax.random.key(1), D, 1, width=4, depth=1)
+_DEC = ps.models.gpvae.mlp_decoder(jax.random.key(2), 1, D, width=4, depth=1)
+
+
+def gpvae_model(th):
+    """Markovian GP-VAE with one latent function whose lengthscale is theta (small networks)."""
+    return ps.models.MarkovianGPVAE((ps.gp.Matern32(lengthscale=2.0 * th),), _ENC, _DEC, observation_variance=0.5)
+
+
 def _imap_transition(x, t):
     return 0.9 * x
 
@@ -281,6 +302,24 @@ CASES = (
              lambda th, k: ps.imap.filter_ssm_sequence(lgssm(th), Y, optimizer=SGD, num_iters=3),
              lambda o: jnp.sum(o.filtered_means)),
         Case("imap", "matched_step_size", lambda th, k: ps.imap.matched_step_size(1.0, 0.5, th, 3), lambda o: o),
+        Case("gp", "log_marginal_likelihood",
+             lambda th, k: ps.gp.log_marginal_likelihood(gp_model(th), GP_TIMES, Y[:, 0]), lambda o: o),
+        Case("gp", "predict", lambda th, k: ps.gp.predict(gp_model(th), GP_TIMES, Y[:, 0], GP_TIMES[:4] + 0.25),
+             lambda o: jnp.sum(o.mean) + jnp.sum(o.var)),
+        Case("vi", "fit", lambda th, k: ps.vi.fit(lgssm(th), ps.vi.Poisson(), COUNTS, 3),
+             lambda o: o.elbo + jnp.sum(o.means)),
+        Case("vi", "elbo", lambda th, k: ps.vi.elbo(lgssm(th), ps.vi.Poisson(), COUNTS, SITES), lambda o: o),
+        Case("vi", "update_sites", lambda th, k: ps.vi.update_sites(lgssm(th), ps.vi.Poisson(), COUNTS, SITES),
+             lambda o: jnp.sum(o.nat1) + jnp.sum(o.precision)),
+        Case("gpvae", "elbo", lambda th, k: ps.gpvae.elbo(k, gpvae_model(th), GP_TIMES, Y), lambda o: o,
+             exact=False),
+        Case("gpvae", "elbo_terms", lambda th, k: ps.gpvae.elbo_terms(k, gpvae_model(th), GP_TIMES, Y, 2),
+             lambda o: o.log_normaliser, exact=False),
+        Case("gpvae", "posterior", lambda th, k: ps.gpvae.posterior(gpvae_model(th), GP_TIMES, Y),
+             lambda o: jnp.sum(o.means) + o.log_normaliser),
+        Case("gpvae", "impute", lambda th, k: ps.gpvae.impute(gpvae_model(th), GP_TIMES, Y), jnp.sum),
+        Case("gpvae", "predict", lambda th, k: ps.gpvae.predict(gpvae_model(th), GP_TIMES, Y, GP_TIMES[:3] + 0.1),
+             lambda o: jnp.sum(o.means) + jnp.sum(o.variances)),
         Case("", "sample", lambda th, k: ps.sample(k, lgssm(th), T), lambda o: jnp.sum(o[1])),
         Case("core", "sample_sequence", lambda th, k: ps.core.sample_sequence(k, hmm(th), T),
              lambda o: jnp.sum(o[1])),
@@ -313,6 +352,16 @@ NOT_ENGINES = {
         "KernelCovariance", "ConstantCovariance", "LinearMap", "exact_linear_gaussian",
     },
     "imap": {"IMAPResult", "NAMED"},  # result type, table of named optimisers
+    "vi": {  # likelihood classes, result and site containers, argument checks, quadrature, a constant
+        "AbstractLikelihood", "AbstractElementwiseLikelihood", "AbstractRowLikelihood", "Poisson", "Bernoulli",
+        "StudentT", "Gamma", "Gaussian", "HeteroscedasticGaussian", "Likelihood", "Sites", "VIResult", "METHODS",
+        "initial_sites", "gauss_hermite", "check_arguments", "CheckedArguments",
+    },
+    "gpvae": {"ELBOTerms", "Posterior", "Prediction", "check_arguments"},  # result types, argument check
+    "gp": {  # kernel classes (equinox modules, built by the cases), the result type, a time check
+        "Kernel", "Matern12", "Matern32", "Matern52", "SquaredExponential", "Periodic", "Cosine", "Constant",
+        "Linear", "Sum", "Product", "Prediction", "check_times",
+    },
     "smc": {
         "common", "resampling",  # submodules of helpers
         "ParticleFilterResult", "PaRISResult", "CSMCResult", "PPGResult", "HMCSMCResult",  # result types
@@ -327,6 +376,7 @@ NOT_ENGINES = {
     },
     "core": {
         "SSM", "AbstractLinearGaussianSSM", "AbstractDiscreteSSM", "AbstractAdditiveGaussianSSM",  # protocols
+        "AbstractMarkovianGP",
         "DiscreteParams", "LinearGaussianParams",  # parameter containers
         "checks", "linalg",  # helper submodules
         "lagged_inputs",  # array helper
@@ -334,7 +384,7 @@ NOT_ENGINES = {
     },
     "": {  # ps itself: submodules and I/O
         "core", "models", "inference", "kalman", "learn", "save", "load", "SSM", "lagged_inputs", "hmm",
-        "emissions", "datasets", "smc", "gaussian", "mcmc", "dkf", "imap",
+        "emissions", "datasets", "smc", "gaussian", "mcmc", "dkf", "imap", "gp", "vi", "gpvae",
         "sharding",  # device placement of batches (not an engine; checked by tests/test_sharding.py)
     },
 }
@@ -393,7 +443,8 @@ KNOWN_FAILURES: dict = {}
 # Gradient checks run in CI for one log-likelihood per engine family (they compile forward and
 # backward passes); the others are marked slow (make test-all).
 CI_GRAD = {("kalman", "filter"), ("hmm", "filter"), ("gaussian", "filter[ukf]"), ("smc", "particle_filter"),
-           ("mcmc", "MarginalLikelihood"), ("dkf", "filter")}
+           ("mcmc", "MarginalLikelihood"), ("dkf", "filter"), ("gp", "log_marginal_likelihood"),
+           ("vi", "elbo")}
 # The heaviest compilations of the jit/vmap walk run under make test-all only.
 SLOW_WALK = {("smc", "hmc_smc"), ("smc", "ppg_sequence")}
 

@@ -188,8 +188,9 @@ def test_fit_dynamics_recovers_ar1():
     rng = np.random.default_rng(4)
     N, a, g = 20000, np.array([[0.9, 0.0], [0.2, 0.5]]), np.diag([0.3, 0.1])
     z = np.zeros((N, 2))
+    noise = rng.multivariate_normal(np.zeros(2), g, size=N)  # one call, not N (same law)
     for t in range(1, N):
-        z[t] = a @ z[t - 1] + rng.multivariate_normal(np.zeros(2), g)
+        z[t] = a @ z[t - 1] + noise[t]
     z += np.array([1.0, -2.0])
     A, G, mean, S = ps.dkf.fit_dynamics(z)
     # least-squares AR coefficients: standard error ~ sqrt(g_ii / (N var(z_j))) <= 0.01 here; 5 se

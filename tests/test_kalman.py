@@ -113,8 +113,10 @@ def test_matches_pykalman(rng):
 
 @pytest.mark.parametrize("parallel,chunk_size", [(True, None), (True, 7)])
 def test_parallel_equals_sequential(rng, parallel, chunk_size):
-    model = random_model(rng, 4, 2)
-    _, y = ps.sample(jax.random.PRNGKey(4), model, 64)
+    # the shapes of test_time_invariant_with_offsets_matches_reference (d = 3, p = 2, T = 40): the
+    # sequential and default parallel smoothers compiled there are reused here
+    model = random_model(rng, 3, 2)
+    _, y = ps.sample(jax.random.PRNGKey(4), model, 40)
     y = np.array(y)
     y[5, 1] = np.nan
     y[17] = np.nan

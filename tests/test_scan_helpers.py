@@ -1,6 +1,6 @@
 """New public helpers: scan_in_place equals lax.scan (forward, reverse, under jit and vmap);
-normalise_with_ess equals normalise plus the ESS; step_with_keys under jit and vmap; and (a known
-gap, marked xfail) the particle filter's check of a tree_at-made model with a bad value."""
+normalise_with_ess equals normalise plus the ESS; step_with_keys under jit and vmap; and the
+particle filter's check of a tree_at-made model with a bad value (names the field)."""
 import numpy as np
 import pytest
 import jax
@@ -58,8 +58,6 @@ def test_step_with_keys_under_jit_and_vmap():
     np.testing.assert_allclose(batched[0].particles[0], new.particles, rtol=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: the particle engines do not check a model's parameter "
-                   "values (numpyro raises about the scale, not naming the model field)")
 def test_particle_filter_rejects_tree_at_model_with_bad_value():
     model = ps.models.StochasticVolatility(-1.0, 0.95, 0.2)
     bad = eqx.tree_at(lambda m: m.sigma, model, -1.0)

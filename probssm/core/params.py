@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
 
-__all__ = ["ParamSpec", "spec", "get", "to_unconstrained", "from_unconstrained", "replace", "paths"]
+__all__ = ["ParamSpec", "spec", "get", "to_unconstrained", "from_unconstrained", "replace", "paths", "declared"]
 
 
 class ParamSpec(NamedTuple):
@@ -74,6 +74,30 @@ def _walk(module, prefix, out):
         else:
             for sub_path, sub in _children(value, path):
                 _walk(sub, sub_path + ".", out)
+
+
+def _walk_declared(module, prefix, out):
+    for f in dataclasses.fields(module):
+        if f.metadata.get("static", False):
+            continue
+        value = getattr(module, f.name, None)
+        path = f"{prefix}{f.name}"
+        constraint = f.metadata.get("constraint")
+        if constraint is not None and not isinstance(value, (eqx.Module, tuple, list)):
+            if value is not None:
+                out.append((path, constraint, value))
+        else:
+            for sub_path, sub in _children(value, path):
+                _walk_declared(sub, sub_path + ".", out)
+
+
+def declared(model) -> list:
+    """``(path, constraint, value)`` of every field that declares a constraint, whatever its
+    value holds (an array, or a Python number put there by ``eqx.tree_at``): what a check of a
+    model's parameter values reads."""
+    out: list = []
+    _walk_declared(model, "", out)
+    return out
 
 
 def paths(model) -> dict:

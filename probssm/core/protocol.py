@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from numpyro.distributions import constraints
 
 
 class SSM(eqx.Module):
@@ -65,6 +66,28 @@ class SSM(eqx.Module):
     def emission_lags(self) -> int:
         """P > 0 when the inputs of y_t are the lagged observations y_{t-1}, ..., y_{t-P}."""
         return 0
+
+    def check_parameters(self, name: str = "model") -> None:
+        """Raise ValueError naming the first learnable scalar or elementwise parameter outside its
+        declared support (``positive``, ``interval``, ...; `probssm.core.params`), e.g.
+        ``model.sigma: expected values in positive, got -1.0``. Engines call it where inference
+        starts, so models made by ``eqx.tree_at``, ``tree_map`` or ``ps.load`` are checked too.
+        Matrix constraints (PSD, simplex rows) are left to each structure's own checks. Runs on
+        concrete values only (a traced model is not checked)."""
+        from probssm.core import checks
+        from probssm.core import params as P
+
+        for path, c, value in P.declared(self):
+            if getattr(c, "event_dim", 0) != 0 or not checks.is_concrete(value):
+                continue
+            a = np.asarray(value)
+            if not np.issubdtype(a.dtype, np.number):
+                continue
+            ok = np.asarray(c.check(a)) & np.isfinite(a) if c is not constraints.real else ~np.isnan(a)
+            if not np.all(ok):
+                bad = a[~ok] if a.ndim else a
+                raise ValueError(f"{name}.{path}: expected values in {type(c).__name__.lstrip('_')}, "
+                                 f"got {np.ravel(bad)[0]}")
 
     def default_inputs(self, emissions):
         """Inputs an engine uses when the caller passes none: the stacked lagged
@@ -142,6 +165,26 @@ class AbstractLinearGaussianSSM(SSM):
     @property
     @abc.abstractmethod
     def emission_dim(self) -> int: ...
+
+
+class AbstractMarkovianGP(AbstractLinearGaussianSSM):
+    """A Gaussian process in state-space form over observation times: unlocks `ps.gp`.
+
+    Outputs y(t) = H s(t) + mean + N(0, diag(noise)), latent functions f(t) = G s(t), where the
+    SDE state s follows the exact discretisation between any two sorted times.
+    """
+
+    @abc.abstractmethod
+    def params_at(self, times) -> LinearGaussianParams:
+        """The linear-Gaussian system over sorted times (T,) (traceable)."""
+
+    @abc.abstractmethod
+    def latent_matrix(self) -> jax.Array:
+        """G (L, d): the latent functions of the state."""
+
+    @abc.abstractmethod
+    def output_noise(self) -> jax.Array:
+        """(p,) observation noise variances (the diagonal of the emission covariance)."""
 
 
 class AbstractAdditiveGaussianSSM(SSM):

@@ -13,3 +13,8 @@ __all__ += ["dkf"]
 from probssm.inference import imap
 
 __all__ += ["imap"]
+from probssm.inference import gp  # noqa: E402
+from probssm.inference import vi  # noqa: E402
+from probssm.inference import gpvae  # noqa: E402
+
+__all__ += ["gp", "vi", "gpvae"]

@@ -181,6 +181,7 @@ def prepare(model, emissions, inputs=None, lengths=None, plausibility=None) -> t
     lead = (batch.batch_size,) if batch.batched else ()
     pl = check_plausibility(plausibility, lead + (T, model.num_states), ys.dtype)
     checks.once_per_model(model, ("discrete", T), lambda: check_params(model, batch))
+    checks.once_per_model(model, "parameters", model.check_parameters)
     return batch, pl
 
 

@@ -1456,6 +1456,7 @@ def check_arguments(model, emissions, inputs=None, lengths=None, extra_steps: in
         raise ValueError(
             f"model: expected a linear-Gaussian model (AbstractLinearGaussianSSM), got {type(model).__name__}"
         )
+    checks.once_per_model(model, "parameters", model.check_parameters)
     p = model.emission_dim
     if isinstance(emissions, (list, tuple)):
         for i, y in enumerate(emissions):

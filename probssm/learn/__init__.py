@@ -14,3 +14,9 @@ from probssm.learn import dkf  # noqa: E402
 from probssm.learn.dkf import fit_dkf  # noqa: E402
 
 __all__ += ["dkf", "fit_dkf"]
+from probssm.learn.vi import vi  # noqa: E402
+
+__all__ += ["vi"]
+from probssm.learn import gpvae  # noqa: E402
+
+__all__ += ["gpvae"]

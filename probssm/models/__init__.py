@@ -15,3 +15,11 @@ from probssm.models import dkf  # noqa: E402
 from probssm.models.dkf import AbstractDiscriminativeSSM, DKFModel  # noqa: E402
 
 __all__ += ["dkf", "AbstractDiscriminativeSSM", "DKFModel"]
+from probssm.models import kernels  # noqa: E402
+from probssm.models.gp import MarkovianGP  # noqa: E402
+
+__all__ += ["kernels", "MarkovianGP"]
+from probssm.models import gpvae  # noqa: E402
+from probssm.models.gpvae import MarkovianGPVAE  # noqa: E402
+
+__all__ += ["gpvae", "MarkovianGPVAE"]
