@@ -76,16 +76,26 @@ def _fit(model, ys, inputs, lengths, *, fixed, optimizer, num_iters, show, diffu
     value_and_grad = jax.value_and_grad(loss)
     every = prog.report_every(num_iters)
 
+    def keep_best(best, params, value):
+        # an optimiser step can land on NaN (a line search into an overflow); the fit then returns
+        # the best finite iterate instead of a model full of NaN
+        better = jnp.isfinite(value) & (value < best[1])
+        return jax.tree_util.tree_map(lambda b, p: jnp.where(better, p, b), best[0], params), \
+            jnp.where(better, value, best[1])
+
     def step(carry, i):
-        params, state = carry
+        params, state, best = carry
         value, grad = value_and_grad(params)
+        best = keep_best(best, params, value)
         updates, state = optimizer.update(grad, state, params, value=value, grad=grad, value_fn=loss)
         params = optax.apply_updates(params, updates)
         if show:
             prog.report(i, -value * num_obs, every)
-        return (params, state), -value * num_obs
+        return (params, state, best), -value * num_obs
 
-    (params, _), history = lax.scan(step, (params, optimizer.init(params)), jnp.arange(num_iters))
+    best = (params, jnp.asarray(jnp.inf, num_obs.dtype if jnp.issubdtype(num_obs.dtype, jnp.floating) else ys.dtype))
+    (params, _, best), history = lax.scan(step, (params, optimizer.init(params), best), jnp.arange(num_iters))
+    params, _ = keep_best(best, params, loss(params))
     return P.from_unconstrained(model, spec, params), history
 
 
