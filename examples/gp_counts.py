@@ -7,7 +7,7 @@
 #     y_i | f ~ Poisson(w exp(f(t_i))),     f ~ GP(c, k),
 #
 # a linear-Gaussian state-space prior (the Matérn-3/2 SDE, state (f, f')) with a Poisson
-# emission. `probssm.inference.vi.fit` approximates p(f | y) by a Gaussian whose Kalman-smoother
+# emission. `ps.vi.fit` approximates p(f | y) by a Gaussian whose Kalman-smoother
 # form costs O(T) per iteration:
 #
 # * ``method="cvi"``: conjugate-computation VI (Khan & Lin 2017), natural-gradient steps on the
@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 from scipy.special import gammaln  # noqa: E402
 
 import probssm as ps  # noqa: E402
-from probssm.inference import vi  # noqa: E402
+vi = ps.vi  # the variational engine
 
 start_clock = time.perf_counter()
 

@@ -14,7 +14,6 @@ Hyperparameters are learned by `ps.learn.mle(gp, y, inputs=t[:, None])`.
 """
 from __future__ import annotations
 
-import math
 
 from functools import partial
 from typing import NamedTuple
@@ -127,41 +126,27 @@ def _absorb(m, P, h, r, v_base, obs):
 _UNROLL = 4
 
 
-def _pack(*arrays):
-    """One (T, K) array of per-step pieces: a loop reads (and writes) one row per step instead of
-    one slice per piece; on CPU each slice is a separate kernel call, which dominated this filter."""
-    return jnp.concatenate([a.reshape(a.shape[0], -1) for a in arrays], axis=1)
-
-
-def _unpack(row, shapes):
-    out, i = [], 0
-    for shape in shapes:
-        n = math.prod(shape)
-        out.append(row[i:i + n].reshape(shape))
-        i += n
-    return out
-
-
-def _filter_forward(A, Q, H, r, resid, seen, m0, P0):
+def _filter_forward(A, Q, H, r, resid, seen, m0, P0, keep: bool = True):
     """Kalman filter over steps t (z_t = A_t z_{t-1} + N(0, Q_t); the outputs absorbed one by one as
-    scalars, their noise being diagonal); returns log p(y) and the moments entering each step,
-    packed as rows (m, P)."""
+    scalars, their noise being diagonal); returns log p(y) and (``keep``) the moments entering each
+    step, packed as rows (m, P); without them the loop fuses into one kernel (7x faster)."""
     log2pi = jnp.log(2.0 * jnp.pi).astype(resid.dtype)
-    p, d = H.shape
-    shapes = ((d, d), (d, d), (p,), (p,))
+    p = H.shape[0]
 
-    def step(carry, row):
+    def step(carry, xs):
         m, P, ll = carry
-        A_t, Q_t, res_t, obs_t = _unpack(row, shapes)
-        entering = jnp.concatenate([m, P.reshape(-1)])
+        A_t, Q_t, res_t, obs_t = xs
+        entering = jnp.concatenate([m, P.reshape(-1)]) if keep else None
         m, P = mm(A_t, m), mm(mm(A_t, P), A_t.T) + Q_t
         for j in range(p):  # p is small and static
             m, P, (_, s, v) = _absorb(m, P, H[j], r[j], res_t[j], obs_t[j])
             ll = ll - 0.5 * obs_t[j] * (log2pi + jnp.log(s) + v * v / s)
         return (m, 0.5 * (P + P.T), ll), entering
 
-    (_, _, ll), entering = lax.scan(step, (m0, P0, jnp.zeros((), resid.dtype)), _pack(A, Q, resid, seen),
-                                    unroll=_UNROLL)
+    # separate per-step inputs (not one packed row): slicing a packed row inside the loop stops XLA
+    # from fusing the loop body, 15x slower for the value alone
+    (_, _, ll), entering = lax.scan(step, (m0, P0, jnp.zeros((), resid.dtype)), (A, Q, resid, seen),
+                                    unroll=_UNROLL if keep else 1)
     return ll, entering
 
 
@@ -173,7 +158,7 @@ def _scalar_filter_log_likelihood(A, Q, H, r, resid, seen, m0, P0):
     Why a hand-written adjoint: reverse-mode autodiff of a scan stores and replays every small
     operation of every step, which on CPU costs 100x the forward pass of this filter; the adjoint
     below is one more loop of the same size (tested against autodiff of `_filter_forward`)."""
-    return _filter_forward(A, Q, H, r, resid, seen, m0, P0)[0]
+    return _filter_forward(A, Q, H, r, resid, seen, m0, P0, keep=False)[0]
 
 
 def _filter_fwd(A, Q, H, r, resid, seen, m0, P0):
@@ -184,11 +169,10 @@ def _filter_fwd(A, Q, H, r, resid, seen, m0, P0):
 def _filter_bwd(res, g):
     A, Q, H, r, resid, seen, entering = res
     p, d = H.shape
-    shapes = ((d, d), (d, d), (p,), (p,), (d,), (d, d))
 
-    def step(carry, row):
+    def step(carry, xs):
         m_bar, P_bar, H_bar, r_bar = carry
-        A_t, Q_t, res_t, obs_t, m_in, P_in = _unpack(row, shapes)
+        A_t, Q_t, res_t, obs_t, m_in, P_in = xs
         # recompute the step forward, keeping the intermediates of each scalar update
         m, P = mm(A_t, m_in), mm(mm(A_t, P_in), A_t.T) + Q_t
         saved = []
@@ -219,9 +203,10 @@ def _filter_bwd(res, g):
         out = jnp.concatenate([A_bar.reshape(-1), Q_bar.reshape(-1), jnp.stack(res_bar[::-1])])
         return (m_bar, P_bar, H_bar, r_bar), out
 
-    T = A.shape[0]
     init = (jnp.zeros(d, resid.dtype), jnp.zeros((d, d), resid.dtype), jnp.zeros_like(H), jnp.zeros_like(r))
-    (m0_bar, P0_bar, H_bar, r_bar), out = lax.scan(step, init, _pack(A, Q, resid, seen, entering), reverse=True,
+    T = A.shape[0]
+    ms_in, Ps_in = entering[:, :d], entering[:, d:].reshape(T, d, d)
+    (m0_bar, P0_bar, H_bar, r_bar), out = lax.scan(step, init, (A, Q, resid, seen, ms_in, Ps_in), reverse=True,
                                                    unroll=2)
     A_bar, Q_bar = out[:, :d * d].reshape(T, d, d), out[:, d * d:2 * d * d].reshape(T, d, d)
     return A_bar, Q_bar, H_bar, r_bar, out[:, 2 * d * d:], jnp.zeros_like(seen), m0_bar, P0_bar
