@@ -286,7 +286,7 @@ def test_bad_inputs_name_the_argument():
         LG.fit(key, vae, t, ys, 0)
     with pytest.raises(ValueError, match=r"^fixed"):
         LG.fit(key, vae, t, ys, 2, fixed=("nonsense",))
-    with pytest.raises(ValueError, match=r"^model: expected a ps.models.gpvae.MarkovianGPVAE"):
+    with pytest.raises(ValueError, match=r"^model: expected a ps.models.MarkovianGPVAE"):
         G.elbo(key, ps.models.MarkovianGP(ps.gp.Matern32()), t, y)
     with pytest.raises(ValueError, match=r"^likelihood"):
         M.MarkovianGPVAE(vae.kernels, vae.encoder, vae.decoder, likelihood="poisson")

@@ -72,18 +72,20 @@ class SSM(eqx.Module):
         declared support (``positive``, ``interval``, ...; `probssm.core.params`), e.g.
         ``model.sigma: expected values in positive, got -1.0``. Engines call it where inference
         starts, so models made by ``eqx.tree_at``, ``tree_map`` or ``ps.load`` are checked too.
-        Matrix constraints (PSD, simplex rows) are left to each structure's own checks. Runs on
+        Real-valued fields and matrix constraints (PSD, simplex rows) are left to each structure's
+        own checks. Runs on
         concrete values only (a traced model is not checked)."""
         from probssm.core import checks
         from probssm.core import params as P
 
         for path, c, value in P.declared(self):
-            if getattr(c, "event_dim", 0) != 0 or not checks.is_concrete(value):
+            # real-valued fields (finite or not) are left to the structures' own checks
+            if c is constraints.real or getattr(c, "event_dim", 0) != 0 or not checks.is_concrete(value):
                 continue
             a = np.asarray(value)
             if not np.issubdtype(a.dtype, np.number):
                 continue
-            ok = np.asarray(c.check(a)) & np.isfinite(a) if c is not constraints.real else ~np.isnan(a)
+            ok = np.asarray(c.check(a)) & np.isfinite(a)
             if not np.all(ok):
                 bad = a[~ok] if a.ndim else a
                 raise ValueError(f"{name}.{path}: expected values in {type(c).__name__.lstrip('_')}, "
