@@ -292,3 +292,17 @@ def test_bad_inputs_name_the_argument():
         M.MarkovianGPVAE(vae.kernels, vae.encoder, vae.decoder, likelihood="poisson")
     with pytest.raises(ValueError, match=r"^model.kernels.0.lengthscale"):
         G.elbo(key, eqx.tree_at(lambda m: m.kernels[0].lengthscale, vae, jnp.asarray(-1.0)), t, y)
+
+
+@pytest.mark.parametrize("where", [lambda m: m.kernels[0].lengthscale, lambda m: m.observation_variance])
+def test_tree_at_model_with_a_bad_value_is_named(where):
+    """A model made by eqx.tree_at (its constructor skipped) is still checked by every public function."""
+    enc = ps.models.gpvae.mlp_encoder(jax.random.key(1), 2, 1, width=4, depth=1)
+    dec = ps.models.gpvae.mlp_decoder(jax.random.key(2), 1, 2, width=4, depth=1)
+    model = ps.models.MarkovianGPVAE((ps.gp.Matern32(1.0),), enc, dec, observation_variance=0.5)
+    bad = eqx.tree_at(where, model, -1.0)
+    t, y = jnp.arange(6.0), jnp.ones((6, 2))
+    for call in (lambda: ps.gpvae.elbo(jax.random.key(0), bad, t, y), lambda: ps.gpvae.posterior(bad, t, y),
+                 lambda: ps.gpvae.impute(bad, t, y), lambda: ps.gpvae.predict(bad, t, y, t[:2])):
+        with pytest.raises(ValueError, match=r"^model\.(kernels\.0\.lengthscale|observation_variance)"):
+            call()

@@ -8,6 +8,7 @@ on z, and the ELBO as E_q[log p(y|f)] - KL(q || p) (the engine uses the site for
 """
 import time
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -538,3 +539,18 @@ def test_markovian_gp_classification_equals_dense_gp_cvi():
     np.testing.assert_allclose(np.asarray(post.f_means)[:, 0], m, atol=1e-6)
     np.testing.assert_allclose(np.asarray(post.f_covs)[:, 0, 0], np.diag(C), atol=1e-6)
     np.testing.assert_allclose(float(post.elbo), elbo, atol=1e-6)
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda: vi.StudentT(3.0, 1.0), "df"), (lambda: vi.Gaussian(1.0), "variance"), (lambda: vi.Gamma(2.0), "shape"),
+])
+def test_tree_at_likelihood_with_a_bad_value_is_named(make, field):
+    """A likelihood made by eqx.tree_at skips its constructor; fit and ps.learn.vi still name the field."""
+    prior = ps.models.LinearGaussianSSM(jnp.zeros(1), jnp.eye(1), 0.9 * jnp.eye(1), 0.1 * jnp.eye(1), jnp.eye(1),
+                                        jnp.eye(1))
+    bad = eqx.tree_at(lambda lik: getattr(lik, field), make(), -1.0)
+    y = jnp.ones((6, 1))
+    with pytest.raises(ValueError, match=rf"^likelihood\.{field}"):
+        vi.fit(prior, bad, y, 2)
+    with pytest.raises(ValueError, match=rf"^likelihood\.{field}"):
+        ps.learn.vi(prior, bad, y, 2, progress=False)

@@ -27,10 +27,11 @@ from typing import Iterable, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
 
-__all__ = ["ParamSpec", "spec", "get", "to_unconstrained", "from_unconstrained", "replace", "paths", "declared"]
+__all__ = ["ParamSpec", "spec", "get", "to_unconstrained", "from_unconstrained", "replace", "paths", "declared", "check_support"]
 
 
 class ParamSpec(NamedTuple):
@@ -59,45 +60,53 @@ def _children(value, prefix):
             yield from _children(v, f"{prefix}.{i}")
 
 
-def _walk(module, prefix, out):
+def _leaf_fields(module, prefix=""):
+    """(path, constraint or None, value, declared) of every non-static field of ``module`` and of the
+    modules it holds, except fields that hold modules (they are walked into)."""
     declared = _declares(module)
     for f in dataclasses.fields(module):
         if f.metadata.get("static", False):
             continue
         value = getattr(module, f.name, None)
         path = f"{prefix}{f.name}"
-        constraint = f.metadata.get("constraint")
-        if constraint is not None and _is_float_array(value):
-            out.append((path, constraint))
-        elif not declared and _is_float_array(value):
-            out.append((path, constraints.real))
-        else:
+        if isinstance(value, (eqx.Module, tuple, list)):
             for sub_path, sub in _children(value, path):
-                _walk(sub, sub_path + ".", out)
+                yield from _leaf_fields(sub, sub_path + ".")
+        else:
+            yield path, f.metadata.get("constraint"), value, declared
 
 
-def _walk_declared(module, prefix, out):
-    for f in dataclasses.fields(module):
-        if f.metadata.get("static", False):
-            continue
-        value = getattr(module, f.name, None)
-        path = f"{prefix}{f.name}"
-        constraint = f.metadata.get("constraint")
-        if constraint is not None and not isinstance(value, (eqx.Module, tuple, list)):
-            if value is not None:
-                out.append((path, constraint, value))
-        else:
-            for sub_path, sub in _children(value, path):
-                _walk_declared(sub, sub_path + ".", out)
+def _walk(module, prefix, out):
+    for path, constraint, value, declared in _leaf_fields(module, prefix):
+        if _is_float_array(value) and (constraint is not None or not declared):
+            out.append((path, constraint if constraint is not None else constraints.real))
 
 
 def declared(model) -> list:
     """``(path, constraint, value)`` of every field that declares a constraint, whatever its
     value holds (an array, or a Python number put there by ``eqx.tree_at``): what a check of a
     model's parameter values reads."""
-    out: list = []
-    _walk_declared(model, "", out)
-    return out
+    return [(path, c, value) for path, c, value, _ in _leaf_fields(model) if c is not None and value is not None]
+
+
+def check_support(module, name: str = "model") -> None:
+    """Raise ValueError naming the first declared scalar or elementwise parameter of ``module`` (a
+    model, a likelihood, any equinox module) outside its support, e.g. ``model.sigma: expected
+    values in Positive, got -1.0``. Real-valued fields and matrix constraints (PSD, simplex rows)
+    are left to each structure's own checks. Concrete values only (traced ones are skipped)."""
+    from probssm.core import checks
+
+    for path, c, value in declared(module):
+        if c is constraints.real or getattr(c, "event_dim", 0) != 0 or not checks.is_concrete(value):
+            continue
+        a = np.asarray(value)
+        if not np.issubdtype(a.dtype, np.number):
+            continue
+        ok = np.asarray(c.check(a)) & np.isfinite(a)
+        if not np.all(ok):
+            bad = a[~ok] if a.ndim else a
+            raise ValueError(f"{name}.{path}: expected values in {type(c).__name__.lstrip('_')}, "
+                             f"got {np.ravel(bad)[0]}")
 
 
 def paths(model) -> dict:

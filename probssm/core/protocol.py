@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from numpyro.distributions import constraints
 
 
 class SSM(eqx.Module):
@@ -75,21 +74,9 @@ class SSM(eqx.Module):
         Real-valued fields and matrix constraints (PSD, simplex rows) are left to each structure's
         own checks. Runs on
         concrete values only (a traced model is not checked)."""
-        from probssm.core import checks
         from probssm.core import params as P
 
-        for path, c, value in P.declared(self):
-            # real-valued fields (finite or not) are left to the structures' own checks
-            if c is constraints.real or getattr(c, "event_dim", 0) != 0 or not checks.is_concrete(value):
-                continue
-            a = np.asarray(value)
-            if not np.issubdtype(a.dtype, np.number):
-                continue
-            ok = np.asarray(c.check(a)) & np.isfinite(a)
-            if not np.all(ok):
-                bad = a[~ok] if a.ndim else a
-                raise ValueError(f"{name}.{path}: expected values in {type(c).__name__.lstrip('_')}, "
-                                 f"got {np.ravel(bad)[0]}")
+        P.check_support(self, name)
 
     def default_inputs(self, emissions):
         """Inputs an engine uses when the caller passes none: the stacked lagged

@@ -69,7 +69,7 @@ from jax import lax
 from jax.scipy.special import gammaln
 from numpyro.distributions import constraints
 
-from probssm.core import checks
+from probssm.core import checks, params as P
 from probssm.core.linalg import symmetrize
 from probssm.core.protocol import AbstractLinearGaussianSSM, LinearGaussianParams
 from probssm.inference import kalman
@@ -814,6 +814,8 @@ def check_arguments(prior, likelihood, y, inputs=None) -> CheckedArguments:
     if not isinstance(likelihood, AbstractLikelihood):
         raise ValueError(f"likelihood: expected a ps.vi likelihood (AbstractLikelihood, e.g. ps.vi.Poisson()), "
                          f"got {type(likelihood).__name__}")
+    # a likelihood made by eqx.tree_at / ps.load is checked here too (its constructor did not run)
+    checks.once_per_model(likelihood, "parameters", lambda: P.check_support(likelihood, "likelihood"))
     p = prior.emission_dim
     width = likelihood.data_dim(p)
     doc = f"(T, {width if width is not None else 'D'}) or (B, T, {width if width is not None else 'D'})"
