@@ -49,3 +49,7 @@ models.simulate_hmmglm, models.sample_hmmglm = _simulators.simulate_hmmglm, _sim
 for _name in ("fit", "fit_dynamics", "fit_nadaraya_watson", "fit_mlp", "fit_gp", "fit_covariance"):
     setattr(inference.dkf, _name, vars(_dkf_learners)[_name])
 del _name
+
+from probssm.inference import switching, ctmc, prognostics  # noqa: E402
+
+__all__ += ["switching", "ctmc", "prognostics"]

@@ -362,6 +362,9 @@ NOT_ENGINES = {
         "Kernel", "Matern12", "Matern32", "Matern52", "SquaredExponential", "Periodic", "Cosine", "Constant",
         "Linear", "Sum", "Product", "Prediction", "check_times",
     },
+    "switching": {"msar", "slds"},  # submodules (their functions are walked by name)
+    "ctmc": set(),
+    "prognostics": set(),
     "smc": {
         "common", "resampling",  # submodules of helpers
         "ParticleFilterResult", "PaRISResult", "CSMCResult", "PPGResult", "HMCSMCResult",  # result types
@@ -377,6 +380,7 @@ NOT_ENGINES = {
     "core": {
         "SSM", "AbstractLinearGaussianSSM", "AbstractDiscreteSSM", "AbstractAdditiveGaussianSSM",  # protocols
         "AbstractMarkovianGP",
+        "switching", "continuous_time",  # exact-structure submodules (their protocols are listed below)
         "DiscreteParams", "LinearGaussianParams",  # parameter containers
         "checks", "linalg",  # helper submodules
         "lagged_inputs",  # array helper
@@ -385,6 +389,7 @@ NOT_ENGINES = {
     "": {  # ps itself: submodules and I/O
         "core", "models", "inference", "kalman", "learn", "save", "load", "SSM", "lagged_inputs", "hmm",
         "emissions", "datasets", "smc", "gaussian", "mcmc", "dkf", "imap", "gp", "vi", "gpvae",
+        "switching", "ctmc", "prognostics",  # engine modules, walked under their own entries
         "sharding",  # device placement of batches (not an engine; checked by tests/test_sharding.py)
     },
 }

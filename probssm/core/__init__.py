@@ -30,3 +30,9 @@ __all__ = [
     "checks",
     "linalg",
 ]
+# Exact structures of switching and continuous-time models: each module lists its names.
+from probssm.core import switching, continuous_time  # noqa: E402
+from probssm.core.switching import *  # noqa: E402,F401,F403
+from probssm.core.continuous_time import *  # noqa: E402,F401,F403
+
+__all__ += ["switching", "continuous_time", *switching.__all__, *continuous_time.__all__]

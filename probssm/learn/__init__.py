@@ -20,3 +20,10 @@ __all__ += ["vi"]
 from probssm.learn import gpvae  # noqa: E402
 
 __all__ += ["gpvae"]
+# Learners that register themselves with `em` (switching, continuous-time, semi-Markov).
+from probssm.learn import em_slds, em_ctmc, em_hsmm  # noqa: E402,F401
+from probssm.learn.em_slds import *  # noqa: E402,F401,F403
+from probssm.learn.em_ctmc import *  # noqa: E402,F401,F403
+from probssm.learn.em_hsmm import *  # noqa: E402,F401,F403
+
+__all__ += [*em_slds.__all__, *em_ctmc.__all__, *em_hsmm.__all__]

@@ -10,7 +10,7 @@ from probssm.models.emissions.glm import BernoulliGLM, PoissonGLM
 from probssm.models.hmmglm_priors import GaussianPrior, NoPrior, OneHotPrior
 
 __all__ = ["LinearGaussianSSM", "NonlinearGaussianSSM", "emissions", "HMM", "ARHMM", "StochasticVolatility", "hmmglm", "HMMGLM",
-           "PoissonGLM", "BernoulliGLM", "NoPrior", "GaussianPrior", "OneHotPrior", "simulate_hmmglm", "sample_hmmglm"]
+           "PoissonGLM", "BernoulliGLM", "NoPrior", "GaussianPrior", "OneHotPrior", "simulate_hmmglm", "sample_hmmglm"]  # noqa: F405
 from probssm.models import dkf  # noqa: E402
 from probssm.models.dkf import AbstractDiscriminativeSSM, DKFModel  # noqa: E402
 
@@ -23,3 +23,11 @@ from probssm.models import gpvae  # noqa: E402
 from probssm.models.gpvae import MarkovianGPVAE  # noqa: E402
 
 __all__ += ["gpvae", "MarkovianGPVAE"]
+# Switching systems, Markov jump processes, semi-Markov models: each module lists its names.
+from probssm.models import slds, msar, mjp, hsmm  # noqa: E402
+from probssm.models.slds import *  # noqa: E402,F401,F403
+from probssm.models.msar import *  # noqa: E402,F401,F403
+from probssm.models.mjp import *  # noqa: E402,F401,F403
+from probssm.models.hsmm import *  # noqa: E402,F401,F403
+
+__all__ += ["slds", "msar", "mjp", "hsmm", *slds.__all__, *msar.__all__, *mjp.__all__, *hsmm.__all__]

@@ -1,0 +1,2 @@
+"""Placeholder: exact-structure declaration (issue in progress)."""
+__all__: list = []

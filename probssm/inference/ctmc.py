@@ -1,0 +1,2 @@
+"""Placeholder: continuous-time Markov chains (issue in progress)."""
+__all__: list = []

@@ -1,0 +1,2 @@
+"""Placeholder: remaining useful life (issue in progress)."""
+__all__: list = []

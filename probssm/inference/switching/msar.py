@@ -1,0 +1,2 @@
+"""Placeholder: filled by the msar engine work."""
+__all__: list = []

@@ -1,0 +1,2 @@
+"""Placeholder: filled by the slds engine work."""
+__all__: list = []

@@ -1,0 +1,2 @@
+"""Placeholder: learners registered with ps.learn.em (issue in progress)."""
+__all__: list = []

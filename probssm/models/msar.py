@@ -1,0 +1,2 @@
+"""Placeholder: filled by the msar work (issue in progress)."""
+__all__: list = []
