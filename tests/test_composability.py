@@ -87,6 +87,13 @@ COUNTS = jnp.asarray(_rng.poisson(2.0, size=(T, D)).astype(float))  # Poisson da
 SITES = ps.vi.initial_sites(T, D)
 
 
+def msar(th):
+    """2-regime switching AR(1); theta sets the stay probability and separates the regime means."""
+    stay = 0.5 + 0.4 * th
+    A = jnp.array([[1.0, 0.0], [0.0, 1.0]]) * stay + jnp.array([[0.0, 1.0], [1.0, 0.0]]) * (1 - stay)
+    return ps.models.MarkovSwitchingAR(A, jnp.stack([-th, th]), jnp.array([0.3]), jnp.array([0.5, 0.8]))
+
+
 def gp_model(th):
     """Markovian GP whose lengthscale is theta."""
     return ps.models.MarkovianGP(ps.gp.Matern32(lengthscale=2.0 * th, variance=1.0), noise_variance=0.3)
@@ -320,6 +327,12 @@ CASES = (
         Case("gpvae", "impute", lambda th, k: ps.gpvae.impute(gpvae_model(th), GP_TIMES, Y), jnp.sum),
         Case("gpvae", "predict", lambda th, k: ps.gpvae.predict(gpvae_model(th), GP_TIMES, Y, GP_TIMES[:3] + 0.1),
              lambda o: jnp.sum(o.means) + jnp.sum(o.variances)),
+        Case("switching", "log_likelihood", lambda th, k: ps.switching.log_likelihood(msar(th), Y_HMM), lambda o: o),
+        Case("switching", "filter", lambda th, k: ps.switching.filter(msar(th), Y_HMM),
+             lambda o: o.log_likelihood + jnp.sum(o.filtered_probs[:, 0])),
+        Case("switching", "smoother", lambda th, k: ps.switching.smoother(msar(th), Y_HMM),
+             lambda o: o.log_likelihood + jnp.sum(o.smoothed_probs[:, 0])),
+        Case("switching", "most_likely_regimes", lambda th, k: ps.switching.most_likely_regimes(msar(th), Y_HMM)),
         Case("", "sample", lambda th, k: ps.sample(k, lgssm(th), T), lambda o: jnp.sum(o[1])),
         Case("core", "sample_sequence", lambda th, k: ps.core.sample_sequence(k, hmm(th), T),
              lambda o: jnp.sum(o[1])),
@@ -362,7 +375,8 @@ NOT_ENGINES = {
         "Kernel", "Matern12", "Matern32", "Matern52", "SquaredExponential", "Periodic", "Cosine", "Constant",
         "Linear", "Sum", "Product", "Prediction", "check_times",
     },
-    "switching": {"msar", "slds"},  # submodules (their functions are walked by name)
+    "switching": {"msar", "slds",  # submodules (their functions are walked by name)
+                  "RegimeFilterResult", "RegimeSmootherResult"},  # result types
     "ctmc": set(),
     "prognostics": set(),
     "smc": {
