@@ -1,6 +1,6 @@
 """Loaders for the real data the package ships or reads from disk (edge of the package:
 nothing inside probssm imports this)."""
-from probssm.datasets.cmapss import CMAPSS, load_cmapss, split_units
+from probssm.datasets.cmapss import CMAPSS, OperatingRegimes, load_cmapss, operating_regimes, split_units
 from probssm.datasets.hmmglm import SimulatedHMMGLM, sample_hmmglm, simulate_hmmglm
 
-__all__ = ["CMAPSS", "load_cmapss", "split_units", "SimulatedHMMGLM", "sample_hmmglm", "simulate_hmmglm"]
+__all__ = ["CMAPSS", "OperatingRegimes", "load_cmapss", "operating_regimes", "split_units", "SimulatedHMMGLM", "sample_hmmglm", "simulate_hmmglm"]
