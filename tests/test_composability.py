@@ -87,6 +87,45 @@ COUNTS = jnp.asarray(_rng.poisson(2.0, size=(T, D)).astype(float))  # Poisson da
 SITES = ps.vi.initial_sites(T, D)
 
 
+def hsmm(th):
+    """3-state left-to-right HSMM (absorbing failure state); theta sets Poisson duration rates and emission means."""
+    means = jnp.stack([th, 0.0 * th, -th])[:, None]
+    durations = ps.models.PoissonDuration(jnp.stack([4.0 * th, 3.0 * th, 1.0 + 0.0 * th]), 12, truncation_tol=None)
+    return ps.models.HSMM(jnp.array([1.0, 0.0, 0.0]), ps.models.left_to_right(3), durations,
+                          ps.emissions.Gaussian(means, jnp.ones((3, 1, 1))))
+
+
+RUL_PMF = jnp.asarray(_rng.dirichlet(np.ones(11), size=4))
+RUL_TRUTH = jnp.array([2, 5, 0, 12])
+
+
+def _rul(th):
+    return ps.prognostics.rul(hsmm(th), Y_HMM, max_horizon=30, failure_state=2)
+
+
+def _rul_predictions(th):
+    return 10.0 * th * jnp.arange(4.0) + 0.5
+
+
+def _prognostics_cases():
+    fail = jnp.repeat(jnp.array([0.0, 0.0, 1.0]), 12)
+    return [
+        Case("prognostics", "rul", lambda th, k: _rul(th), lambda o: o.mean),
+        Case("prognostics", "rul_from_probs", lambda th, k: ps.prognostics.rul_from_probs(
+            hsmm(th).expanded_initial_probs(), hsmm(th).expanded_transition_matrix(), fail, 30), lambda o: o.mean),
+        Case("prognostics", "intervals", lambda th, k: ps.prognostics.intervals(_rul(th), (0.5, 0.9))),
+        Case("prognostics", "phm08_score", lambda th, k: ps.prognostics.phm08_score(_rul_predictions(th), RUL_TRUTH),
+             lambda o: o),
+        Case("prognostics", "rmse", lambda th, k: ps.prognostics.rmse(_rul_predictions(th), RUL_TRUTH), lambda o: o),
+        Case("prognostics", "coverage", lambda th, k: ps.prognostics.coverage(
+            jnp.stack([RUL_TRUTH - 10 * th, RUL_TRUTH + _rul_predictions(th) - 3], -1), RUL_TRUTH)),
+        Case("prognostics", "pit", lambda th, k: ps.prognostics.pit(
+            RUL_PMF ** th / jnp.sum(RUL_PMF ** th, -1, keepdims=True), RUL_TRUTH, k), jnp.sum, exact=False),
+        Case("hmm", "smoother[hsmm]", lambda th, k: ps.hmm.smoother(hsmm(th), Y_HMM),
+             lambda o: o.log_likelihood + jnp.sum(o.smoothed_probs[:, 0])),
+    ]
+
+
 def msar(th):
     """2-regime switching AR(1); theta sets the stay probability and separates the regime means."""
     stay = 0.5 + 0.4 * th
@@ -295,7 +334,7 @@ def _mcmc_cases():
 
 
 CASES = (
-    _kalman_cases() + _hmm_cases() + _gaussian_cases() + _smc_cases() + _mcmc_cases() + [
+    _kalman_cases() + _hmm_cases() + _gaussian_cases() + _smc_cases() + _mcmc_cases() + _prognostics_cases() + [
         Case("dkf", "filter", lambda th, k: ps.dkf.filter(dkf_model(th), Y), lambda o: jnp.sum(o.filtered_means)),
         Case("dkf", "filter_sequence", lambda th, k: ps.dkf.filter_sequence(dkf_model(th), Y),
              lambda o: jnp.sum(o.filtered_covs)),
@@ -378,7 +417,7 @@ NOT_ENGINES = {
     "switching": {"msar", "slds",  # submodules (their functions are walked by name)
                   "RegimeFilterResult", "RegimeSmootherResult"},  # result types
     "ctmc": set(),
-    "prognostics": set(),
+    "prognostics": {"RULResult"},  # result type
     "smc": {
         "common", "resampling",  # submodules of helpers
         "ParticleFilterResult", "PaRISResult", "CSMCResult", "PPGResult", "HMCSMCResult",  # result types
