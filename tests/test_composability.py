@@ -126,6 +126,15 @@ def _prognostics_cases():
     ]
 
 
+def slds(th):
+    """2-mode SLDS (d = p = 2): theta scales both modes' dynamics and sets the stay probability."""
+    eye = jnp.eye(D)
+    stay = 0.5 + 0.4 * th
+    A = jnp.array([[1.0, 0.0], [0.0, 1.0]]) * stay + jnp.array([[0.0, 1.0], [1.0, 0.0]]) * (1 - stay)
+    return ps.models.SLDS(jnp.array([0.5, 0.5]), A, jnp.zeros((2, D)), jnp.stack([eye, eye]),
+                          jnp.stack([th * eye, -0.5 * th * eye]), jnp.stack([0.2 * eye, 0.4 * eye]), eye, 0.5 * eye)
+
+
 def msar(th):
     """2-regime switching AR(1); theta sets the stay probability and separates the regime means."""
     stay = 0.5 + 0.4 * th
@@ -372,6 +381,20 @@ CASES = (
         Case("switching", "smoother", lambda th, k: ps.switching.smoother(msar(th), Y_HMM),
              lambda o: o.log_likelihood + jnp.sum(o.smoothed_probs[:, 0])),
         Case("switching", "most_likely_regimes", lambda th, k: ps.switching.most_likely_regimes(msar(th), Y_HMM)),
+        # exact enumeration needs a short sequence (2^6 mode paths)
+        Case("switching", "exact", lambda th, k: ps.switching.exact(slds(th), Y[:6]),
+             lambda o: o.log_likelihood + jnp.sum(o.smoothed_means)),
+        Case("switching", "exact_log_likelihood", lambda th, k: ps.switching.exact_log_likelihood(slds(th), Y[:6]),
+             lambda o: o),
+        Case("switching", "imm", lambda th, k: ps.switching.imm(slds(th), Y),
+             lambda o: o.log_likelihood + jnp.sum(o.filtered_means)),
+        Case("switching", "gpb2", lambda th, k: ps.switching.gpb2(slds(th), Y),
+             lambda o: o.log_likelihood + jnp.sum(o.filtered_means)),
+        Case("switching", "rbpf", lambda th, k: ps.switching.rbpf(k, slds(th), Y, N), lambda o: o.log_likelihood,
+             exact=False),
+        Case("switching", "most_likely_modes", lambda th, k: ps.switching.most_likely_modes(slds(th), Y)),
+        Case("switching", "structured_vi", lambda th, k: ps.switching.structured_vi(slds(th), Y, 3),
+             lambda o: o.elbo[-1] + jnp.sum(o.means)),
         Case("", "sample", lambda th, k: ps.sample(k, lgssm(th), T), lambda o: jnp.sum(o[1])),
         Case("core", "sample_sequence", lambda th, k: ps.core.sample_sequence(k, hmm(th), T),
              lambda o: jnp.sum(o[1])),
@@ -415,7 +438,11 @@ NOT_ENGINES = {
         "Linear", "Sum", "Product", "Prediction", "check_times",
     },
     "switching": {"msar", "slds",  # submodules (their functions are walked by name)
-                  "RegimeFilterResult", "RegimeSmootherResult"},  # result types
+                  "RegimeFilterResult", "RegimeSmootherResult", "ExactResult", "MixtureFilterResult", "RBPFResult",
+                  "StructuredVIResult",  # result types
+                  "check_arguments", "MAX_PATHS",  # argument check (outside jit), the enumeration limit
+                  # traceable single-sequence cores on SwitchingParams, traced inside their wrappers' cases
+                  "exact_params", "imm_params", "gpb2_params", "rbpf_params", "structured_vi_params"},
     "ctmc": set(),
     "prognostics": {"RULResult"},  # result type
     "smc": {
@@ -434,6 +461,8 @@ NOT_ENGINES = {
         "SSM", "AbstractLinearGaussianSSM", "AbstractDiscreteSSM", "AbstractAdditiveGaussianSSM",  # protocols
         "AbstractMarkovianGP",
         "switching", "continuous_time",  # exact-structure submodules (their protocols are listed below)
+        "SwitchingParams", "AbstractSwitchingSSM",  # structure container and protocol
+        "mode_system", "step_systems", "check_switching_params",  # array helpers, argument check
         "DiscreteParams", "LinearGaussianParams",  # parameter containers
         "checks", "linalg",  # helper submodules
         "lagged_inputs",  # array helper
