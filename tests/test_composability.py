@@ -437,7 +437,7 @@ NOT_ENGINES = {
         "Kernel", "Matern12", "Matern32", "Matern52", "SquaredExponential", "Periodic", "Cosine", "Constant",
         "Linear", "Sum", "Product", "Prediction", "check_times",
     },
-    "switching": {"msar", "slds",  # submodules (their functions are walked by name)
+    "switching": {"msar", "slds", "laplace",  # submodules (their functions are walked by name)
                   "RegimeFilterResult", "RegimeSmootherResult", "ExactResult", "MixtureFilterResult", "RBPFResult",
                   "StructuredVIResult",  # result types
                   "check_arguments", "MAX_PATHS",  # argument check (outside jit), the enumeration limit

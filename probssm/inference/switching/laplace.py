@@ -1,0 +1,2 @@
+"""Placeholder: Laplace-EM for recurrent and Poisson SLDS (in progress)."""
+__all__: list = []
