@@ -126,6 +126,45 @@ def _prognostics_cases():
     ]
 
 
+_CT_RNG = np.random.default_rng(19)
+CT_LABELS = jnp.asarray((np.arange(T) % 3).astype(float)[:, None])  # noisy labels of a continuous-time HMM
+PANEL_TIMES = jnp.asarray(np.sort(_CT_RNG.uniform(0.0, 3.0, (4, 5)), axis=1))  # 4 subjects x 5 records
+PANEL_STATES = jnp.asarray(np.array([[0, 1, 1, 2, 0], [2, 2, 1, 0, 1], [1, 0, 0, 2, 2], [0, 0, 2, 1, 1]]))
+MISCLASS = jnp.array([[0.8, 0.15, 0.05], [0.1, 0.8, 0.1], [0.05, 0.15, 0.8]])
+
+
+def mjp(th):
+    """3-state Markov jump process whose rates scale with theta."""
+    F = th * jnp.array([[0.0, 1.0, 0.5], [0.4, 0.0, 0.8], [0.6, 0.3, 0.0]])
+    return ps.models.MarkovJumpProcess(F - jnp.diag(F.sum(1)), jnp.array([0.5, 0.3, 0.2]))
+
+
+def ct_hmm(th):
+    """The same process seen through a misclassification matrix."""
+    return ps.models.ContinuousTimeHMM(mjp(th), MISCLASS)
+
+
+def _ctmc_cases():
+    return [
+        Case("ctmc", "transition_matrix", lambda th, k: ps.ctmc.transition_matrix(mjp(th), GP_TIMES[:4]), jnp.sum),
+        Case("ctmc", "uniformization", lambda th, k: ps.ctmc.uniformization(mjp(th), GP_TIMES[:4], num_terms=60),
+             lambda o: o[2, 0, 1]),
+        Case("ctmc", "gillespie", lambda th, k: ps.ctmc.gillespie(k, mjp(th), 5.0, 16)),
+        Case("ctmc", "sample_at", lambda th, k: ps.ctmc.sample_at(k, mjp(th), GP_TIMES)),
+        Case("ctmc", "sample_bridge", lambda th, k: ps.ctmc.sample_bridge(k, mjp(th), 0, 2, 1.5, 24)),
+        Case("ctmc", "panel_log_likelihood",
+             lambda th, k: ps.ctmc.panel_log_likelihood(mjp(th), PANEL_TIMES, PANEL_STATES), lambda o: o),
+        Case("ctmc", "filter", lambda th, k: ps.ctmc.filter(ct_hmm(th), GP_TIMES, CT_LABELS), lambda o: o.log_likelihood),
+        Case("ctmc", "smoother", lambda th, k: ps.ctmc.smoother(ct_hmm(th), GP_TIMES, CT_LABELS),
+             lambda o: jnp.sum(o.smoothed_probs[:, 0])),
+        Case("ctmc", "viterbi", lambda th, k: ps.ctmc.viterbi(ct_hmm(th), GP_TIMES, CT_LABELS)),
+        Case("ctmc", "state_probs_at",
+             lambda th, k: ps.ctmc.state_probs_at(ct_hmm(th), GP_TIMES, CT_LABELS, GP_TIMES[:3] + 0.1), lambda o: o[0, 0]),
+        Case("core", "transition_matrices_at",
+             lambda th, k: ps.core.transition_matrices_at(mjp(th).generator(), GP_TIMES), jnp.sum),
+    ]
+
+
 def slds(th):
     """2-mode SLDS (d = p = 2): theta scales both modes' dynamics and sets the stay probability."""
     eye = jnp.eye(D)
@@ -343,7 +382,7 @@ def _mcmc_cases():
 
 
 CASES = (
-    _kalman_cases() + _hmm_cases() + _gaussian_cases() + _smc_cases() + _mcmc_cases() + _prognostics_cases() + [
+    _kalman_cases() + _hmm_cases() + _gaussian_cases() + _smc_cases() + _mcmc_cases() + _prognostics_cases() + _ctmc_cases() + [
         Case("dkf", "filter", lambda th, k: ps.dkf.filter(dkf_model(th), Y), lambda o: jnp.sum(o.filtered_means)),
         Case("dkf", "filter_sequence", lambda th, k: ps.dkf.filter_sequence(dkf_model(th), Y),
              lambda o: jnp.sum(o.filtered_covs)),
@@ -443,7 +482,7 @@ NOT_ENGINES = {
                   "check_arguments", "MAX_PATHS",  # argument check (outside jit), the enumeration limit
                   # traceable single-sequence cores on SwitchingParams, traced inside their wrappers' cases
                   "exact_params", "imm_params", "gpb2_params", "rbpf_params", "structured_vi_params"},
-    "ctmc": set(),
+    "ctmc": {"Path", "FilterResult", "SmootherResult"},  # result types
     "prognostics": {"RULResult"},  # result type
     "smc": {
         "common", "resampling",  # submodules of helpers
@@ -462,6 +501,7 @@ NOT_ENGINES = {
         "AbstractMarkovianGP",
         "switching", "continuous_time",  # exact-structure submodules (their protocols are listed below)
         "SwitchingParams", "AbstractSwitchingSSM",  # structure container and protocol
+        "AbstractContinuousTimeSSM", "DiscretisedSSM",  # protocol and its discretised form
         "mode_system", "step_systems", "check_switching_params",  # array helpers, argument check
         "DiscreteParams", "LinearGaussianParams",  # parameter containers
         "checks", "linalg",  # helper submodules
@@ -531,7 +571,7 @@ KNOWN_FAILURES: dict = {}
 # backward passes); the others are marked slow (make test-all).
 CI_GRAD = {("kalman", "filter"), ("hmm", "filter"), ("gaussian", "filter[ukf]"), ("smc", "particle_filter"),
            ("mcmc", "MarginalLikelihood"), ("dkf", "filter"), ("gp", "log_marginal_likelihood"),
-           ("vi", "elbo")}
+           ("vi", "elbo"), ("ctmc", "panel_log_likelihood"), ("switching", "imm"), ("switching", "log_likelihood")}
 # The heaviest compilations of the jit/vmap walk run under make test-all only.
 SLOW_WALK = {("smc", "hmc_smc"), ("smc", "ppg_sequence")}
 

@@ -1,2 +1,738 @@
-"""Placeholder: continuous-time Markov chains (issue in progress)."""
-__all__: list = []
+"""Continuous-time Markov chains (``ps.ctmc``): transition matrices, simulation, panel likelihoods,
+forward-backward and Viterbi for continuous-time HMMs.
+
+Consumes any `probssm.core.AbstractContinuousTimeSSM` (a generator Q, initial probabilities pi,
+emission log-likelihoods) through ``model.generator()``; ``P(dt) = expm(Q dt)``.
+
+* `transition_matrix` (expm, one per distinct dt) and `uniformization` (the Poisson series
+  ``P(t) = sum_n Pois(n; lam t) R^n``, ``R = I + Q / lam``, ``lam = max_i |Q_ii|``).
+* `gillespie` (exact path on [0, t_max], fixed buffer of ``max_jumps`` jumps, reports truncation),
+  `sample_at` (the states at given times, exactly, by the Markov property) and `sample_bridge`
+  (a path conditioned on both end points, by uniformisation).
+* `panel_log_likelihood`: per-subject records (t_j, s_j) of an exactly observed process, the first
+  record of each subject conditioned on. It is the forward recursion (the loop ``lax.scan`` runs)::
+
+      alpha = pi * e(s_0) / sum(pi * e(s_0))            # an exact first state: its indicator
+      for j in 1..L-1:
+          v = alpha @ P(t_j - t_{j-1})
+          a = (v @ R) * e(s_j)   if s_j is an exact state entered now (death at a known time: R = Q
+                                 off-diagonal; a later record in the same absorbing state adds a factor 1)
+          a = v * e(s_j)         otherwise                 (e: indicator of the possible states)
+          log L += log sum(a);  alpha = a / sum(a)
+
+  so an exact death contributes ``sum_k P(dt)[i, k] Q[k, abs]`` and a censored record (a set of
+  possible states) sums over its set. Subjects are vmapped, never looped over in Python; on
+  concrete data each distinct interval length gets one matrix exponential.
+* `filter`, `smoother`, `viterbi`: a `ContinuousTimeHMM` (or any continuous-time model) at irregular
+  observation times, by the discrete engines of ``ps.hmm`` on ``A_t = expm(Q (t_t - t_{t-1}))``.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple, Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.scipy.special import gammaln, xlogy
+
+from probssm.core import checks
+from probssm.core.batching import as_batch
+from probssm.core.continuous_time import AbstractContinuousTimeSSM, expm
+from probssm.core.protocol import DiscreteParams
+from probssm.inference.forward_backward import FilterResult, SmootherResult, filter_params, smoother_params, \
+    viterbi_params
+from probssm.models.mjp import MarkovJumpProcess, check_generator
+
+__all__ = ["Path", "FilterResult", "SmootherResult", "transition_matrix", "uniformization", "gillespie",
+           "sample_at", "sample_bridge", "panel_log_likelihood", "filter", "smoother", "viterbi", "state_probs_at"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Generators and transition matrices
+# ----------------------------------------------------------------------------------------------
+def _generator(proc, name: str = "proc"):
+    if isinstance(proc, AbstractContinuousTimeSSM):
+        return proc.generator()
+    Q = jnp.asarray(proc)
+    if Q.ndim != 2 or Q.shape[0] != Q.shape[1]:
+        raise ValueError(f"{name}: expected a continuous-time model or a (K, K) generator, got "
+                         f"{type(proc).__name__} of shape {tuple(jnp.shape(Q))}")
+    Q = Q if jnp.issubdtype(Q.dtype, jnp.floating) else Q.astype(jnp.result_type(float))
+    check_generator(Q, name)
+    return Q
+
+
+def _checked(proc, name: str = "proc"):
+    """Generator of ``proc`` with the value checks of a model that may not have come through its
+    constructor (``eqx.tree_at``, ``ps.load``)."""
+    Q = _generator(proc, name)
+    if isinstance(proc, AbstractContinuousTimeSSM):
+        check_generator(Q, f"{name}.generator")
+        checks.once_per_model(proc, "parameters", lambda: proc.check_parameters(name))
+    return Q
+
+
+def _dt(dt, name="dt"):
+    d = jnp.asarray(dt)
+    d = d if jnp.issubdtype(d.dtype, jnp.floating) else d.astype(jnp.result_type(float))
+    if checks.is_concrete(d):
+        a = np.asarray(d)
+        if not np.all(np.isfinite(a)) or np.any(a < 0):
+            raise ValueError(f"{name}: expected finite time steps >= 0, found {a[~(np.isfinite(a) & (a >= 0))][0]}")
+    return d
+
+
+@jax.jit
+def _expm_batch(Q, dts):
+    return jax.vmap(lambda d: expm(Q * d))(dts)
+
+
+def transition_matrix(proc, dt) -> jax.Array:
+    """P(dt) = expm(Q dt): one (K, K) matrix per time step.
+
+    Args:
+        proc: a continuous-time model (`ps.models.MarkovJumpProcess`, `ContinuousTimeHMM`) or a
+            (K, K) generator.
+        dt: a time step >= 0, or an array of them of any shape.
+
+    Returns:
+        ``dt.shape + (K, K)``. On concrete ``dt`` each distinct value is exponentiated once (a batched
+        expm over the distinct values); traceable (then one expm per entry).
+
+    Example:
+        >>> ps.ctmc.transition_matrix(proc, jnp.array([0.1, 0.5, 0.1])).shape   # 2 expm calls
+        (3, K, K)
+    """
+    Q = _checked(proc)
+    d = _dt(dt).astype(Q.dtype)
+    if checks.is_concrete(d) and checks.is_concrete(Q) and d.ndim > 0:
+        values, inverse = np.unique(np.asarray(d).ravel(), return_inverse=True)
+        return _expm_batch(Q, jnp.asarray(values, Q.dtype))[inverse].reshape(d.shape + Q.shape)
+    return _expm_batch(Q, d.ravel()).reshape(d.shape + Q.shape)
+
+
+def _poisson_terms(x) -> int:
+    # Poisson(x) upper tail beyond x + 10 sqrt(x) + 30 is below 1e-17 for every x (Chernoff bound)
+    return int(np.ceil(x + 10.0 * np.sqrt(x) + 30.0))
+
+
+@partial(jax.jit, static_argnames=("num_terms",))
+def _uniformization(Q, dts, *, num_terms):
+    K = Q.shape[0]
+    lam = jnp.max(-jnp.diag(Q))
+    lam = jnp.where(lam > 0, lam, 1.0)
+    R = jnp.eye(K, dtype=Q.dtype) + Q / lam
+
+    def power(M, _):
+        return M @ R, M
+
+    _, powers = lax.scan(power, jnp.eye(K, dtype=Q.dtype), None, length=num_terms)  # R^0 .. R^{N-1}
+    n = jnp.arange(num_terms, dtype=Q.dtype)
+    x = lam * dts[:, None]
+    weights = jnp.exp(-x + xlogy(n, x) - gammaln(n + 1.0))  # Poisson(n; lam dt)
+    return jnp.einsum("un,nij->uij", weights, powers)
+
+
+def uniformization(proc, dt, *, num_terms: Optional[int] = None) -> jax.Array:
+    """P(dt) by uniformisation: ``sum_{n < N} Pois(n; lam dt) R^n`` with ``R = I + Q / lam``,
+    ``lam = max_i |Q_ii|`` (all terms non-negative, so no cancellation).
+
+    Args:
+        proc: a continuous-time model or a (K, K) generator.
+        dt: a time step >= 0 or an array of them.
+        num_terms: N; default (concrete arguments only) ``lam dt + 10 sqrt(lam dt) + 30`` for the
+            largest dt, which leaves a Poisson tail below 1e-17. Required when tracing.
+
+    Returns:
+        ``dt.shape + (K, K)``.
+    """
+    Q = _checked(proc)
+    d = _dt(dt).astype(Q.dtype)
+    if num_terms is None:
+        if not (checks.is_concrete(Q) and checks.is_concrete(d)):
+            raise ValueError("num_terms: expected an integer when proc or dt is traced (it fixes the series length)")
+        lam = float(np.max(-np.diag(np.asarray(Q)))) if Q.size else 0.0
+        num_terms = _poisson_terms(lam * float(np.max(np.asarray(d))) if d.size else 0.0)
+    num_terms = checks.positive_int(num_terms, "num_terms")
+    return _uniformization(Q, d.ravel(), num_terms=num_terms).reshape(d.shape + Q.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Simulation
+# ----------------------------------------------------------------------------------------------
+class Path(NamedTuple):
+    """One Gillespie path on [0, t_max] in a fixed buffer of ``max_jumps`` jumps.
+
+    jump_times: (max_jumps + 1,) entry 0 is 0 (the start), then the jump times; t_max beyond num_jumps.
+    states: (max_jumps + 1,) the state entered at each jump time (entry 0: the initial state); beyond
+        num_jumps the last state is repeated, so ``states[searchsorted(jump_times, t, 'right') - 1]``
+        is the state at time t.
+    num_jumps: () number of jumps recorded.
+    truncated: () True when the buffer filled before t_max (more jumps happened than recorded).
+    """
+
+    jump_times: jax.Array
+    states: jax.Array
+    num_jumps: jax.Array
+    truncated: jax.Array
+
+
+@partial(jax.jit, static_argnames=("max_jumps",))
+def _gillespie(key, Q, pi, t_max, *, max_jumps):
+    K = Q.shape[0]
+    k0, kscan = jax.random.split(key)
+    z0 = jax.random.categorical(k0, jnp.log(pi))
+    rates_out = -jnp.diag(Q)
+    off = ~jnp.eye(K, dtype=bool)
+
+    def draw(t, z, k):
+        kt, kz = jax.random.split(k)
+        rate = rates_out[z]
+        dwell = jax.random.exponential(kt, dtype=Q.dtype) / jnp.where(rate > 0, rate, 1.0)
+        t_new = jnp.where(rate > 0, t + dwell, jnp.inf)
+        logits = jnp.where(off[z], jnp.log(jnp.maximum(Q[z], 0.0)), -jnp.inf)
+        return t_new, jax.random.categorical(kz, logits)
+
+    def step(carry, k):
+        t, z, alive = carry
+        t_new, z_new = draw(t, z, k)
+        jump = alive & (t_new <= t_max)
+        z_next = jnp.where(jump, z_new, z)
+        # padding beyond the last jump holds t_max (finite, so paths vmap and save cleanly)
+        return (jnp.where(jump, t_new, t), z_next, jump), (jnp.where(jump, t_new, t_max), z_next, jump)
+
+    keys = jax.random.split(kscan, max_jumps + 1)
+    (t, z, alive), (times, states, jumped) = lax.scan(step, (jnp.zeros((), Q.dtype), z0, jnp.array(True)),
+                                                      keys[:max_jumps])
+    t_next, _ = draw(t, z, keys[max_jumps])
+    truncated = alive & (t_next <= t_max)
+    zero = jnp.zeros((1,), Q.dtype)
+    return Path(jnp.concatenate([zero, times]), jnp.concatenate([z0[None], states]),
+                jnp.sum(jumped), truncated)
+
+
+def _initial(proc):
+    if not isinstance(proc, AbstractContinuousTimeSSM):
+        raise ValueError(f"proc: expected a continuous-time model (e.g. ps.models.MarkovJumpProcess), got "
+                         f"{type(proc).__name__}")
+    Q = _checked(proc)
+    return Q, jnp.asarray(proc.initial_distribution(), Q.dtype)
+
+
+def gillespie(key, proc, t_max, max_jumps: int) -> Path:
+    """Exact simulation of one path on [0, t_max] (Gillespie's direct method), jitted.
+
+    z(0) ~ pi; in state i the chain waits Exp(|Q_ii|) and jumps to j with probability
+    ``Q_ij / |Q_ii|``; an absorbing state ends the path. The buffer holds ``max_jumps`` jumps;
+    ``truncated`` says whether the path needed more. ``jax.vmap`` over keys draws many paths.
+
+    Args:
+        key: a `jax.random` key.
+        proc: a continuous-time model.
+        t_max: end of the time window (> 0).
+        max_jumps: size of the jump buffer (static).
+
+    Returns:
+        `Path`.
+    """
+    max_jumps = checks.positive_int(max_jumps, "max_jumps")
+    Q, pi = _initial(proc)
+    t = jnp.asarray(t_max, Q.dtype)
+    if checks.is_concrete(t) and not (np.ndim(t) == 0 and np.isfinite(t) and float(t) > 0):
+        raise ValueError(f"t_max: expected a finite scalar > 0, got {np.asarray(t_max)}")
+    return _gillespie(key, Q, pi, t, max_jumps=max_jumps)
+
+
+@jax.jit
+def _sample_at(key, Q, pi, times):
+    dts = jnp.diff(times, prepend=jnp.zeros((1,), times.dtype))
+    Ps = jax.vmap(lambda d: expm(Q * d))(dts)
+    keys = jax.random.split(key, times.shape[0] + 1)
+    z0 = jax.random.categorical(keys[0], jnp.log(pi))
+
+    def step(z, x):
+        P, k = x
+        z = jax.random.categorical(k, jnp.log(P[z]))
+        return z, z
+
+    return lax.scan(step, z0, (Ps, keys[1:]))[1]
+
+
+def sample_at(key, proc, times) -> jax.Array:
+    """The states of one path at sorted times (T,) (the chain starts at time 0 from pi), drawn
+    exactly: ``z(t_0) ~ pi P(t_0)``, ``z(t_j) | z(t_{j-1}) ~ P(t_j - t_{j-1})``.
+
+    Args:
+        key: a `jax.random` key.
+        proc: a continuous-time model.
+        times: (T,) non-decreasing times >= 0, or (B, T) for B independent paths.
+
+    Returns:
+        (T,) or (B, T) int states.
+    """
+    Q, pi = _initial(proc)
+    t = jnp.asarray(times, Q.dtype)
+    if t.ndim not in (1, 2) or t.shape[-1] < 1:
+        raise ValueError(f"times: expected shape (T,) or (B, T), got shape {tuple(t.shape)}")
+    if checks.is_concrete(t):
+        a = np.asarray(t)
+        if not np.all(np.isfinite(a)) or np.any(a < 0) or np.any(np.diff(a, axis=-1) < 0):
+            raise ValueError("times: expected finite, non-decreasing times >= 0")
+    if t.ndim == 1:
+        return _sample_at(key, Q, pi, t)
+    return jax.vmap(_sample_at, in_axes=(0, None, None, 0))(jax.random.split(key, t.shape[0]), Q, pi, t)
+
+
+@partial(jax.jit, static_argnames=("max_jumps",))
+def _bridge(key, Q, a, b, t, *, max_jumps):
+    K = Q.shape[0]
+    lam = jnp.max(-jnp.diag(Q))
+    lam = jnp.where(lam > 0, lam, 1.0)
+    R = jnp.eye(K, dtype=Q.dtype) + Q / lam
+
+    def power(M, _):
+        return M @ R, M
+
+    _, powers = lax.scan(power, jnp.eye(K, dtype=Q.dtype), None, length=max_jumps + 1)  # R^0 .. R^N
+    n_all = jnp.arange(max_jumps + 1, dtype=Q.dtype)
+    x = lam * t
+    # p(N = n | z(0) = a, z(t) = b) is proportional to Pois(n; lam t) R^n[a, b]
+    log_pois = -x + xlogy(n_all, x) - gammaln(n_all + 1.0)
+    mass = jnp.exp(log_pois) * powers[:, a, b]
+    k_n, k_t, k_z = jax.random.split(key, 3)
+    n = jax.random.categorical(k_n, jnp.log(mass))
+    truncated = jnp.sum(mass) < (1.0 - 1e-10) * expm(Q * t)[a, b]
+    idx = jnp.arange(1, max_jumps + 1)
+    # the N jump times are N sorted uniforms on [0, t] (the unused draws sort to the end)
+    times = jnp.sort(jnp.where(idx <= n, jax.random.uniform(k_t, (max_jumps,), Q.dtype) * t, jnp.inf))
+
+    def step(z, x):
+        i, k = x
+        # z_i | z_{i-1} is proportional to R[z_{i-1}, k] R^{n - i}[k, b]
+        w = R[z] * powers[jnp.clip(n - i, 0, max_jumps), :, b]
+        z_new = jax.random.categorical(k, jnp.log(jnp.maximum(w, 0.0)))
+        z_new = jnp.where(i <= n, z_new, z).astype(z.dtype)
+        return z_new, z_new
+
+    _, zs = lax.scan(step, a, (idx, jax.random.split(k_z, max_jumps)))
+    prev = jnp.concatenate([jnp.reshape(a, (1,)), zs[:-1]])
+    real = (idx <= n) & (zs != prev)  # virtual (self) jumps of the uniformised chain are dropped
+    slot = jnp.where(real, jnp.cumsum(real), max_jumps + 1)  # compact the real jumps to the front
+    out_t = jnp.full((max_jumps + 2,), t, Q.dtype).at[0].set(0.0).at[slot].set(times)[:max_jumps + 1]
+    out_z = jnp.full((max_jumps + 2,), b, zs.dtype).at[0].set(a).at[slot].set(zs)[:max_jumps + 1]
+    return Path(out_t, out_z, jnp.sum(real), truncated)
+
+
+def sample_bridge(key, proc, start_state, end_state, t, max_jumps: int) -> Path:
+    """A path on [0, t] conditioned on z(0) = ``start_state`` and z(t) = ``end_state``, drawn exactly by
+    uniformisation (Hobolth & Stone 2009): for the Poisson-thinned chain with ``R = I + Q / lam``,
+
+        N ~ p(n) proportional to Pois(n; lam t) R^n[a, b];  jump times: N sorted uniforms on [0, t];
+        z_i ~ R[z_{i-1}, k] R^{N - i}[k, b] / R^{N - i + 1}[z_{i-1}, b]   (i = 1..N; z_N = b),
+
+    then the self-jumps are dropped. The building block of Gibbs / MCMC over rates given a panel.
+
+    Args:
+        key: a `jax.random` key.
+        proc: a continuous-time model.
+        start_state, end_state: the end-point states a, b (P(t)[a, b] must be > 0).
+        t: the duration (> 0).
+        max_jumps: buffer of the uniformised chain's jumps (static); ``truncated`` says whether
+            N > max_jumps had probability above 1e-10 (then raise it).
+
+    Returns:
+        `Path` (jump_times, states, num_jumps, truncated) as `gillespie`'s, ending in ``end_state``.
+    """
+    max_jumps = checks.positive_int(max_jumps, "max_jumps")
+    Q, _ = _initial(proc)
+    K = Q.shape[0]
+    for name, v in (("start_state", start_state), ("end_state", end_state)):
+        if checks.is_concrete(v) and not (np.ndim(v) == 0 and 0 <= int(v) < K and int(v) == v):
+            raise ValueError(f"{name}: expected a state in 0..{K - 1}, got {v!r}")
+    tt = jnp.asarray(t, Q.dtype)
+    if checks.is_concrete(tt) and not (np.ndim(tt) == 0 and np.isfinite(tt) and float(tt) > 0):
+        raise ValueError(f"t: expected a finite duration > 0, got {np.asarray(t)}")
+    return _bridge(key, Q, jnp.asarray(start_state, jnp.int32), jnp.asarray(end_state, jnp.int32), tt,
+                   max_jumps=max_jumps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Panel data
+# ----------------------------------------------------------------------------------------------
+class Panel(NamedTuple):
+    """Panel records prepared once, outside jit (internal; shared with the EM).
+
+    dt_values: (U,) interval lengths (the distinct ones on concrete data).
+    index: (B, L - 1) int: which dt_values entry each interval uses.
+    codes: (B, L) int observation codes (0..K-1 a state, K.. a censored set).
+    valid: (B, L) bool: record j of subject b is real (not padding).
+    table: (C, K) indicator of the possible states of each code.
+    exact: (C,) bool: the code is an absorbing state entered at a known time.
+    """
+
+    dt_values: jax.Array
+    index: jax.Array
+    codes: jax.Array
+    valid: jax.Array
+    table: jax.Array
+    exact: jax.Array
+
+
+def _traced(a) -> bool:
+    return isinstance(a, jax.core.Tracer)
+
+
+def _pad(seqs, name, fill):
+    xp = jnp if any(_traced(a) for a in seqs) else np
+    arrs = []
+    for i, a in enumerate(seqs):
+        a = xp.asarray(a)
+        if a.ndim != 1 or a.shape[0] < 1:
+            raise ValueError(f"{name}[{i}]: expected a non-empty 1-D array, got shape {tuple(a.shape)}")
+        arrs.append(a)
+    L = max(a.shape[0] for a in arrs)
+    dtype = np.result_type(*[b.dtype for b in arrs])
+    out = xp.stack([xp.pad(a.astype(dtype), (0, L - a.shape[0]), constant_values=fill) for a in arrs])
+    return out, np.asarray([a.shape[0] for a in arrs], np.int32)
+
+
+def _codes_table(K, censored, exact_states, absorbing):
+    censored = dict(censored or {})
+    table = [np.eye(K)[k] for k in range(K)]
+    code_of = {}
+    for c, (label, allowed) in enumerate(censored.items()):
+        allowed = [int(a) for a in np.atleast_1d(allowed)]
+        if not isinstance(label, (int, np.integer)) or label < K:
+            raise ValueError(f"censored: expected integer codes >= {K} (the states are 0..{K - 1}), got {label!r}")
+        if not allowed or any(a < 0 or a >= K for a in allowed):
+            raise ValueError(f"censored: code {label} must map to a non-empty set of states in 0..{K - 1}, "
+                             f"got {allowed}")
+        row = np.zeros(K)
+        row[allowed] = 1.0
+        table.append(row)
+        code_of[int(label)] = K + c
+    exact_states = tuple(int(e) for e in np.atleast_1d(np.asarray(exact_states, dtype=int)))
+    for e in exact_states:
+        if e < 0 or e >= K:
+            raise ValueError(f"exact_states: expected states in 0..{K - 1}, got {e}")
+        if e not in absorbing:
+            raise ValueError(f"exact_states: state {e} is not absorbing (it has rates out of it); exact entry times "
+                             "are for absorbing states such as death")
+    exact = np.zeros(len(table), bool)
+    exact[list(exact_states)] = True
+    return np.stack(table), exact, code_of
+
+
+def _check_states(a, valid, K, code_of, absorbing):
+    """Concrete checks of the (B, L) states: integers, in 0..K-1 or a censored code, no absorbing state left."""
+    if np.issubdtype(a.dtype, np.floating) and not np.all(a[valid] == np.round(a[valid])):
+        raise ValueError("states: expected integer states")
+    a = np.where(valid, a, 0).astype(np.int64)
+    ok = (a >= 0) & (a < K)
+    for label in code_of:
+        ok |= a == label
+    if not np.all(ok | ~valid):
+        bad = a[~ok & valid][0]
+        raise ValueError(f"states: expected states in 0..{K - 1}" +
+                         (f" or censored codes {sorted(code_of)}" if code_of else "") + f", found {bad}")
+    for b, j in zip(*np.nonzero(valid[:, 1:] & np.isin(a[:, :-1], absorbing))):
+        if a[b, j + 1] != a[b, j]:
+            raise ValueError(f"states: subject {b} leaves the absorbing state {a[b, j]} (record {j} -> {j + 1}: "
+                             f"{a[b, j]} -> {a[b, j + 1]})")
+    codes = a.copy()
+    for label, c in code_of.items():
+        codes[a == label] = c
+    return codes
+
+
+def prepare_panel(proc, times, states, lengths=None, exact_states=(), censored=None) -> Panel:
+    """Validate panel data once and build the `Panel` arrays. Concrete data are checked and read in
+    numpy (one matrix exponential per distinct interval); traced data (inside the caller's jit) give one
+    interval per record pair, unchecked."""
+    if not isinstance(proc, MarkovJumpProcess):
+        raise ValueError(f"proc: expected a ps.models.MarkovJumpProcess, got {type(proc).__name__}")
+    K = proc.num_states
+    dtype = _checked(proc).dtype
+    if isinstance(times, (list, tuple)) != isinstance(states, (list, tuple)):
+        raise ValueError("states: expected the same layout as times (both (B, L) arrays or both lists)")
+    if isinstance(times, (list, tuple)):
+        if lengths is not None:
+            raise ValueError("lengths: times and states given as lists carry their own lengths; expected None")
+        if len(times) != len(states) or len(times) == 0:
+            raise ValueError(f"states: expected {len(times)} sequences (as many as times), got {len(states)}")
+        t, n_t = _pad(times, "times", 0.0)
+        s, n_s = _pad(states, "states", 0)
+        if not np.array_equal(n_t, n_s):
+            raise ValueError(f"states: expected sequences of the lengths of times {n_t.tolist()}, got {n_s.tolist()}")
+        lengths = n_t
+    else:
+        t = times if _traced(times) else np.asarray(times)
+        s = states if _traced(states) else np.asarray(states)
+        if t.ndim == 1:
+            t, s = t[None], (s[None] if s.ndim == 1 else s)
+            lengths = None if lengths is None else (lengths if _traced(lengths) else np.asarray(lengths)).reshape(1)
+    if t.ndim != 2:
+        raise ValueError(f"times: expected shape (B, L) (or (L,), or a list of 1-D arrays), got shape {tuple(t.shape)}")
+    if s.shape != t.shape:
+        raise ValueError(f"states: expected shape {tuple(t.shape)} (that of times), got shape {tuple(s.shape)}")
+    B, L = t.shape
+    if lengths is None:
+        n = np.full((B,), L, np.int32)
+    else:
+        n = lengths if _traced(lengths) else np.asarray(lengths)
+        if n.shape != (B,) or not np.issubdtype(n.dtype, np.integer):
+            raise ValueError(f"lengths: expected integers of shape ({B},), got {n.dtype} of shape {tuple(n.shape)}")
+        if not _traced(n) and (np.any(n < 1) or np.any(n > L)):
+            raise ValueError(f"lengths: expected values in 1..{L}, got {n.min()}..{n.max()}")
+    absorbing = proc.absorbing_states
+    table, exact, code_of = _codes_table(K, censored, exact_states, absorbing)
+    concrete = not (_traced(t) or _traced(s) or _traced(n))
+    if concrete:
+        t = t.astype(np.float64)
+        valid = np.arange(L)[None, :] < n[:, None]
+        codes = _check_states(s, valid, K, code_of, absorbing)
+        if not np.all(np.isfinite(t[valid])):
+            raise ValueError("times: expected finite times")
+        d = np.diff(t, axis=1)
+        sv = valid[:, 1:]
+        if np.any(d[sv] < 0):
+            b, j = np.argwhere((d < 0) & sv)[0]
+            raise ValueError(f"times: expected non-decreasing times within each subject; subject {b} goes from "
+                             f"{t[b, j]:g} to {t[b, j + 1]:g}")
+        values, inverse = np.unique(np.where(sv, d, 0.0).ravel(), return_inverse=True)
+        dt_values, index = values, inverse.reshape(d.shape)
+    else:
+        valid = jnp.arange(L)[None, :] < jnp.asarray(n)[:, None]
+        codes = jnp.asarray(s).astype(jnp.int32)
+        for label, c in code_of.items():
+            codes = jnp.where(codes == label, c, codes)
+        dts = jnp.diff(jnp.asarray(t), axis=1)
+        dt_values = jnp.where(valid[:, 1:], dts, 0.0).ravel()
+        index = jnp.arange(B * (L - 1)).reshape(B, L - 1)
+    return Panel(jnp.asarray(dt_values, dtype), jnp.asarray(index, jnp.int32), jnp.asarray(codes, jnp.int32),
+                 jnp.asarray(valid), jnp.asarray(table, dtype), jnp.asarray(exact))
+
+
+def panel_forward(pi, Ps, jumps, panel: Panel) -> jax.Array:
+    """(B,) log-likelihood of each subject given its first record (traceable).
+
+    ``Ps`` (U, K, K) are the transition matrices of ``panel.dt_values``; ``jumps`` (K, K) the
+    off-diagonal rates (for exact entries into absorbing states). Written in ``Ps`` and ``jumps`` so
+    that their gradients are the E-step weights of EM.
+    """
+    table, exact = panel.table, panel.exact
+
+    def subject(codes, index, valid):
+        e0 = table[codes[0]]
+        a0 = pi * e0
+        s0 = jnp.sum(a0)
+        a0 = jnp.where(s0 > 0, a0 / jnp.where(s0 > 0, s0, 1.0), e0 / jnp.sum(e0))
+
+        def step(alpha, x):
+            prev, code, j, ok = x
+            v = alpha @ Ps[j]
+            e = table[code]
+            # the entry into an exact state is the first record in it; later records there add P = 1
+            a = jnp.where(exact[code] & (prev != code), (v @ jumps) * e, v * e)
+            c = jnp.sum(a)
+            c_safe = jnp.where(ok & (c > 0), c, 1.0)
+            # the double where keeps the gradient finite on padding and on impossible records
+            return jnp.where(ok, a / c_safe, alpha), jnp.where(ok, jnp.where(c > 0, jnp.log(c_safe), -jnp.inf), 0.0)
+
+        _, logc = lax.scan(step, a0, (codes[:-1], codes[1:], index, valid[1:]))
+        return jnp.sum(logc)
+
+    return jax.vmap(subject)(panel.codes, panel.index, panel.valid)
+
+
+def panel_parts(Q):
+    """Off-diagonal part of a generator (the jump rates)."""
+    return Q * (1.0 - jnp.eye(Q.shape[0], dtype=Q.dtype))
+
+
+@partial(jax.jit, static_argnames=("per_subject",))
+def _panel_ll(proc, panel, *, per_subject):
+    Q = proc.generator()
+    ll = panel_forward(proc.initial_distribution(), _expm_batch(Q, panel.dt_values), panel_parts(Q), panel)
+    return ll if per_subject else jnp.sum(ll)
+
+
+def panel_log_likelihood(proc, times, states, *, lengths=None, exact_states=(), censored=None,
+                         per_subject: bool = False) -> jax.Array:
+    """Log-likelihood of panel data: per-subject (time, state) records of an exactly observed process.
+
+    Each subject's first record is conditioned on; between records the state moves by
+    ``P(dt) = expm(Q dt)`` (one exponential per distinct dt on concrete data); subjects are vmapped.
+
+    Args:
+        proc: a `ps.models.MarkovJumpProcess`.
+        times: (B, L) per-subject record times (non-decreasing within a subject), (L,) for one
+            subject, or a list of 1-D arrays (unequal lengths).
+        states: integer states 0..K-1 in the layout of ``times`` (or censored codes, below).
+        lengths: (B,) number of real records of each padded subject (None: all L).
+        exact_states: absorbing states (e.g. death) whose entry time is known exactly: the first record
+            in one of them contributes ``sum_k P(dt)[i, k] Q[k, s]`` instead of ``P(dt)[i, s]`` (later
+            records in the same absorbing state contribute 1).
+        censored: ``{code: states}``: a record holding ``code`` (an integer >= K) means "one of
+            ``states``" (e.g. ``{99: (0, 1, 2)}``: alive, grade unknown). The likelihood sums over them.
+        per_subject: return the (B,) per-subject values instead of their sum.
+
+    Returns:
+        () the total log-likelihood (or (B,) with ``per_subject``). Traceable in the model (jit, vmap,
+        grad over rates); the data are validated when concrete.
+
+    Raises:
+        ValueError: naming ``times`` (decreasing), ``states`` (outside 0..K-1, leaving an absorbing
+            state), ``lengths``, ``exact_states`` (not absorbing) or ``censored``.
+
+    Example:
+        >>> ps.ctmc.panel_log_likelihood(proc, [t1, t2], [s1, s2], exact_states=(3,))
+    """
+    panel = prepare_panel(proc, times, states, lengths, exact_states, censored)
+    return _panel_ll(proc, panel, per_subject=bool(per_subject))
+
+
+# ----------------------------------------------------------------------------------------------
+# Continuous-time HMMs at irregular observation times: the ps.hmm cores on A_t = expm(Q dt_t)
+# ----------------------------------------------------------------------------------------------
+def _prepare_hmm(model, times, emissions, lengths):
+    if not isinstance(model, AbstractContinuousTimeSSM):
+        raise ValueError(f"model: expected a continuous-time model (e.g. ps.models.ContinuousTimeHMM), got "
+                         f"{type(model).__name__}")
+    Q = _checked(model, "model")
+    if isinstance(times, (list, tuple)):
+        times = [jnp.asarray(a)[:, None] for a in times]
+    else:
+        times = jnp.asarray(times)
+        times = times[..., None]
+    if isinstance(emissions, (list, tuple)) != isinstance(times, list):
+        raise ValueError("times: expected the layout of emissions (both arrays or both lists)")
+    batch = as_batch(emissions, times, lengths)
+    D = model.emission_dim
+    if batch.emissions.shape[-1] != D:
+        raise ValueError(f"emissions: expected shape (T, {D}) or (B, T, {D}), got shape {tuple(batch.emissions.shape)}")
+    T = batch.num_timesteps
+    t = jnp.asarray(batch.inputs)[..., 0].astype(Q.dtype)
+    if batch.batched and not batch.inputs_batched:
+        t = jnp.broadcast_to(t, (batch.batch_size, T))
+    n = batch.lengths
+    if checks.is_concrete(t):
+        a = np.asarray(t)
+        nn = np.full(a.shape[:-1], T) if n is None else np.asarray(n)
+        valid = np.arange(T) < np.asarray(nn)[..., None]
+        if not np.all(np.isfinite(a[valid])):
+            raise ValueError("times: expected finite times")
+        d = np.diff(a, axis=-1)
+        if np.any(d[valid[..., 1:]] < 0):
+            raise ValueError("times: expected non-decreasing observation times within each sequence")
+    if checks.is_concrete(batch.emissions):
+        y = np.array(batch.emissions)
+        if np.any(np.isinf(y)):
+            raise ValueError("emissions: found inf; use NaN to mark missing values")
+        if n is not None and checks.is_concrete(n):
+            y[np.arange(T) >= np.asarray(n)[..., None]] = np.nan
+        model.check_emissions(y)
+    return batch.emissions, t, n, batch.batched
+
+
+def _one_params(model, times, y, n):
+    T = times.shape[0]
+    if n is not None:
+        # padding repeats the last real time (dt = 0, identity transitions) so no NaN enters expm
+        times = jnp.where(jnp.arange(T) < n, times, times[jnp.maximum(n - 1, 0)])
+    Q = model.generator()
+    dts = jnp.diff(times, prepend=times[:1])
+    A = jax.vmap(lambda d: expm(Q * d))(dts)
+    return DiscreteParams(model.initial_distribution(), A, model.emission_log_likelihoods(y))
+
+
+@partial(eqx.filter_jit)
+def _run_hmm(model, y, t, n, mode, batched):
+    def one(yy, tt, nn):
+        p = _one_params(model, tt, yy, nn)
+        if mode == "filter":
+            return filter_params(p, length=nn)
+        if mode == "smoother":
+            return smoother_params(p, length=nn)
+        return viterbi_params(p, length=nn)
+
+    if not batched:
+        return one(y, t, n)
+    return jax.vmap(one, in_axes=(0, 0, None if n is None else 0))(y, t, n)
+
+
+def filter(model, times, emissions, *, lengths=None) -> FilterResult:
+    """Forward pass of a continuous-time HMM at irregular observation times.
+
+    With ``A_t = expm(Q (t_t - t_{t-1}))`` the model is a discrete HMM on its observation times, run
+    by the forward pass of ``ps.hmm``; the first observation's state is drawn from pi.
+
+    Args:
+        model: a `ps.models.ContinuousTimeHMM` (or any `AbstractContinuousTimeSSM`; a
+            `MarkovJumpProcess` sees its states exactly).
+        times: (T,) sorted observation times, (B, T) one row per sequence, or a list of 1-D arrays.
+        emissions: (T, D), (B, T, D) or a list of (T_b, D) arrays; NaN = missing.
+        lengths: (B,) real lengths of padded sequences.
+
+    Returns:
+        `FilterResult`: log_likelihood (), filtered_probs (T, K) p(z(t_t) | y_{0:t}) (leading B for
+        a batch; zero on padding).
+    """
+    y, t, n, batched = _prepare_hmm(model, times, emissions, lengths)
+    return _run_hmm(model, y, t, n, "filter", batched)
+
+
+def smoother(model, times, emissions, *, lengths=None) -> SmootherResult:
+    """Forward-backward of a continuous-time HMM: smoothed state probabilities p(z(t_t) | y) at the
+    observation times. Arguments as `filter`; returns a `SmootherResult` (log_likelihood,
+    filtered_probs, smoothed_probs (T, K), transition_counts: expected pairs (z(t_{t-1}), z(t_t)))."""
+    y, t, n, batched = _prepare_hmm(model, times, emissions, lengths)
+    return _run_hmm(model, y, t, n, "smoother", batched)
+
+
+def viterbi(model, times, emissions, *, lengths=None) -> jax.Array:
+    """Most likely states at the observation times, argmax p(z(t_0), ..., z(t_{T-1}) | y).
+    Arguments as `filter`; returns (T,) int (or (B, T); -1 on padding)."""
+    y, t, n, batched = _prepare_hmm(model, times, emissions, lengths)
+    return _run_hmm(model, y, t, n, "viterbi", batched)
+
+
+@eqx.filter_jit
+def _state_probs_at(model, times, y, query):
+    T, S = times.shape[0], query.shape[0]
+    all_t = jnp.concatenate([times, query])
+    # observations sort before queries at equal times (stable sort), so a query sees the record at its time
+    order = jnp.argsort(all_t, stable=True)
+    missing = jnp.full((S, y.shape[1]), jnp.nan, y.dtype)
+    ys = jnp.concatenate([y, missing])[order]
+    r = smoother_params(_one_params(model, all_t[order], ys, None))
+    where = jnp.argsort(order)[T:]  # position of each query in the merged grid
+    return r.smoothed_probs[where]
+
+
+def state_probs_at(model, times, emissions, query_times) -> jax.Array:
+    """Posterior state probabilities p(z(s) | y) at any times s of one sequence (between, before or after
+    the observation times): the query times join the grid as missing observations and forward-backward
+    runs on the merged grid (exact). Before the first observation the chain starts from pi at that time.
+
+    Args:
+        model: a continuous-time model.
+        times: (T,) sorted observation times; emissions: (T, D) (NaN = missing).
+        query_times: (S,) times in any order. The chain's law at the earliest grid time is pi, so a
+            query before the first observation moves that start to the query time.
+
+    Returns:
+        (S, K) probabilities, in the order of ``query_times``.
+    """
+    y, t, n, batched = _prepare_hmm(model, times, emissions, None)
+    if batched:
+        raise ValueError(f"emissions: expected one sequence (T, D), got shape {tuple(y.shape)}")
+    q = jnp.asarray(query_times, t.dtype)
+    if q.ndim != 1:
+        raise ValueError(f"query_times: expected shape (S,), got shape {tuple(q.shape)}")
+    if checks.is_concrete(q) and not np.all(np.isfinite(np.asarray(q))):
+        raise ValueError("query_times: expected finite times")
+    return _state_probs_at(model, t, y, q)
