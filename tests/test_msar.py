@@ -516,7 +516,7 @@ def test_inference_entry_rejects_bad_models_and_data():
         ps.hmm.filter(bad_var, y[:, None])
     with pytest.raises(ValueError, match=r"model.means: expected shape \(2,\)"):
         ps.learn.mle(bad_mu, y, 2)
-    with pytest.raises(ValueError, match="model: expected a ps.models.MarkovSwitchingAR"):
+    with pytest.raises(ValueError, match="model: expected a regime-switching autoregression"):
         ps.switching.log_likelihood(ps.models.ARHMM(np.ones(2) / 2, A2, np.zeros((2, 1, 1)), np.zeros((2, 1)),
                                                     np.ones((2, 1, 1))), y)
     # data

@@ -295,6 +295,37 @@ class AbstractDiscreteSSM(SSM):
         return None
 
 
+class AbstractRegimeSwitchingAR(AbstractDiscreteSSM):
+    """A regime-switching autoregression run as an HMM over the current and the previous ``order``
+    regimes (``num_regimes ** (order + 1)`` states): unlocks `ps.switching.log_likelihood`, ``filter``,
+    ``smoother`` and ``most_likely_regimes``.
+
+    Members those engines read (besides `AbstractDiscreteSSM`'s): ``order`` (P: the first P
+    observations are conditioned on), ``num_regimes`` (K), ``num_exog`` (regressors read from
+    ``inputs``, 0 for none), ``regime_probs`` ((..., num_states) expanded-state probabilities ->
+    (..., K) probabilities of the current regime) and ``current_regime`` (expanded-state indices ->
+    the current regime's index).
+    """
+
+    @property
+    @abc.abstractmethod
+    def order(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def num_regimes(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def num_exog(self) -> int: ...
+
+    @abc.abstractmethod
+    def regime_probs(self, probs) -> jax.Array: ...
+
+    @abc.abstractmethod
+    def current_regime(self, states) -> jax.Array: ...
+
+
 def _row(inputs, t):
     return None if inputs is None else jax.tree_util.tree_map(lambda a: a[t], inputs)
 

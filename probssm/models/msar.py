@@ -51,7 +51,7 @@ from numpyro.distributions import constraints
 
 from probssm.core import checks
 from probssm.core.lags import lagged_inputs
-from probssm.core.protocol import AbstractDiscreteSSM, DiscreteParams
+from probssm.core.protocol import AbstractRegimeSwitchingAR, DiscreteParams
 
 __all__ = ["MarkovSwitchingAR"]
 
@@ -129,7 +129,7 @@ def _validate(A, means, ar, var, exog, prefix: str = "") -> None:
                              "reducible); the ergodic initial regime probabilities need an irreducible chain")
 
 
-class MarkovSwitchingAR(AbstractDiscreteSSM):
+class MarkovSwitchingAR(AbstractRegimeSwitchingAR):
     """Markov-switching autoregression of order P with K regimes (Hamilton 1989).
 
         y_t - m_t(s_t) = sum_{i=1..P} phi_{s_t, i} (y_{t-i} - m_{t-i}(s_{t-i})) + N(0, sigma^2_{s_t}),

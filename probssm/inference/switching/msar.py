@@ -39,7 +39,7 @@ from probssm.core import checks
 from probssm.core.batching import Batch
 from probssm.inference import hmm
 from probssm.inference.forward_backward import filter_params, smoother_params, viterbi_params
-from probssm.models.msar import MarkovSwitchingAR
+from probssm.core.protocol import AbstractRegimeSwitchingAR
 
 __all__ = ["RegimeFilterResult", "RegimeSmootherResult", "log_likelihood", "filter", "smoother",
            "most_likely_regimes"]
@@ -64,8 +64,9 @@ class RegimeSmootherResult(NamedTuple):
 
 def _check(model, emissions, inputs, lengths) -> Batch:
     """Once, outside jit: the model, the data (via `ps.hmm`'s checks) and the regressors."""
-    if not isinstance(model, MarkovSwitchingAR):
-        raise ValueError(f"model: expected a ps.models.MarkovSwitchingAR, got {type(model).__name__}")
+    if not isinstance(model, AbstractRegimeSwitchingAR):
+        raise ValueError(f"model: expected a regime-switching autoregression (a ps.core.AbstractRegimeSwitchingAR "
+                         f"such as ps.models.MarkovSwitchingAR), got {type(model).__name__}")
     X, P = model.num_exog, model.order
     if X == 0 and inputs is not None:
         raise ValueError("inputs: the model has no exogenous regressors (exog_coefs is None); expected None")
