@@ -450,7 +450,7 @@ NOT_ENGINES = {
         "FilterResult", "SmootherResult", "ForecastResult", "SmootherElement",  # result types
         "check_arguments",  # argument check, run outside jit by the engines
         "initial_form",  # reads concrete initial_cov to choose the filter form, before jit (None if traced)
-        "mask_padding", "expand_time",  # array helpers
+        "mask_padding", "expand_time", "params_at",  # array helpers
         "predict", "update", "smoother_element",  # one-step kernels of the engines (traced inside every case)
         "steady_state_rtol",  # a tolerance for a dtype (a constant)
     },

@@ -61,7 +61,7 @@ from probssm.core.scan import TWO_LEVEL, chunked_associative_scan, scan_in_place
 __all__ = ["FilterResult", "SmootherResult", "ForecastResult", "filter", "smoother", "sample", "forecast",
            "log_likelihood", "filter_params", "smoother_params", "sample_params", "forecast_params",
            "mask_padding", "check_arguments", "expand_time", "predict", "update", "smoother_element",
-           "SmootherElement", "initial_form", "steady_state_rtol", "affine_recurrence"]
+           "SmootherElement", "initial_form", "steady_state_rtol", "affine_recurrence", "params_at"]
 
 _LOG_2PI = 1.8378770664093453
 
@@ -100,9 +100,12 @@ def _is_time_varying(params: LinearGaussianParams):
     return LinearGaussianParams(*(jnp.ndim(a) > n for a, n in zip(params, _BASE_NDIM)))
 
 
-def _at(params: LinearGaussianParams, t):
-    """Parameters of step t (t may be traced)."""
+def params_at(params: LinearGaussianParams, t) -> LinearGaussianParams:
+    """The system of step t (t may be traced): time-varying fields indexed at t, fixed ones as they are."""
     return LinearGaussianParams(*(a[t] if jnp.ndim(a) > n else a for a, n in zip(params, _BASE_NDIM)))
+
+
+_at = params_at
 
 
 def _slice_time(params: LinearGaussianParams, start, stop):
