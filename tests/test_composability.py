@@ -498,7 +498,7 @@ NOT_ENGINES = {
     },
     "core": {
         "SSM", "AbstractLinearGaussianSSM", "AbstractDiscreteSSM", "AbstractAdditiveGaussianSSM",  # protocols
-        "AbstractMarkovianGP", "AbstractRegimeSwitchingAR",
+        "AbstractMarkovianGP", "AbstractRegimeSwitchingAR", "AbstractSemiMarkovSSM",
         "switching", "continuous_time",  # exact-structure submodules (their protocols are listed below)
         "SwitchingParams", "AbstractSwitchingSSM",  # structure container and protocol
         "AbstractContinuousTimeSSM", "DiscretisedSSM",  # protocol and its discretised form

@@ -326,6 +326,36 @@ class AbstractRegimeSwitchingAR(AbstractDiscreteSSM):
     def current_regime(self, states) -> jax.Array: ...
 
 
+class AbstractSemiMarkovSSM(AbstractDiscreteSSM):
+    """An explicit-duration (semi-Markov) model run as an HMM over (segment state k, remaining
+    duration r): ``num_states = num_segment_states * max_duration``, expanded index
+    ``k * max_duration + (r - 1)``. Unlocks `ps.prognostics` over segment states.
+
+    Members the engines read (besides `AbstractDiscreteSSM`'s): ``num_segment_states`` (K),
+    ``max_duration`` (D), ``segment_transition_matrix`` ((K, K) jumps between segments: zero
+    diagonal, except an absorbing state's row e_k), ``expand_plausibility`` ((..., K) -> (..., K D))
+    and ``state_marginals`` ((..., K D) -> (..., K)).
+    """
+
+    @property
+    @abc.abstractmethod
+    def num_segment_states(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def max_duration(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def segment_transition_matrix(self) -> jax.Array: ...
+
+    @abc.abstractmethod
+    def expand_plausibility(self, plausibility) -> jax.Array: ...
+
+    @abc.abstractmethod
+    def state_marginals(self, probs) -> jax.Array: ...
+
+
 def _row(inputs, t):
     return None if inputs is None else jax.tree_util.tree_map(lambda a: a[t], inputs)
 
