@@ -250,6 +250,44 @@ def test_ctmc_hmm_forward_backward_and_viterbi_equal_enumeration():
     assert np.all(np.asarray(rb.smoothed_probs[1, 3:]) == 0)
 
 
+def test_ctmc_hmm_exact_death_equals_enumeration_and_entry_density():
+    """A death label (not misclassified) at a known time: enumeration with the death step's factor
+    sum_k P(dt)[i, k] Q[k, 3]; and that factor is d/dt of P(dt)[i, 3] (a central difference of the plain
+    filter's likelihood in the death time, which treats death as 'dead by then')."""
+    hmm = ps.models.ContinuousTimeHMM(PROC4, E4)
+    times = np.array([0.0, 0.3, 1.2, 1.5, 2.6])
+    labels = np.array([0.0, 1.0, np.nan, 1.0, 3.0])
+    K, T = 4, len(times)
+    Ps = [None] + [expm(Q4 * (times[t] - times[t - 1])) for t in range(1, T)]
+    PQ = Ps[-1] @ (Q4 - np.diag(np.diag(Q4)))
+    joint = {}
+    for path in itertools.product(range(K), repeat=T):
+        w = PI4[path[0]] * E4[path[0], 0]
+        for t in range(1, T):
+            lik = 1.0 if np.isnan(labels[t]) else E4[path[t], int(labels[t])]
+            step = PQ[path[t - 1], path[t]] if t == T - 1 else Ps[t][path[t - 1], path[t]]
+            w *= step * lik
+        joint[path] = w
+    Z = sum(joint.values())
+    smooth = np.zeros((T, K))
+    for path, w in joint.items():
+        smooth[np.arange(T), path] += w / Z
+    best = np.array(max(joint, key=joint.get))
+    r = ps.ctmc.smoother(hmm, times, labels[:, None], exact_states=(3,))
+    np.testing.assert_allclose(r.log_likelihood, np.log(Z), rtol=1e-12)
+    np.testing.assert_allclose(r.smoothed_probs, smooth, atol=1e-12)
+    np.testing.assert_array_equal(ps.ctmc.viterbi(hmm, times, labels[:, None], exact_states=(3,)), best)
+    h = 1e-5
+    plain = [float(np.exp(ps.ctmc.filter(hmm, np.append(times[:-1], times[-1] + d), labels[:, None]).log_likelihood))
+             for d in (h, -h)]
+    np.testing.assert_allclose(np.exp(float(r.log_likelihood)), (plain[0] - plain[1]) / (2 * h), rtol=1e-8)
+    # a later record in the same absorbing state is not a second entry; exact_states must be absorbing
+    more = ps.ctmc.filter(hmm, np.append(times, 3.0), np.append(labels, 3.0)[:, None], exact_states=(3,))
+    np.testing.assert_allclose(more.log_likelihood, np.log(Z), rtol=1e-12)
+    with pytest.raises(ValueError, match="exact_states"):
+        ps.ctmc.filter(hmm, times, labels[:, None], exact_states=(2,))
+
+
 # ----------------------------------------------------------------------------------------------
 # Simulation
 # ----------------------------------------------------------------------------------------------
@@ -392,6 +430,21 @@ def test_em_is_monotone_and_reaches_the_gradient_optimum(prior):
     # structural zeros stay zero and the absorbing state stays absorbing
     G = np.asarray(fitted.generator())
     np.testing.assert_array_equal(G[Q4 == 0], 0.0)
+
+
+def test_gradient_mle_equals_em_optimum():
+    """ps.learn.mle on log-rates (L-BFGS through panel_log_likelihood) lands on EM's fixed point."""
+    em_fit, em_hist = ps.learn.em(START, (EM_TIMES, EM_STATES), 150, exact_states=(3,))
+    fitted, history = ps.learn.mle(START, (EM_TIMES, EM_STATES), 60, exact_states=(3,), progress=False)
+    assert isinstance(fitted, ps.models.MarkovJumpProcess)
+    np.testing.assert_allclose(fitted.rates, em_fit.rates, rtol=1e-6)
+    final = float(ps.ctmc.panel_log_likelihood(fitted, EM_TIMES, EM_STATES, exact_states=(3,)))
+    np.testing.assert_allclose(final, float(em_hist[-1]), rtol=1e-10)
+    assert history[-1] > history[0] + 1.0
+    np.testing.assert_array_equal(np.asarray(fitted.generator())[Q4 == 0], 0.0)  # structural zeros kept
+    np.testing.assert_array_equal(fitted.initial_probs, START.initial_probs)  # not identified: held
+    with pytest.raises(ValueError, match="unexpected arguments"):
+        ps.learn.mle(START, (EM_TIMES, EM_STATES), 5, bogus=1)
 
 
 @pytest.mark.slow  # the exact Hessian compiles forward-over-reverse through the panel recursion (~7 s)
@@ -583,6 +636,29 @@ def test_cav_panel_matches_msm():
     print(f"cav: -2 log L = {at_start:.8f} at twoway4.q, {minus2ll:.6f} at the EM fit (msm: 3968.7978930519)")
     np.testing.assert_allclose(minus2ll, 3968.7978930519, rtol=1e-6)
     assert minus2ll <= 3968.7978930519 + 1e-9  # EM converges at least as far as msm's BFGS
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CAV.exists(), reason="msm's cav data (GPL) not present; see ../shared/data/mjp/README.md")
+def test_cav_misclassification_matches_msm():
+    """msm's regression test "cav misclassification model with no covariates" (cran/msm tests): the
+    one-way 4-state model with its ``oneway4.q`` rates, the misclassification matrix with 0.1 between
+    neighbouring grades, initprobs (1, 0, 0, 0), deathexact = 4: -2 log L = 4296.9155995778 (msm checks
+    its own value to a relative 1e-6)."""
+    pd = pytest.importorskip("pandas")
+    df = pd.read_csv(CAV)
+    times, labels = [], []
+    for _, g in df.groupby("PTNUM", sort=False):
+        times.append(g.years.to_numpy(float))
+        labels.append((g.state.to_numpy(int) - 1).astype(float)[:, None])
+    Q = np.zeros((4, 4))
+    Q[0, 1], Q[0, 3], Q[1, 2], Q[1, 3], Q[2, 3] = 0.148, 0.0171, 0.202, 0.081, 0.126
+    Q -= np.diag(Q.sum(1))
+    E = np.array([[0.9, 0.1, 0, 0], [0.1, 0.8, 0.1, 0], [0, 0.1, 0.9, 0], [0, 0, 0, 1.0]])
+    model = ps.models.ContinuousTimeHMM(ps.models.MarkovJumpProcess(Q, np.array([1.0, 0, 0, 0])), E)
+    minus2ll = -2 * float(jnp.sum(ps.ctmc.filter(model, times, labels, exact_states=(3,)).log_likelihood))
+    print(f"cav misclassification: -2 log L = {minus2ll:.10f} (msm: 4296.9155995778)")
+    np.testing.assert_allclose(minus2ll, 4296.9155995778, rtol=1e-10)
 
 
 def test_state_probs_at_any_time_equals_enumeration():

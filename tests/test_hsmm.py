@@ -300,6 +300,39 @@ def test_parametric_duration_m_step_is_the_weighted_mle(family):
     np.testing.assert_allclose(new.pmf()[0], ref_pmf, atol=2e-5)
 
 
+def test_nonparametric_tail_equals_geometric_durations_and_em_keeps_it_exact():
+    """A non-parametric pmf with a geometric tail on its last cell: with the geometric body
+    (1 - a) a^(d - 1), d < D, and P(d >= D) = a^(D - 1) it is the same law as GeometricDuration
+    (log-likelihood and marginals to 1e-10); one EM step from both gives the same model."""
+    D = 4
+    d = np.arange(1, D + 1)
+    body = np.where(d < D, (1 - STAY[:, None]) * STAY[:, None] ** (d - 1), STAY[:, None] ** (D - 1))
+    tail = M.HSMM(PI, JUMPS, M.NonParametricDuration(body, tail_probs=STAY), EMISSIONS)
+    geo = geometric_hsmm(D)
+    pl = jnp.asarray(PL12)
+    a = smoother(tail, jnp.asarray(Y12), tail.expand_plausibility(pl))
+    b = smoother(geo, jnp.asarray(Y12), geo.expand_plausibility(pl))
+    assert abs(float(a.log_likelihood - b.log_likelihood)) < 1e-10
+    np.testing.assert_allclose(a.smoothed_probs, b.smoothed_probs, atol=1e-10, rtol=0)
+    np.testing.assert_allclose(tail.durations.mean(), 1 / (1 - STAY), rtol=1e-12)
+    # one EM step: the pmf is the normalised expected entries and q the loops over the visits of the
+    # last cell (both from the E-step statistics of the same sequence)
+    st = ps.learn.hsmm_statistics(tail, jnp.asarray(Y12))
+    entries = np.asarray(st.initial) + np.asarray(st.jumps).sum(0)
+    ft, ht = ps.learn.em(tail, Y12, 3)
+    f1, _ = ps.learn.em(tail, Y12, 1)
+    np.testing.assert_allclose(f1.durations.probs, entries / entries.sum(1, keepdims=True), atol=1e-12)
+    np.testing.assert_allclose(f1.durations.tail, st.loops / (st.loops + st.exits), atol=1e-12)
+    assert np.all(np.diff(np.asarray(ht)) >= -1e-9 * np.abs(np.asarray(ht)[1:]))
+    # a pmf without a tail keeps q = 0 through EM
+    ft0, _ = ps.learn.em(M.HSMM(PI, JUMPS, M.NonParametricDuration(body), EMISSIONS), Y_EM, 2, lengths=LEN_EM)
+    assert np.all(np.asarray(ft0.durations.tail) == 0.0)
+    with pytest.raises(ValueError, match="tail_probs: expected values in"):
+        M.NonParametricDuration(body, tail_probs=[0.5, 1.0, 0.2])
+    with pytest.raises(ValueError, match="tail_probs: expected shape"):
+        M.NonParametricDuration(body, tail_probs=[0.5, 0.2])
+
+
 # ----------------------------------------------------------------------------------------------
 # Validation
 # ----------------------------------------------------------------------------------------------

@@ -108,6 +108,12 @@ class AbstractContinuousTimeSSM(SSM):
         """Raise ValueError (naming ``emissions``) for concrete data outside the emission support."""
         return None
 
+    @property
+    def observes_states(self) -> bool:
+        """True when the data are the states themselves (panel records): learners then use the panel
+        likelihood (`ps.ctmc.panel_log_likelihood`) instead of the hidden-state filter. Default False."""
+        return False
+
     def transition_matrix(self, dt) -> jax.Array:
         """P(dt) = expm(Q dt), (K, K), for a scalar time step ``dt >= 0``. Traceable."""
         return expm(self.generator() * dt)

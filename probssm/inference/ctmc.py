@@ -24,7 +24,9 @@ emission log-likelihoods) through ``model.generator()``; ``P(dt) = expm(Q dt)``.
   possible states) sums over its set. Subjects are vmapped, never looped over in Python; on
   concrete data each distinct interval length gets one matrix exponential.
 * `filter`, `smoother`, `viterbi`: a `ContinuousTimeHMM` (or any continuous-time model) at irregular
-  observation times, by the discrete engines of ``ps.hmm`` on ``A_t = expm(Q (t_t - t_{t-1}))``.
+  observation times, by the discrete engines of ``ps.hmm`` on ``A_t = expm(Q (t_t - t_{t-1}))``; with
+  ``exact_states`` an exactly timed, correctly labelled entry into an absorbing state (msm's
+  ``deathexact``) uses ``A_t = (P(dt) Q_off)[:, s]`` in column s instead.
 """
 from __future__ import annotations
 
@@ -86,7 +88,7 @@ def _dt(dt, name="dt"):
 
 
 @jax.jit
-def _expm_batch(Q, dts):
+def expm_batch(Q, dts):
     return jax.vmap(lambda d: expm(Q * d))(dts)
 
 
@@ -110,8 +112,8 @@ def transition_matrix(proc, dt) -> jax.Array:
     d = _dt(dt).astype(Q.dtype)
     if checks.is_concrete(d) and checks.is_concrete(Q) and d.ndim > 0:
         values, inverse = np.unique(np.asarray(d).ravel(), return_inverse=True)
-        return _expm_batch(Q, jnp.asarray(values, Q.dtype))[inverse].reshape(d.shape + Q.shape)
-    return _expm_batch(Q, d.ravel()).reshape(d.shape + Q.shape)
+        return expm_batch(Q, jnp.asarray(values, Q.dtype))[inverse].reshape(d.shape + Q.shape)
+    return expm_batch(Q, d.ravel()).reshape(d.shape + Q.shape)
 
 
 def _poisson_terms(x) -> int:
@@ -556,7 +558,7 @@ def panel_parts(Q):
 @partial(jax.jit, static_argnames=("per_subject",))
 def _panel_ll(proc, panel, *, per_subject):
     Q = proc.generator()
-    ll = panel_forward(proc.initial_distribution(), _expm_batch(Q, panel.dt_values), panel_parts(Q), panel)
+    ll = panel_forward(proc.initial_distribution(), expm_batch(Q, panel.dt_values), panel_parts(Q), panel)
     return ll if per_subject else jnp.sum(ll)
 
 
@@ -598,7 +600,7 @@ def panel_log_likelihood(proc, times, states, *, lengths=None, exact_states=(), 
 # ----------------------------------------------------------------------------------------------
 # Continuous-time HMMs at irregular observation times: the ps.hmm cores on A_t = expm(Q dt_t)
 # ----------------------------------------------------------------------------------------------
-def _prepare_hmm(model, times, emissions, lengths):
+def prepare_hmm(model, times, emissions, lengths):
     if not isinstance(model, AbstractContinuousTimeSSM):
         raise ValueError(f"model: expected a continuous-time model (e.g. ps.models.ContinuousTimeHMM), got "
                          f"{type(model).__name__}")
@@ -638,7 +640,7 @@ def _prepare_hmm(model, times, emissions, lengths):
     return batch.emissions, t, n, batch.batched
 
 
-def _one_params(model, times, y, n):
+def _one_params(model, times, y, n, exact=()):
     T = times.shape[0]
     if n is not None:
         # padding repeats the last real time (dt = 0, identity transitions) so no NaN enters expm
@@ -646,13 +648,52 @@ def _one_params(model, times, y, n):
     Q = model.generator()
     dts = jnp.diff(times, prepend=times[:1])
     A = jax.vmap(lambda d: expm(Q * d))(dts)
+    if exact:
+        A = _exact_entries(A, Q, y, exact)
     return DiscreteParams(model.initial_distribution(), A, model.emission_log_likelihoods(y))
 
 
+def _exact_entries(A, Q, y, exact):
+    """Steps whose label is an exactly timed entry into an absorbing state s (the label equals s and the
+    previous label does not): the chain was elsewhere just before and jumped into s at that instant, so
+    the step's matrix is ``(P(dt) Q_off)[:, s]`` in column s and zero elsewhere (the forward pass does not
+    need stochastic matrices; its normaliser then carries the density of the entry time)."""
+    K = Q.shape[0]
+    lab = y[:, 0]
+    prev = jnp.concatenate([jnp.full((1,), jnp.nan, lab.dtype), lab[:-1]])
+    cols = jnp.zeros((lab.shape[0], K), A.dtype)
+    for s in exact:
+        cols = cols.at[:, s].set(jnp.where((lab == s) & (prev != s), 1.0, 0.0))
+    cols = cols.at[0].set(0.0)  # the first record has no interval before it
+    entry = jnp.any(cols > 0, axis=-1)
+    PQ = A @ panel_parts(Q)
+    return jnp.where(entry[:, None, None], PQ * cols[:, None, :], A)
+
+
+def exact_state_labels(model, exact_states, emission_dim):
+    ex = tuple(int(e) for e in np.atleast_1d(np.asarray(exact_states, dtype=int)))
+    if not ex:
+        return ex
+    if emission_dim != 1:
+        raise ValueError(f"exact_states: exactly timed entries are read from integer labels (emission_dim 1); the model "
+                         f"has emission_dim {emission_dim}")
+    Q = model.generator()
+    if not checks.is_concrete(Q):  # a traced model: the checks need values
+        return ex
+    absorbing = tuple(int(k) for k in np.nonzero(np.all(np.asarray(Q) == 0, axis=-1))[0])
+    for e in ex:
+        if e < 0 or e >= model.num_states:
+            raise ValueError(f"exact_states: expected states in 0..{model.num_states - 1}, got {e}")
+        if e not in absorbing:
+            raise ValueError(f"exact_states: state {e} is not absorbing (it has rates out of it); exact entry times "
+                             "are for absorbing states such as death")
+    return ex
+
+
 @partial(eqx.filter_jit)
-def _run_hmm(model, y, t, n, mode, batched):
+def run_hmm(model, y, t, n, mode, batched, exact=()):
     def one(yy, tt, nn):
-        p = _one_params(model, tt, yy, nn)
+        p = _one_params(model, tt, yy, nn, exact)
         if mode == "filter":
             return filter_params(p, length=nn)
         if mode == "smoother":
@@ -664,7 +705,7 @@ def _run_hmm(model, y, t, n, mode, batched):
     return jax.vmap(one, in_axes=(0, 0, None if n is None else 0))(y, t, n)
 
 
-def filter(model, times, emissions, *, lengths=None) -> FilterResult:
+def filter(model, times, emissions, *, lengths=None, exact_states=()) -> FilterResult:
     """Forward pass of a continuous-time HMM at irregular observation times.
 
     With ``A_t = expm(Q (t_t - t_{t-1}))`` the model is a discrete HMM on its observation times, run
@@ -676,28 +717,32 @@ def filter(model, times, emissions, *, lengths=None) -> FilterResult:
         times: (T,) sorted observation times, (B, T) one row per sequence, or a list of 1-D arrays.
         emissions: (T, D), (B, T, D) or a list of (T_b, D) arrays; NaN = missing.
         lengths: (B,) real lengths of padded sequences.
+        exact_states: absorbing states (e.g. death) whose entry time is known exactly and whose label is
+            not misclassified (msm's ``deathexact``): a record labelled s in ``exact_states`` after a record
+            with another label contributes ``sum_k P(dt)[i, k] Q[k, s]`` (times its emission probability)
+            instead of ``P(dt)[i, s]``. Needs integer labels (emission_dim 1).
 
     Returns:
         `FilterResult`: log_likelihood (), filtered_probs (T, K) p(z(t_t) | y_{0:t}) (leading B for
         a batch; zero on padding).
     """
-    y, t, n, batched = _prepare_hmm(model, times, emissions, lengths)
-    return _run_hmm(model, y, t, n, "filter", batched)
+    y, t, n, batched = prepare_hmm(model, times, emissions, lengths)
+    return run_hmm(model, y, t, n, "filter", batched, exact_state_labels(model, exact_states, model.emission_dim))
 
 
-def smoother(model, times, emissions, *, lengths=None) -> SmootherResult:
+def smoother(model, times, emissions, *, lengths=None, exact_states=()) -> SmootherResult:
     """Forward-backward of a continuous-time HMM: smoothed state probabilities p(z(t_t) | y) at the
     observation times. Arguments as `filter`; returns a `SmootherResult` (log_likelihood,
     filtered_probs, smoothed_probs (T, K), transition_counts: expected pairs (z(t_{t-1}), z(t_t)))."""
-    y, t, n, batched = _prepare_hmm(model, times, emissions, lengths)
-    return _run_hmm(model, y, t, n, "smoother", batched)
+    y, t, n, batched = prepare_hmm(model, times, emissions, lengths)
+    return run_hmm(model, y, t, n, "smoother", batched, exact_state_labels(model, exact_states, model.emission_dim))
 
 
-def viterbi(model, times, emissions, *, lengths=None) -> jax.Array:
+def viterbi(model, times, emissions, *, lengths=None, exact_states=()) -> jax.Array:
     """Most likely states at the observation times, argmax p(z(t_0), ..., z(t_{T-1}) | y).
     Arguments as `filter`; returns (T,) int (or (B, T); -1 on padding)."""
-    y, t, n, batched = _prepare_hmm(model, times, emissions, lengths)
-    return _run_hmm(model, y, t, n, "viterbi", batched)
+    y, t, n, batched = prepare_hmm(model, times, emissions, lengths)
+    return run_hmm(model, y, t, n, "viterbi", batched, exact_state_labels(model, exact_states, model.emission_dim))
 
 
 @eqx.filter_jit
@@ -727,7 +772,7 @@ def state_probs_at(model, times, emissions, query_times) -> jax.Array:
     Returns:
         (S, K) probabilities, in the order of ``query_times``.
     """
-    y, t, n, batched = _prepare_hmm(model, times, emissions, None)
+    y, t, n, batched = prepare_hmm(model, times, emissions, None)
     if batched:
         raise ValueError(f"emissions: expected one sequence (T, D), got shape {tuple(y.shape)}")
     q = jnp.asarray(query_times, t.dtype)

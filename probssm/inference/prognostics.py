@@ -31,10 +31,9 @@ from jax import lax
 
 from probssm.core import checks
 from probssm.core.batching import Batch
+from probssm.core.protocol import AbstractSemiMarkovSSM
 from probssm.inference import hmm as hmm_engine
 from probssm.inference.forward_backward import filter_params
-from probssm.models.hmm import HMM
-from probssm.models.hsmm import HSMM
 
 __all__ = ["RULResult", "rul", "rul_from_probs", "intervals", "phm08_score", "rmse", "coverage", "pit"]
 
@@ -68,9 +67,9 @@ class RULResult(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 def _segment_chain(model):
     """(segment-level transition matrix, cells per segment state) of a supported model."""
-    if isinstance(model, HSMM):
-        return model.transition_matrix, model.max_duration
-    if isinstance(model, HMM):
+    if isinstance(model, AbstractSemiMarkovSSM):
+        return model.segment_transition_matrix, model.max_duration
+    if model.emission_family is not None:  # declares the HMM structure: fields initial_probs, transition_matrix
         return model.transition_matrix, 1
     return None, 1
 
@@ -232,7 +231,7 @@ def rul(model, emissions, *, max_horizon: int, inputs=None, lengths=None, plausi
     H = checks.positive_int(max_horizon, "max_horizon")
     levels = tuple(float(v) for v in _levels(quantiles))
     mask = _failure_mask(model, failure_state)
-    if isinstance(model, HSMM) and plausibility is not None:
+    if isinstance(model, AbstractSemiMarkovSSM) and plausibility is not None:
         pl = jnp.asarray(plausibility)
         if pl.ndim >= 1 and pl.shape[-1] == model.num_segment_states and model.max_duration > 1:
             plausibility = model.expand_plausibility(pl)

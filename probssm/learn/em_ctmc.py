@@ -33,10 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from probssm.core import checks
-from probssm.core.continuous_time import expm
+import optax
+
+from probssm.core import checks, params as P, progress as prog
+from probssm.core.continuous_time import AbstractContinuousTimeSSM, expm
 from probssm.core.protocol import DiscreteParams
-from probssm.inference.ctmc import Panel, _expm_batch, _prepare_hmm, panel_forward, panel_parts, prepare_panel
+from probssm.inference.ctmc import Panel, exact_state_labels, expm_batch, prepare_hmm, run_hmm, panel_forward, panel_parts, \
+    prepare_panel
 from probssm.inference.forward_backward import filter_params
 from probssm.learn.em import register_em
 from probssm.models.emissions.base import GammaPrior
@@ -66,7 +69,7 @@ def _van_loan(QT, W, dt):
 
 def _statistics(proc: MarkovJumpProcess, panel: Panel) -> MJPStatistics:
     Q = proc.generator()
-    Ps = _expm_batch(Q, panel.dt_values)
+    Ps = expm_batch(Q, panel.dt_values)
     R = panel_parts(Q)
     ll, (gP, gR) = jax.value_and_grad(
         lambda Ps, R: jnp.sum(panel_forward(proc.initial_distribution(), Ps, R, panel)), argnums=(0, 1))(Ps, R)
@@ -174,7 +177,7 @@ def _hessian(proc, panel):
     def ll(rates):
         model = eqx.tree_at(lambda m: m.rates, proc, rates)
         Q = model.generator()
-        return jnp.sum(panel_forward(model.initial_distribution(), _expm_batch(Q, panel.dt_values), panel_parts(Q),
+        return jnp.sum(panel_forward(model.initial_distribution(), expm_batch(Q, panel.dt_values), panel_parts(Q),
                                      panel))
 
     return jax.hessian(ll)(proc.rates)
@@ -216,7 +219,7 @@ class _Sequences(NamedTuple):
 
 
 def _prepare_sequences(model, times, emissions, lengths) -> _Sequences:
-    y, t, n, batched = _prepare_hmm(model, times, emissions, lengths)
+    y, t, n, batched = prepare_hmm(model, times, emissions, lengths)
     if not batched:
         y, t, n = y[None], t[None], (None if n is None else jnp.reshape(n, (1,)))
     B, T = t.shape
@@ -234,7 +237,7 @@ def _prepare_sequences(model, times, emissions, lengths) -> _Sequences:
 def _ct_hmm_step(model, seqs, a, b, fixed):
     proc = model.process
     Q = proc.generator()
-    Ps = _expm_batch(Q, seqs.dt_values)
+    Ps = expm_batch(Q, seqs.dt_values)
     lls = jax.vmap(model.emissions.log_likelihoods)(seqs.emissions)  # (B, T, K)
 
     def total(Ps, lls):
@@ -303,3 +306,110 @@ def em_ct_hmm(model, data, num_iters: int = 100, *, lengths=None, prior: Optiona
     seqs = _prepare_sequences(model, data[0], data[1], lengths)
     a, b = _prior_arrays(model.process, prior, model.process.rates.dtype)
     return _fit_ct_hmm(model, seqs, a, b, num_iters=num_iters, fixed=tuple(sorted(fixed)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradient MLE (the branch of ps.learn.mle for continuous-time models)
+# ----------------------------------------------------------------------------------------------
+def _panel_total(model, panel):
+    Q = model.generator()
+    return jnp.sum(panel_forward(model.initial_distribution(), expm_batch(Q, panel.dt_values), panel_parts(Q), panel))
+
+
+def _hmm_total(model, data):
+    (y, t, n), (batched, exact) = data
+    return jnp.sum(run_hmm(model, y, t, n, "filter", batched, exact).log_likelihood)
+
+
+@partial(jax.jit, static_argnames=("total", "fixed", "optimizer", "num_iters", "show", "exact"))
+def _fit_mle(model, data, num_obs, *, total, fixed, optimizer, num_iters, show, exact):
+    spec = P.spec(model, fixed)
+    params = P.to_unconstrained(model, spec)
+    data = data if total is _panel_total else (data, exact)
+
+    def loss(params):
+        return -total(P.from_unconstrained(model, spec, params), data) / num_obs
+
+    value_and_grad = jax.value_and_grad(loss)
+    every = prog.report_every(num_iters)
+
+    def keep_best(best, params, value):
+        # a line search can step into an overflow: return the best finite iterate, never NaN
+        better = jnp.isfinite(value) & (value < best[1])
+        return jax.tree_util.tree_map(lambda b, p: jnp.where(better, p, b), best[0], params), \
+            jnp.where(better, value, best[1])
+
+    def step(carry, i):
+        params, state, best = carry
+        value, grad = value_and_grad(params)
+        best = keep_best(best, params, value)
+        updates, state = optimizer.update(grad, state, params, value=value, grad=grad, value_fn=loss)
+        params = optax.apply_updates(params, updates)
+        if show:
+            prog.report(i, -value * num_obs, every)
+        return (params, state, best), -value * num_obs
+
+    best = (params, jnp.asarray(jnp.inf, num_obs.dtype))
+    (params, _, best), history = lax.scan(step, (params, optimizer.init(params), best), jnp.arange(num_iters))
+    params, _ = keep_best(best, params, loss(params))
+    return P.from_unconstrained(model, spec, params), history
+
+
+_LBFGS = None
+
+
+def mle_continuous_time(model, data, num_iters: int = 200, *, lengths=None, optimizer=None, fixed=(), progress=None,
+                        exact_states=(), censored=None):
+    """Gradient MLE of a continuous-time model (``ps.learn.mle`` dispatches here), on unconstrained values
+    (log-rates: the free rates only, so structural zeros stay zero).
+
+    * `MarkovJumpProcess`: ``data = (times, states)`` panel records, the likelihood of
+      `ps.ctmc.panel_log_likelihood` (``exact_states``, ``censored`` as there). The first record of each
+      subject is conditioned on, so ``initial_probs`` is not identified and always held fixed.
+    * `ContinuousTimeHMM` (or another continuous-time model): ``data = (times, emissions)``, the likelihood
+      of `ps.ctmc.filter` (``exact_states`` as there); every learnable array not in ``fixed`` is fitted.
+
+    Args:
+        model: the starting model (not modified).
+        data: the pair described above.
+        num_iters: optimiser steps (one compiled scan).
+        lengths: (B,) real lengths of padded (B, L) data.
+        optimizer: an optax optimiser (default L-BFGS with its zoom line search).
+        fixed: dotted paths to hold (e.g. ``("emissions",)``).
+        progress: progress bar (default: when num_iters >= 100).
+        exact_states, censored: as in `ps.ctmc.panel_log_likelihood` / `ps.ctmc.filter`.
+
+    Returns:
+        ``(fitted, history)``: history holds the log-likelihood before each step.
+    """
+    num_iters = checks.positive_int(num_iters, "num_iters")
+    if not isinstance(model, AbstractContinuousTimeSSM):
+        raise ValueError(f"model: expected a continuous-time model, got {type(model).__name__}")
+    if not isinstance(data, (tuple, list)) or len(data) != 2:
+        raise ValueError("emissions: expected the data of a continuous-time model as a pair (times, states)")
+    fixed = (fixed,) if isinstance(fixed, str) else tuple(fixed)
+    if model.observes_states:
+        fixed = tuple(sorted(set(fixed) | {"initial_probs"}))
+        panel = prepare_panel(model, data[0], data[1], lengths, exact_states, censored)
+        total, prepared, exact = _panel_total, panel, ()
+        num_obs = jnp.maximum(jnp.sum(panel.valid[:, 1:]), 1)
+    else:
+        if censored is not None:
+            raise ValueError("censored: a continuous-time HMM expresses uncertain labels through its emissions; "
+                             "expected None")
+        y, t, n, batched = prepare_hmm(model, data[0], data[1], lengths)
+        exact = exact_state_labels(model, exact_states, model.emission_dim)
+        total, prepared, exact = _hmm_total, (y, t, n), (bool(batched), exact)
+        num_obs = jnp.maximum(jnp.sum(~jnp.isnan(y)), 1)
+    if not P.spec(model, fixed).paths:
+        raise ValueError("fixed: every learnable array is fixed; nothing to fit")
+    global _LBFGS
+    if optimizer is None:
+        if _LBFGS is None:  # one instance, so repeated fits reuse the compiled loop
+            _LBFGS = optax.lbfgs()
+        optimizer = _LBFGS
+    show = prog.default_enabled(progress, num_iters)
+    dtype = model.generator().dtype
+    with prog.progress_bar(num_iters, "MLE", show):
+        return _fit_mle(model, prepared, jnp.asarray(num_obs, dtype), total=total, fixed=fixed, optimizer=optimizer,
+                        num_iters=num_iters, show=show, exact=exact)

@@ -35,6 +35,7 @@ from jax import lax
 from probssm.core import checks
 from probssm.inference import hmm as hmm_engine
 from probssm.learn.em import register_em
+from probssm.core.protocol import AbstractSemiMarkovSSM
 from probssm.models.hsmm import HSMM
 
 __all__ = ["fit_hsmm", "HSMMStatistics", "hsmm_statistics"]
@@ -178,8 +179,9 @@ def fit_hsmm(model: HSMM, emissions, num_iters: int = 100, *, lengths=None, inpu
     Example:
         >>> fitted, history = ps.learn.em(hsmm, y, 30)
     """
-    if not isinstance(model, HSMM):
-        raise ValueError(f"model: expected a ps.models.HSMM, got {type(model).__name__}")
+    if not isinstance(model, AbstractSemiMarkovSSM):
+        raise ValueError(f"model: expected a semi-Markov model (ps.core.AbstractSemiMarkovSSM, e.g. ps.models.HSMM), "
+                         f"got {type(model).__name__}")
     num_iters = checks.positive_int(num_iters, "num_iters")
     if tol is not None and not (float(tol) > 0):
         raise ValueError(f"tol: expected a positive float or None, got {tol!r}")

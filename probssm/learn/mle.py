@@ -108,7 +108,10 @@ def mle(model, emissions, num_iters: int = 200, *, inputs=None, lengths=None, op
 
     Args:
         model: starting model (not modified).
-        emissions: (T, D), (B, T, D) or a list of (T_b, D) arrays; NaN marks missing values.
+        emissions: (T, D), (B, T, D) or a list of (T_b, D) arrays; NaN marks missing values. For a
+            continuous-time model (`probssm.core.AbstractContinuousTimeSSM`), the pair ``(times, states)``
+            of panel data or ``(times, emissions)``, fitted on log-rates through ``ps.ctmc`` (extra
+            keywords ``exact_states``, ``censored``; see `probssm.learn.em_ctmc.mle_continuous_time`).
         num_iters: optimiser steps.
         inputs: (T, U) shared, (B, T, U) per sequence, or a list.
         lengths: (B,) true lengths of padded sequences (exact engines).
@@ -137,6 +140,19 @@ def mle(model, emissions, num_iters: int = 200, *, inputs=None, lengths=None, op
                          fixed=fixed, progress=progress, inputs=inputs, **kwargs)
     if estimator != "exact":
         raise ValueError(f"estimator: expected 'exact', 'paris' or 'ppg', got {estimator!r}")
+    from probssm.core.continuous_time import AbstractContinuousTimeSSM
+
+    if isinstance(model, AbstractContinuousTimeSSM):
+        # panel records / irregular observation times: the continuous-time likelihoods of ps.ctmc
+        from probssm.learn.em_ctmc import mle_continuous_time
+
+        if inputs is not None:
+            raise ValueError("inputs: continuous-time models take their observation times in the data pair; expected None")
+        unknown = sorted(set(kwargs) - {"exact_states", "censored"})
+        if unknown:
+            raise ValueError(f"unexpected arguments for a continuous-time model: {unknown}")
+        return mle_continuous_time(model, emissions, num_iters, lengths=lengths, optimizer=optimizer, fixed=fixed,
+                                   progress=progress, **kwargs)
     if kwargs:
         raise ValueError(f"unexpected arguments for estimator='exact': {sorted(kwargs)}")
     num_iters = checks.positive_int(num_iters, "num_iters")

@@ -38,7 +38,7 @@ from jax.scipy.special import gammainc, gammaln
 from numpyro.distributions import constraints
 
 from probssm.core import checks
-from probssm.core.protocol import AbstractDiscreteSSM, DiscreteParams
+from probssm.core.protocol import AbstractSemiMarkovSSM, DiscreteParams
 from probssm.models.emissions import AbstractEmissions
 
 __all__ = ["HSMM", "AbstractDuration", "NonParametricDuration", "GeometricDuration", "PoissonDuration",
@@ -129,16 +129,26 @@ def _keep(total, new, old):
 
 
 class NonParametricDuration(AbstractDuration):
-    """Free pmf over d = 1..D per state (truncated at D: no duration above it).
+    """Free pmf over d = 1..D per state, optionally with a geometric tail on the last cell.
+
+    Without ``tail_probs`` durations are truncated at D (none above it). With ``tail_probs`` q_k
+    the last cell loops on itself with probability q_k, so a segment entering cell D lasts
+    D - 1 + G steps, G ~ Geometric(1 - q_k) on {1, 2, ...}: p_k(d) = pmf[k, d - 1] for d < D and
+    pmf[k, D - 1] (1 - q_k) q_k^(d - D) for d >= D (the last column is then P(d >= D)). One
+    state can so have long, memoryless durations (a healthy phase) while the others keep exact
+    short ones, without enlarging D. EM updates q_k from the expected loops and exits of the
+    last cell; a q_k that starts at 0 stays 0.
 
     Args:
         pmf: (K, D') rows summing to one, column d - 1 holding p_k(d).
         max_duration: D; None: D' (columns beyond D must carry no probability, else ValueError).
+        tail_probs: None (no tail: q = 0) or (K,) in [0, 1).
     """
 
     probs: jax.Array = eqx.field(metadata=SIMPLEX)
+    tail: jax.Array = eqx.field(metadata=UNIT)
 
-    def __init__(self, pmf, max_duration=None):
+    def __init__(self, pmf, max_duration=None, tail_probs=None):
         p = _float(pmf, "pmf")
         if p.ndim != 2:
             raise ValueError(f"pmf: expected shape (K, max_duration), got shape {tuple(p.shape)}")
@@ -152,7 +162,14 @@ class NonParametricDuration(AbstractDuration):
         elif p.shape[1] < D:
             p = jnp.pad(p, ((0, 0), (0, D - p.shape[1])))
         checks.probabilities(p, "pmf")
-        self.probs, self.max_duration = p, D
+        if tail_probs is None:
+            q = jnp.zeros(p.shape[:1], p.dtype)
+        else:
+            q = _float(tail_probs, "tail_probs")
+            checks.shape(q, "tail_probs", p.shape[:1], f"({p.shape[0]},)")
+            if checks.is_concrete(q) and (np.any(np.asarray(q) < 0) or np.any(np.asarray(q) >= 1)):
+                raise ValueError(f"tail_probs: expected values in [0, 1), got {np.asarray(q)}")
+        self.probs, self.tail, self.max_duration = p, q, D
 
     @property
     def num_states(self) -> int:
@@ -161,10 +178,15 @@ class NonParametricDuration(AbstractDuration):
     def pmf(self):
         return self.probs
 
+    def tail_probs(self):
+        return self.tail
+
     def m_step(self, entries, loops, exits):
         total = entries.sum(-1, keepdims=True)
         new = entries / jnp.where(total > 0, total, 1.0)
-        return eqx.tree_at(lambda m: m.probs, self, _keep(total[:, 0], new, self.probs))
+        visits = loops + exits
+        q = jnp.where(visits > 0, loops / jnp.where(visits > 0, visits, 1.0), self.tail)
+        return eqx.tree_at(lambda m: (m.probs, m.tail), self, (_keep(total[:, 0], new, self.probs), q))
 
 
 class GeometricDuration(AbstractDuration):
@@ -437,7 +459,7 @@ def _check_transition(A, K):
                          f"{diag[k]:.6g}; only an absorbing state may have transition_matrix[k, k] = 1")
 
 
-class HSMM(AbstractDiscreteSSM):
+class HSMM(AbstractSemiMarkovSSM):
     """Hidden semi-Markov model with K segment states, run as a K * D expanded-state HMM.
 
     Args:
@@ -550,6 +572,11 @@ class HSMM(AbstractDiscreteSSM):
         pmf = self.durations.pmf().astype(self._dtype())
         tail = self.durations.tail_probs().astype(pmf.dtype)
         return jax.vmap(lambda s: self._expanded_row(s, pmf, tail))(jnp.arange(self.num_states))
+
+    @property
+    def segment_transition_matrix(self) -> jax.Array:
+        """(K, K) jumps between segment states (the field ``transition_matrix``)."""
+        return self.transition_matrix
 
     def state_marginals(self, probs) -> jax.Array:
         """(..., K * D) expanded-state probabilities -> (..., K) segment-state probabilities."""

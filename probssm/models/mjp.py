@@ -130,6 +130,11 @@ class MarkovJumpProcess(AbstractContinuousTimeSSM):
         """States with no rate out of them (fixed by the structure)."""
         return tuple(k for k in range(self.size) if k not in set(self.rows))
 
+    @property
+    def observes_states(self) -> bool:
+        """The data of a jump process are its states (panel records)."""
+        return True
+
     def generator(self) -> jax.Array:
         K = self.size
         Q = jnp.zeros((K, K), self.rates.dtype)
