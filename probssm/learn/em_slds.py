@@ -27,6 +27,7 @@ from jax import lax
 
 from probssm.core import checks, progress as prog
 from probssm.core.linalg import psd_solve, symmetrize
+from probssm.core.switching import AbstractSwitchingSSM
 from probssm.inference.switching import slds as S
 from probssm.learn.em import register_em
 from probssm.models.slds import SLDS
@@ -154,8 +155,9 @@ def slds_variational_em(model, emissions, num_iters: int = 50, *, lengths=None, 
         ValueError: naming the argument: a model with inputs (not learned here), missing values,
             unknown ``fixed`` names, sequences shorter than 2 steps.
     """
-    if not isinstance(model, SLDS):
-        raise ValueError(f"model: expected a ps.models.SLDS, got {type(model).__name__}")
+    if not isinstance(model, AbstractSwitchingSSM) or model.is_recurrent:
+        raise ValueError(f"model: expected a switching linear dynamical system with a Markov mode chain "
+                         f"(ps.models.SLDS), got {type(model).__name__}")
     num_iters = checks.positive_int(num_iters, "num_iters")
     num_vi_iters = checks.positive_int(num_vi_iters, "num_vi_iters")
     if isinstance(fixed, str):

@@ -153,13 +153,13 @@ def _path_smoother(sysp: LinearGaussianParams, ys, masks):
     """Kalman filter and RTS smoother of one path's time-varying system, with `ps.kalman`'s
     predict / update kernels: per-step log-likelihoods (T,), filtered means (T, d), smoothed
     means (T, d) and covariances (T, d, d)."""
-    p0 = kalman._at(sysp, 0)
+    p0 = kalman.params_at(sysp, 0)
     m, P, l0 = kalman.update(p0.initial_mean, p0.initial_cov, p0.emission_matrix, p0.emission_offset,
                              p0.emission_cov, ys[0], masks[0])
 
     def forward(carry, t):
         m, P = carry
-        p = kalman._at(sysp, t)
+        p = kalman.params_at(sysp, t)
         mp, Pp = kalman.predict(m, P, p.transition_matrix, p.transition_offset, p.transition_cov)
         m_new, P_new, lt = kalman.update(mp, Pp, p.emission_matrix, p.emission_offset, p.emission_cov, ys[t],
                                          masks[t])
@@ -172,7 +172,7 @@ def _path_smoother(sysp: LinearGaussianParams, ys, masks):
     def backward(carry, xs):
         ms_next, Ps_next = carry
         mf, Pf, mp, Pp, t = xs
-        F = kalman._at(sysp, t).transition_matrix
+        F = kalman.params_at(sysp, t).transition_matrix
         G = psd_solve(Pp, F @ Pf).T  # Pf F^T Pp^{-1}
         m_s = mf + G @ (ms_next - mp)
         P_s = Pf + G @ (Ps_next - Pp) @ G.T
