@@ -35,7 +35,7 @@ from jax import lax
 
 import optax
 
-from probssm.core import checks, params as P, progress as prog
+from probssm.core import checks, optim, params as P, progress as prog
 from probssm.core.continuous_time import AbstractContinuousTimeSSM, expm
 from probssm.core.protocol import DiscreteParams
 from probssm.inference.ctmc import Panel, exact_state_labels, expm_batch, prepare_hmm, run_hmm, panel_forward, panel_parts, \
@@ -323,36 +323,9 @@ def _hmm_total(model, data):
 
 @partial(jax.jit, static_argnames=("total", "fixed", "optimizer", "num_iters", "show", "exact"))
 def _fit_mle(model, data, num_obs, *, total, fixed, optimizer, num_iters, show, exact):
-    spec = P.spec(model, fixed)
-    params = P.to_unconstrained(model, spec)
     data = data if total is _panel_total else (data, exact)
-
-    def loss(params):
-        return -total(P.from_unconstrained(model, spec, params), data) / num_obs
-
-    value_and_grad = jax.value_and_grad(loss)
-    every = prog.report_every(num_iters)
-
-    def keep_best(best, params, value):
-        # a line search can step into an overflow: return the best finite iterate, never NaN
-        better = jnp.isfinite(value) & (value < best[1])
-        return jax.tree_util.tree_map(lambda b, p: jnp.where(better, p, b), best[0], params), \
-            jnp.where(better, value, best[1])
-
-    def step(carry, i):
-        params, state, best = carry
-        value, grad = value_and_grad(params)
-        best = keep_best(best, params, value)
-        updates, state = optimizer.update(grad, state, params, value=value, grad=grad, value_fn=loss)
-        params = optax.apply_updates(params, updates)
-        if show:
-            prog.report(i, -value * num_obs, every)
-        return (params, state, best), -value * num_obs
-
-    best = (params, jnp.asarray(jnp.inf, num_obs.dtype))
-    (params, _, best), history = lax.scan(step, (params, optimizer.init(params), best), jnp.arange(num_iters))
-    params, _ = keep_best(best, params, loss(params))
-    return P.from_unconstrained(model, spec, params), history
+    return optim.maximize(model, lambda m: total(m, data), num_obs, fixed=fixed, optimizer=optimizer, num_iters=num_iters,
+                    show=show)
 
 
 _LBFGS = None

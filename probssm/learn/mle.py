@@ -15,9 +15,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import optax
-from jax import lax
 
-from probssm.core import batching, checks, params as P, progress as prog
+from probssm.core import batching, checks, optim, params as P, progress as prog
 from probssm.core.protocol import AbstractDiscreteSSM, AbstractLinearGaussianSSM
 
 __all__ = ["mle", "exact_log_likelihood", "learnable_fields", "to_unconstrained", "from_unconstrained"]
@@ -65,38 +64,9 @@ def exact_log_likelihood(model, emissions, inputs=None, lengths=None, diffuse=No
 
 @partial(jax.jit, static_argnames=("fixed", "optimizer", "num_iters", "show", "diffuse"))
 def _fit(model, ys, inputs, lengths, *, fixed, optimizer, num_iters, show, diffuse=None):
-    spec = P.spec(model, fixed)
-    params = P.to_unconstrained(model, spec)
-    num_obs = jnp.maximum(jnp.sum(~jnp.isnan(ys)), 1)
-
-    def loss(params):
-        return -exact_log_likelihood(P.from_unconstrained(model, spec, params), ys, inputs, lengths,
-                                     diffuse) / num_obs
-
-    value_and_grad = jax.value_and_grad(loss)
-    every = prog.report_every(num_iters)
-
-    def keep_best(best, params, value):
-        # an optimiser step can land on NaN (a line search into an overflow); the fit then returns
-        # the best finite iterate instead of a model full of NaN
-        better = jnp.isfinite(value) & (value < best[1])
-        return jax.tree_util.tree_map(lambda b, p: jnp.where(better, p, b), best[0], params), \
-            jnp.where(better, value, best[1])
-
-    def step(carry, i):
-        params, state, best = carry
-        value, grad = value_and_grad(params)
-        best = keep_best(best, params, value)
-        updates, state = optimizer.update(grad, state, params, value=value, grad=grad, value_fn=loss)
-        params = optax.apply_updates(params, updates)
-        if show:
-            prog.report(i, -value * num_obs, every)
-        return (params, state, best), -value * num_obs
-
-    best = (params, jnp.asarray(jnp.inf, num_obs.dtype if jnp.issubdtype(num_obs.dtype, jnp.floating) else ys.dtype))
-    (params, _, best), history = lax.scan(step, (params, optimizer.init(params), best), jnp.arange(num_iters))
-    params, _ = keep_best(best, params, loss(params))
-    return P.from_unconstrained(model, spec, params), history
+    num_obs = jnp.maximum(jnp.sum(~jnp.isnan(ys)), 1).astype(ys.dtype)
+    return optim.maximize(model, lambda m: exact_log_likelihood(m, ys, inputs, lengths, diffuse), num_obs, fixed=fixed,
+                    optimizer=optimizer, num_iters=num_iters, show=show)
 
 
 _DEFAULT_OPTIMIZER = None
