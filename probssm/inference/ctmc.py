@@ -23,6 +23,9 @@ emission log-likelihoods) through ``model.generator()``; ``P(dt) = expm(Q dt)``.
   so an exact death contributes ``sum_k P(dt)[i, k] Q[k, abs]`` and a censored record (a set of
   possible states) sums over its set. Subjects are vmapped, never looped over in Python; on
   concrete data each distinct interval length gets one matrix exponential.
+* `path_log_likelihood`, `path_statistics`: exactly observed paths (every jump time and the state
+  entered), ``sum log Q_ij over jumps - sum_i q_i T_i`` through the sufficient statistics
+  (`PathStatistics`: jump counts N_ij, dwell times T_i; the last sojourn censored at ``t_end``).
 * `filter`, `smoother`, `viterbi`: a `ContinuousTimeHMM` (or any continuous-time model) at irregular
   observation times, by the discrete engines of ``ps.hmm`` on ``A_t = expm(Q (t_t - t_{t-1}))``; with
   ``exact_states`` an exactly timed, correctly labelled entry into an absorbing state (msm's
@@ -49,7 +52,8 @@ from probssm.inference.forward_backward import FilterResult, SmootherResult, fil
 from probssm.models.mjp import MarkovJumpProcess, check_generator
 
 __all__ = ["Path", "FilterResult", "SmootherResult", "transition_matrix", "uniformization", "gillespie",
-           "sample_at", "sample_bridge", "panel_log_likelihood", "filter", "smoother", "viterbi", "state_probs_at"]
+           "sample_at", "sample_bridge", "panel_log_likelihood", "PathStatistics", "path_statistics",
+           "path_log_likelihood", "filter", "smoother", "viterbi", "state_probs_at"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -598,6 +602,213 @@ def panel_log_likelihood(proc, times, states, *, lengths=None, exact_states=(), 
 
 
 # ----------------------------------------------------------------------------------------------
+# Exactly observed paths (every jump time and the state it enters)
+# ----------------------------------------------------------------------------------------------
+class PathStatistics(NamedTuple):
+    """Sufficient statistics of exactly observed paths (`path_statistics`).
+
+    The log-likelihood of the paths given their first states is
+    ``sum_{i != j} jumps[i, j] log Q[i, j] - sum_i dwell[i] q_i`` (``q_i = -Q[i, i]``), so with a
+    Gamma(a, b) prior on a free rate Q[i, j] its posterior is Gamma(a + jumps[i, j], b + dwell[i]) and
+    its maximum-likelihood value is ``jumps[i, j] / dwell[i]``.
+
+    jumps: (K, K) number of jumps i -> j (zero diagonal); (B, K, K) per subject.
+    dwell: (K,) total time spent in each state (the last sojourn of each subject up to ``t_end``);
+        (B, K) per subject.
+    """
+
+    jumps: jax.Array
+    dwell: jax.Array
+
+
+def _absorbing_of(Q):
+    """States with no rate out of them, when the generator's values can be read (else none)."""
+    if not checks.is_concrete(Q):
+        return ()
+    return tuple(int(k) for k in np.nonzero(np.all(np.asarray(Q) == 0, axis=-1))[0])
+
+
+def _path_arrays(K, times, states, lengths, t_end, absorbing, dtype):
+    """(t (B, L), s (B, L), n (B,), t_end (B,)) of exactly observed paths; concrete data are validated."""
+    if isinstance(times, (list, tuple)) != isinstance(states, (list, tuple)):
+        raise ValueError("states: expected the same layout as times (both (B, L) arrays or both lists)")
+    if isinstance(times, (list, tuple)):
+        if lengths is not None:
+            raise ValueError("lengths: times and states given as lists carry their own lengths; expected None")
+        if len(times) != len(states) or len(times) == 0:
+            raise ValueError(f"states: expected {len(times)} sequences (as many as times), got {len(states)}")
+        t, n_t = _pad(times, "times", 0.0)
+        s, n_s = _pad(states, "states", 0)
+        if not np.array_equal(n_t, n_s):
+            raise ValueError(f"states: expected sequences of the lengths of times {n_t.tolist()}, got {n_s.tolist()}")
+        n = n_t
+    else:
+        t = times if _traced(times) else np.asarray(times)
+        s = states if _traced(states) else np.asarray(states)
+        n = lengths
+        if t.ndim == 1:
+            t, s = t[None], s[None]
+            n = None if n is None else (n if _traced(n) else np.asarray(n)).reshape(1)
+    if t.ndim != 2:
+        raise ValueError(f"times: expected shape (B, L) (or (L,), or a list of 1-D arrays), got shape {tuple(t.shape)}")
+    if s.shape != t.shape:
+        raise ValueError(f"states: expected shape {tuple(t.shape)} (that of times), got shape {tuple(s.shape)}")
+    B, L = t.shape
+    if L < 1:
+        raise ValueError("times: expected at least one record (the initial state) per subject, got L = 0")
+    if n is None:
+        n = np.full((B,), L, np.int32)
+    else:
+        n = n if _traced(n) else np.asarray(n)
+        if n.shape != (B,) or not jnp.issubdtype(n.dtype, jnp.integer):
+            raise ValueError(f"lengths: expected integers of shape ({B},), got {n.dtype} of shape {tuple(n.shape)}")
+        if not _traced(n) and (np.any(n < 1) or np.any(n > L)):
+            raise ValueError(f"lengths: expected values in 1..{L}, got {n.min()}..{n.max()}")
+    if t_end is not None:
+        t_end = t_end if _traced(t_end) else np.asarray(t_end)
+        if t_end.ndim == 1 and t_end.shape != (B,) or t_end.ndim > 1:
+            raise ValueError(f"t_end: expected a scalar or shape ({B},), got shape {tuple(t_end.shape)}")
+    if not (_traced(t) or _traced(s) or _traced(n)):
+        valid = np.arange(L)[None, :] < n[:, None]
+        tv = np.asarray(t, np.float64)
+        if not np.all(np.isfinite(tv[valid])):
+            raise ValueError("times: expected finite times")
+        d = np.diff(tv, axis=1)
+        sv = valid[:, 1:]
+        if np.any(d[sv] < 0):
+            b, j = np.argwhere((d < 0) & sv)[0]
+            raise ValueError(f"times: expected non-decreasing jump times within each subject; subject {b} goes from "
+                             f"{tv[b, j]:g} to {tv[b, j + 1]:g}")
+        sa = np.asarray(s)
+        if not (jnp.issubdtype(sa.dtype, jnp.integer) or np.all(sa[valid] == np.round(sa[valid]))):
+            raise ValueError("states: expected integer states")
+        sa = np.where(valid, sa, 0).astype(np.int64)
+        if np.any((sa < 0) | (sa >= K)):
+            raise ValueError(f"states: expected states in 0..{K - 1}, found {sa[(sa < 0) | (sa >= K)][0]}")
+        for b, j in zip(*np.nonzero(sv & (sa[:, 1:] == sa[:, :-1]))):
+            raise ValueError(f"states: subject {b} jumps from state {sa[b, j]} to itself (records {j} -> {j + 1}); "
+                             "each record after the first is a jump into a different state")
+        for b, j in zip(*np.nonzero(sv & np.isin(sa[:, :-1], absorbing))):
+            raise ValueError(f"states: subject {b} leaves the absorbing state {sa[b, j]} (records {j} -> {j + 1}: "
+                             f"{sa[b, j]} -> {sa[b, j + 1]})")
+        if t_end is not None and not _traced(t_end):
+            te = np.broadcast_to(np.asarray(t_end, np.float64), (B,))
+            last = tv[np.arange(B), n - 1]
+            if not np.all(np.isfinite(te)):
+                raise ValueError("t_end: expected finite end times")
+            if np.any(te < last):
+                b = int(np.argmax(te < last))
+                raise ValueError(f"t_end: expected the end of observation at or after the last jump; subject {b} ends "
+                                 f"at {te[b]:g} before its last jump at {last[b]:g}")
+        s = sa
+    t = jnp.asarray(t).astype(dtype)
+    n = jnp.asarray(n, jnp.int32)
+    if t_end is None:
+        te = jnp.take_along_axis(t, jnp.maximum(n - 1, 0)[:, None], axis=1)[:, 0]
+    else:
+        te = jnp.broadcast_to(jnp.asarray(t_end).astype(dtype), (B,))
+    return t, jnp.asarray(s).astype(jnp.int32), n, te
+
+
+@partial(jax.jit, static_argnames=("num_states",))
+def _path_statistics(t, s, n, t_end, *, num_states):
+    L = t.shape[1]
+    j = jnp.arange(L)[None, :]
+    valid = j < n[:, None]
+    t = jnp.where(valid, t, 0.0)
+    # a sojourn ends at the next record, the last one (censored, no jump) at t_end
+    t_next = jnp.concatenate([t[:, 1:], t_end[:, None]], axis=1)
+    t_next = jnp.where(j == n[:, None] - 1, t_end[:, None], t_next)
+    duration = jnp.where(valid, t_next - t, 0.0)
+    onehot = jax.nn.one_hot(jnp.where(valid, s, 0), num_states, dtype=t.dtype)
+    dwell = jnp.einsum("bl,blk->bk", duration, onehot)
+    jumped = valid[:, 1:].astype(t.dtype)
+    jumps = jnp.einsum("bl,bli,blj->bij", jumped, onehot[:, :-1], onehot[:, 1:])
+    return PathStatistics(jumps, dwell)
+
+
+def statistics_log_likelihood(generator, statistics: PathStatistics) -> jax.Array:
+    """``sum_{i != j} N_ij log Q_ij - sum_i T_i q_i`` from `PathStatistics` (per subject when they have a
+    leading axis). Traceable; a jump along a zero rate (or i -> i) gives -inf with a finite gradient."""
+    Q = jnp.asarray(generator)
+    K = Q.shape[-1]
+    off = ~jnp.eye(K, dtype=bool)
+    rate = jnp.where(off, Q, 0.0)
+    N = jnp.asarray(statistics.jumps, Q.dtype)
+    used = N > 0
+    possible = rate > 0
+    log_rate = jnp.log(jnp.where(possible, rate, 1.0))
+    terms = jnp.where(used, jnp.where(possible, N * log_rate, -jnp.inf), 0.0)
+    exit_rates = -jnp.diagonal(Q, axis1=-2, axis2=-1)
+    return jnp.sum(terms, axis=(-2, -1)) - jnp.sum(jnp.asarray(statistics.dwell, Q.dtype) * exit_rates, axis=-1)
+
+
+def path_statistics(proc, times, states, *, lengths=None, t_end=None, per_subject: bool = False) -> PathStatistics:
+    """Transition counts N_ij and dwell times T_i of exactly observed paths.
+
+    Args:
+        proc: a continuous-time model (`ps.models.MarkovJumpProcess`) or a (K, K) generator (it fixes K
+            and, when concrete, the absorbing states the data may not leave).
+        times: (B, L) per subject: the start time of the observation, then the jump times
+            (non-decreasing); (L,) for one subject; or a list of 1-D arrays (unequal lengths).
+        states: integer states 0..K-1 in the layout of ``times``: the state at the start, then the state
+            entered at each jump (each different from the one before).
+        lengths: (B,) number of real records of each padded subject, 1 + its number of jumps (None: all L).
+            A batch of `gillespie` paths: ``times=path.jump_times, states=path.states,
+            lengths=path.num_jumps + 1, t_end=t_max``.
+        t_end: end of observation, a scalar or (B,) (>= each subject's last jump): the last sojourn is
+            censored there (time in the state, no jump). None: observation ends at the last record.
+        per_subject: return (B, K, K) and (B, K) instead of their sums over subjects.
+
+    Returns:
+        `PathStatistics` ``(jumps, dwell)``. Traceable (jit, vmap, grad with respect to the times); the data
+        are validated when concrete.
+
+    Raises:
+        ValueError: naming ``times`` (decreasing, not finite), ``states`` (outside 0..K-1, a jump i -> i,
+            leaving an absorbing state), ``lengths`` or ``t_end`` (before the last jump).
+    """
+    Q = _checked(proc)
+    K = Q.shape[0]
+    t, s, n, te = _path_arrays(K, times, states, lengths, t_end, _absorbing_of(Q), Q.dtype)
+    stats = _path_statistics(t, s, n, te, num_states=K)
+    if per_subject:
+        return stats
+    return PathStatistics(jnp.sum(stats.jumps, axis=0), jnp.sum(stats.dwell, axis=0))
+
+
+def path_log_likelihood(proc, times, states, *, lengths=None, t_end=None, per_subject: bool = False) -> jax.Array:
+    """Log-likelihood of exactly observed paths (every jump time and the state it enters), given each
+    subject's first state::
+
+        log L = sum over jumps i -> j of log Q[i, j]  -  sum over sojourns in i of q_i * (its duration)
+
+    with ``q_i = -Q[i, i]``; each subject's last sojourn is censored at ``t_end`` (no jump). It depends on
+    the data only through `path_statistics` (N_ij, T_i), and is maximised by ``Q[i, j] = N_ij / T_i``.
+
+    Args:
+        proc: a continuous-time model (`ps.models.MarkovJumpProcess`) or a (K, K) generator.
+        times, states, lengths, t_end: as in `path_statistics`.
+        per_subject: return the (B,) per-subject values instead of their sum.
+
+    Returns:
+        () the total log-likelihood (or (B,)). Traceable in the model and the data (jit, vmap, grad over
+        rates); -inf for a jump along a zero rate.
+
+    Raises:
+        ValueError: as `path_statistics`.
+
+    Example:
+        >>> paths = jax.vmap(lambda k: ps.ctmc.gillespie(k, proc, 10.0, 64))(jax.random.split(key, 100))
+        >>> ps.ctmc.path_log_likelihood(proc, paths.jump_times, paths.states, lengths=paths.num_jumps + 1,
+        ...                             t_end=10.0)
+    """
+    Q = _checked(proc)
+    stats = path_statistics(Q, times, states, lengths=lengths, t_end=t_end, per_subject=per_subject)
+    return statistics_log_likelihood(Q, stats)
+
+
+# ----------------------------------------------------------------------------------------------
 # Continuous-time HMMs at irregular observation times: the ps.hmm cores on A_t = expm(Q dt_t)
 # ----------------------------------------------------------------------------------------------
 def prepare_hmm(model, times, emissions, lengths):
@@ -781,3 +992,54 @@ def state_probs_at(model, times, emissions, query_times) -> jax.Array:
     if checks.is_concrete(q) and not np.all(np.isfinite(np.asarray(q))):
         raise ValueError("query_times: expected finite times")
     return _state_probs_at(model, t, y, q)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data of a continuous-time model, prepared once for a learner that evaluates many models (ps.mcmc)
+# ----------------------------------------------------------------------------------------------
+def prepare_data(model, data, lengths=None, exact_states=(), censored=None):
+    """Validate the data of a continuous-time model once, outside jit: ``(arrays, how)``, a pytree of
+    arrays and a hashable description for `prepared_log_likelihood`.
+
+    ``data`` is `PathStatistics` (exactly observed paths, from `path_statistics`), or the pair
+    ``(times, states)`` of panel records (a model that `observes_states`, as `panel_log_likelihood`) or
+    ``(times, emissions)`` (a hidden-state model, as `filter`), the pair ``ps.learn.mle`` takes.
+    """
+    if not isinstance(model, AbstractContinuousTimeSSM):
+        raise ValueError(f"model: expected a continuous-time model, got {type(model).__name__}")
+    Q = _checked(model, "model")
+    if isinstance(data, PathStatistics):
+        if lengths is not None or tuple(exact_states) or censored is not None:
+            raise ValueError("lengths: path statistics are sums over the paths; expected no lengths, exact_states "
+                             "or censored")
+        K = model.num_states
+        N, T = jnp.asarray(data.jumps, Q.dtype), jnp.asarray(data.dwell, Q.dtype)
+        if N.shape[-2:] != (K, K) or T.shape[-1:] != (K,) or N.shape[:-2] != T.shape[:-1]:
+            raise ValueError(f"emissions: expected path statistics of shapes (..., {K}, {K}) and (..., {K}), got "
+                             f"{tuple(N.shape)} and {tuple(T.shape)}")
+        for name, a in (("jumps", N), ("dwell", T)):
+            if checks.is_concrete(a) and not np.all(np.isfinite(np.asarray(a)) & (np.asarray(a) >= 0)):
+                raise ValueError(f"emissions: expected finite, non-negative path statistics ({name})")
+        return PathStatistics(N, T), ("paths",)
+    if not isinstance(data, (tuple, list)) or len(data) != 2:
+        raise ValueError("emissions: expected the data of a continuous-time model as a pair (times, states) or "
+                         "(times, emissions), or ps.ctmc.path_statistics(...) of exactly observed paths")
+    if model.observes_states:
+        return prepare_panel(model, data[0], data[1], lengths, exact_states, censored), ("panel",)
+    if censored is not None:
+        raise ValueError("censored: a continuous-time HMM expresses uncertain labels through its emissions; "
+                         "expected None")
+    y, t, n, batched = prepare_hmm(model, data[0], data[1], lengths)
+    return (y, t, n), ("hmm", bool(batched), exact_state_labels(model, exact_states, model.emission_dim))
+
+
+def prepared_log_likelihood(model, arrays, how) -> jax.Array:
+    """Per-subject (or per-sequence) log-likelihoods of data prepared by `prepare_data` (traceable in
+    the model; ``how`` static)."""
+    Q = model.generator()
+    if how[0] == "paths":
+        return statistics_log_likelihood(Q, arrays)
+    if how[0] == "panel":
+        return panel_forward(model.initial_distribution(), expm_batch(Q, arrays.dt_values), panel_parts(Q), arrays)
+    y, t, n = arrays
+    return run_hmm(model, y, t, n, "filter", how[1], how[2]).log_likelihood

@@ -41,7 +41,9 @@ from numpyro.distributions.transforms import biject_to
 
 from probssm.core import checks, progress as prog
 from probssm.core.batching import Batch, as_batch
+from probssm.core.continuous_time import AbstractContinuousTimeSSM
 from probssm.core.protocol import SSM, AbstractDiscreteSSM, AbstractLinearGaussianSSM, sample_sequence
+from probssm.inference import ctmc
 from probssm.inference.smc import common as C
 from probssm.inference.smc.csmc import conditional_smc_sequence
 from probssm.inference.smc.filter import particle_filter_sequence
@@ -193,10 +195,16 @@ def log_density(build: Callable[[dict], SSM], priors: dict, emissions, inputs=No
     log p(theta(u), y) + log |d theta / d u|; ``to_constrained(u)`` maps back.
     """
     _check_priors(priors, build)
-    ys = jnp.asarray(emissions)
-    from probssm.learn.mle import exact_log_likelihood
-
     bijectors = {k: biject_to(p.support) for k, p in priors.items()}
+    probe = _model_at_start(build, priors, _initial_unconstrained(jax.random.PRNGKey(0), priors, None, 1))
+    if isinstance(probe, AbstractContinuousTimeSSM):
+        arrays, flags, _ = _prepared_data(probe, emissions, inputs, None)
+        likelihood = lambda model: _total_log_likelihood(model, arrays, flags)
+    else:
+        ys = jnp.asarray(emissions)
+        from probssm.learn.mle import exact_log_likelihood
+
+        likelihood = lambda model: exact_log_likelihood(model, ys, inputs)
 
     def to_constrained(u):
         return {k: bijectors[k](u[k]) for k in priors}
@@ -208,7 +216,7 @@ def log_density(build: Callable[[dict], SSM], priors: dict, emissions, inputs=No
             theta[k] = bijectors[k](u[k])
             total = total + jnp.sum(prior.log_prob(theta[k]))
             total = total + jnp.sum(bijectors[k].log_abs_det_jacobian(u[k], theta[k]))
-        return total + exact_log_likelihood(build(theta), ys, inputs)
+        return total + likelihood(build(theta))
 
     return logdensity_fn, to_constrained
 
@@ -233,12 +241,45 @@ def _check_hashable(build):
                          "arguments): the compiled sampler is cached per builder") from None
 
 
+def _model_at_start(build, priors, u0):
+    """The model built at the first chain's starting point (concrete, so the data are checked against it)."""
+    return build({name: biject_to(prior.support)(u0[name][0]) for name, prior in priors.items()})
+
+
 def _checked_batch(build, priors, u0, emissions, inputs, lengths):
     """Emissions read as a batch (`probssm.inference.smc.common.prepare`: (T, D), (B, T, D), a list,
     a 1-D series for a one-dimensional emission; no +-inf) and checked against the model built at
     the first chain's starting point."""
-    theta = {name: biject_to(prior.support)(u0[name][0]) for name, prior in priors.items()}
-    return C.prepare(build(theta), emissions, inputs, lengths)
+    return C.prepare(_model_at_start(build, priors, u0), emissions, inputs, lengths)
+
+
+_CONTINUOUS_TIME = "continuous_time"
+
+
+def _prepared_data(model, emissions, inputs, lengths, exact_states=(), censored=None):
+    """``(arrays, flags, batch)``: the data checked once against ``model`` and split into traced arrays and
+    static flags. A continuous-time model (its declared `AbstractContinuousTimeSSM` structure) takes the
+    data of ``ps.learn.mle``: the pair (times, states) of panel records, (times, emissions) for hidden
+    states, or `ps.ctmc.PathStatistics` of exactly observed paths (``ps.ctmc.prepare_data``); flags are
+    then ``("continuous_time", how)`` and batch is None. Otherwise the sequences of a `Batch`."""
+    if isinstance(model, AbstractContinuousTimeSSM):
+        if inputs is not None:
+            raise ValueError("inputs: continuous-time models take their observation times in the data; expected None")
+        arrays, how = ctmc.prepare_data(model, emissions, lengths, exact_states, censored)
+        return arrays, (_CONTINUOUS_TIME, how), None
+    if tuple(np.atleast_1d(exact_states)) or censored is not None:
+        raise ValueError("exact_states: exact entry times and censored codes are for continuous-time models; "
+                         f"expected the defaults for a {type(model).__name__}")
+    batch = C.prepare(model, emissions, inputs, lengths)
+    arrays, flags = _split(batch)
+    return arrays, flags, batch
+
+
+def _total_log_likelihood(model, arrays, flags):
+    """log p(data | model) summed over sequences (or subjects) of data from `_prepared_data` (traceable)."""
+    if flags[0] == _CONTINUOUS_TIME:
+        return jnp.sum(ctmc.prepared_log_likelihood(model, arrays, flags[1]))
+    return jnp.sum(_exact_ll(model, Batch(*arrays, *flags)))
 
 
 def _log_prior(priors, u):
@@ -340,11 +381,10 @@ def _nuts_core(key, build, priors, arrays, flags, u0, settings):
     from numpyro.infer.hmc import hmc
 
     num_warmup, num_samples, num_chains, target_accept, max_tree_depth, dense_mass, progress = settings
-    batch = Batch(*arrays, *flags)
 
     def potential(u):
         lp, theta = _log_prior(priors, u)
-        return -(lp + jnp.sum(_exact_ll(build(theta), batch)))
+        return -(lp + _total_log_likelihood(build(theta), arrays, flags))
 
     init_kernel, sample_kernel = hmc(potential_fn=potential, algo="NUTS")
     total = num_warmup + num_samples
@@ -367,14 +407,14 @@ def _nuts_core(key, build, priors, arrays, flags, u0, settings):
     us, diverging = lax.map(chain, (keys, u0, jnp.arange(num_chains)))
     samples = {name: biject_to(prior.support)(us[name]) for name, prior in priors.items()}
     flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in samples.items()}
-    lls = lax.map(lambda p: jnp.sum(_exact_ll(build(p), batch)), flat, batch_size=16)
+    lls = lax.map(lambda p: _total_log_likelihood(build(p), arrays, flags), flat, batch_size=16)
     return samples, diverging, lls.reshape(num_chains, num_samples)
 
 
 def nuts(key, build: Callable[[dict], SSM], priors: dict, emissions, *, num_warmup: int = 500,
          num_samples: int = 500, num_chains: int = 2, inputs=None, lengths=None, draw_states: bool = True,
          init_params=None, pointwise: bool = True, target_accept: float = 0.8, max_tree_depth: int = 10,
-         dense_mass: bool = False, progress: bool = False) -> MCMCResult:
+         dense_mass: bool = False, progress: bool = False, exact_states=(), censored=None) -> MCMCResult:
     """NUTS over parameters with the exact marginal likelihood, then p(states | y, theta) draws.
 
     Args:
@@ -384,7 +424,13 @@ def nuts(key, build: Callable[[dict], SSM], priors: dict, emissions, *, num_warm
             cached per builder.
         priors: ``{name: numpyro distribution}``.
         emissions: (T, D), (B, T, D) or a list of (T_b, D) arrays (the sequences share the
-            parameters); inputs, lengths as for `ps.kalman.filter`.
+            parameters); inputs, lengths as for `ps.kalman.filter`. For a continuous-time model
+            (``build`` returns a `probssm.core.AbstractContinuousTimeSSM`), the data ``ps.learn.mle``
+            takes: the pair ``(times, states)`` of panel records (`ps.ctmc.panel_log_likelihood`, with
+            ``lengths``, ``exact_states``, ``censored``) or ``(times, emissions)`` of a hidden-state model
+            (`ps.ctmc.filter`), or ``ps.ctmc.path_statistics(...)`` of exactly observed paths
+            (`ps.ctmc.path_log_likelihood`). For these, no latent states are drawn and no pointwise
+            log-likelihood is computed (``states`` and ``pointwise_log_likelihood`` are None).
         num_chains: run one after another (``lax.map``) inside the compiled sampler.
         draw_states: also draw one latent path per parameter draw (Kalman FFBS or
             forward-filter backward-sample for discrete models), for one sequence (T, D).
@@ -396,9 +442,18 @@ def nuts(key, build: Callable[[dict], SSM], priors: dict, emissions, *, num_warm
         target_accept, max_tree_depth, dense_mass: NUTS settings (numpyro's `hmc` kernel with
             step-size and mass-matrix adaptation during warm-up).
         progress: a progress bar over all chains' iterations.
+        exact_states, censored: panel records of a continuous-time model only, as in
+            `ps.ctmc.panel_log_likelihood`.
 
     Returns:
         `MCMCResult`; `to_arviz(result)` gives `arviz.InferenceData`.
+
+    Example:
+        >>> def build(p):   # a 3-state jump process, one Gamma prior per free rate
+        ...     Q = jnp.zeros((3, 3)).at[rows, cols].set(p["rates"])
+        ...     return ps.models.MarkovJumpProcess(Q - jnp.diag(Q.sum(1)), pi, structure=mask)
+        >>> stats = ps.ctmc.path_statistics(proc, times, states, lengths=n, t_end=10.0)
+        >>> r = ps.mcmc.nuts(key, build, {"rates": dist.Gamma(2.0 * jnp.ones(6), 1.0)}, stats)
 
     Compiled once per model structure: the sampler is one module-level jitted function whose
     static arguments are the builder and the settings; the data, the prior hyperparameters, the
@@ -428,11 +483,14 @@ def nuts(key, build: Callable[[dict], SSM], priors: dict, emissions, *, num_warm
             raise ValueError(f"priors: {name!r} gives a non-finite log density at its own draws")
     key_init, key_mcmc, key_states = jax.random.split(key, 3)
     u0 = _initial_unconstrained(key_init, priors, init_params, num_chains)
-    batch = _checked_batch(build, priors, u0, emissions, inputs, lengths)
+    arrays, flags, batch = _prepared_data(_model_at_start(build, priors, u0), emissions, inputs, lengths,
+                                          exact_states, censored)
     settings = _nuts_settings(num_warmup, num_samples, num_chains, target_accept, max_tree_depth, dense_mass,
                               progress)
     with prog.progress_bar((num_warmup + num_samples) * num_chains, "NUTS", bool(progress)):
-        samples, diverging, lls = _nuts_core(key_mcmc, build, priors, *_split(batch), u0, settings)
+        samples, diverging, lls = _nuts_core(key_mcmc, build, priors, arrays, flags, u0, settings)
+    if batch is None:  # a continuous-time model: its data are the observed records
+        return MCMCResult(samples, None, lls, {"diverging": diverging}, None)
     states = None
     if draw_states and not batch.batched:
         flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in samples.items()}
