@@ -363,3 +363,27 @@ def test_bad_input_raises_value_error_naming_the_argument():
     # ps.hmm sees K * D expanded states: a (T, K) plausibility must be expanded first
     with pytest.raises(ValueError, match="plausibility: expected shape"):
         ps.hmm.filter(_model("nonparametric", 3), Y5, plausibility=PL5)
+
+
+def test_models_made_by_tree_at_are_checked_where_inference_starts():
+    """eqx.tree_at bypasses the constructor: ps.hmm, ps.prognostics and ps.learn.em re-run its checks
+    and name the HSMM's own parameters (not the expanded chain's)."""
+    import equinox as eqx
+
+    base = ps.models.HSMM(PI, JUMPS, M.PoissonDuration(jnp.array([2.0, 3.0, 2.0]), 12), EMISSIONS)
+    ltr = ps.models.HSMM(np.r_[1.0, 0, 0], M.left_to_right(K), M.NonParametricDuration(np.ones((K, 3)) / 3),
+                         EMISSIONS)
+    bad = [
+        (eqx.tree_at(lambda m: m.durations.rates, base, jnp.array([2.0, -3.0, 2.0])), "durations.rates"),
+        (eqx.tree_at(lambda m: m.initial_probs, base, jnp.array([0.5, 0.5])), r"initial_probs: expected shape \(3,\)"),
+        (eqx.tree_at(lambda m: m.transition_matrix, base, jnp.asarray(JUMPS + 0.1 * np.eye(K)) / 1.1),
+         "transition_matrix: expected a zero diagonal"),
+        (eqx.tree_at(lambda m: m.durations.probs, ltr, -jnp.ones((K, 3)) / 3), "durations.pmf: expected non-negative"),
+    ]
+    for model, message in bad:
+        with pytest.raises(ValueError, match=message):
+            ps.hmm.filter(model, Y5)
+        with pytest.raises(ValueError, match=message):
+            ps.learn.em(model, Y5, 1)
+    with pytest.raises(ValueError, match="durations.pmf: expected non-negative"):
+        ps.prognostics.rul(bad[-1][0], Y5, max_horizon=10)

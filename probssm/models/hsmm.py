@@ -543,6 +543,22 @@ class HSMM(AbstractSemiMarkovSSM):
     def check_emissions(self, emissions) -> None:
         self.emissions.check_emissions(emissions)
 
+    def check_parameters(self, name: str = "model") -> None:
+        """The constructor's checks again, where inference starts: a model made by ``eqx.tree_at``,
+        ``tree_map`` or ``ps.load`` bypasses ``__init__`` (the expanded chain would otherwise
+        report its errors under expanded-state names). Concrete values only."""
+        super().check_parameters(name)
+        K = self.emissions.num_states
+        if self.durations.num_states != K:
+            raise ValueError(f"durations: expected {K} states (as the emissions), got {self.durations.num_states}")
+        checks.shape(self.initial_probs, "initial_probs", (K,), f"({K},)")
+        checks.probabilities(self.initial_probs, "initial_probs")
+        _check_transition(self.transition_matrix, K)
+        checks.probabilities(self.durations.pmf(), "durations.pmf")
+        q = self.durations.tail_probs()
+        if checks.is_concrete(q) and (np.any(np.asarray(q) < 0) or np.any(np.asarray(q) >= 1)):
+            raise ValueError(f"durations.tail_probs: expected values in [0, 1), got {np.asarray(q)}")
+
     def absorbing_states(self) -> np.ndarray:
         """Indices k (concrete model) with transition_matrix[k, k] = 1."""
         return np.flatnonzero(np.diag(np.asarray(self.transition_matrix)) == 1.0)
