@@ -130,6 +130,7 @@ _CT_RNG = np.random.default_rng(19)
 CT_LABELS = jnp.asarray((np.arange(T) % 3).astype(float)[:, None])  # noisy labels of a continuous-time HMM
 PANEL_TIMES = jnp.asarray(np.sort(_CT_RNG.uniform(0.0, 3.0, (4, 5)), axis=1))  # 4 subjects x 5 records
 PANEL_STATES = jnp.asarray(np.array([[0, 1, 1, 2, 0], [2, 2, 1, 0, 1], [1, 0, 0, 2, 2], [0, 0, 2, 1, 1]]))
+PATH_STATES = jnp.asarray(np.array([[0, 1, 2, 0, 1], [2, 1, 0, 1, 0], [1, 0, 2, 1, 2], [0, 2, 1, 0, 2]]))  # no i -> i
 MISCLASS = jnp.array([[0.8, 0.15, 0.05], [0.1, 0.8, 0.1], [0.05, 0.15, 0.8]])
 
 
@@ -154,6 +155,11 @@ def _ctmc_cases():
         Case("ctmc", "sample_bridge", lambda th, k: ps.ctmc.sample_bridge(k, mjp(th), 0, 2, 1.5, 24)),
         Case("ctmc", "panel_log_likelihood",
              lambda th, k: ps.ctmc.panel_log_likelihood(mjp(th), PANEL_TIMES, PANEL_STATES), lambda o: o),
+        Case("ctmc", "path_log_likelihood",
+             lambda th, k: ps.ctmc.path_log_likelihood(mjp(th), PANEL_TIMES, PATH_STATES, t_end=3.5), lambda o: o),
+        Case("ctmc", "path_statistics",
+             lambda th, k: ps.ctmc.path_statistics(mjp(th), PANEL_TIMES * th, PATH_STATES, t_end=3.5 * th),
+             lambda o: jnp.sum(o.dwell)),
         Case("ctmc", "filter", lambda th, k: ps.ctmc.filter(ct_hmm(th), GP_TIMES, CT_LABELS), lambda o: o.log_likelihood),
         Case("ctmc", "smoother", lambda th, k: ps.ctmc.smoother(ct_hmm(th), GP_TIMES, CT_LABELS),
              lambda o: jnp.sum(o.smoothed_probs[:, 0])),
@@ -482,7 +488,7 @@ NOT_ENGINES = {
                   "check_arguments", "MAX_PATHS",  # argument check (outside jit), the enumeration limit
                   # traceable single-sequence cores on SwitchingParams, traced inside their wrappers' cases
                   "exact_params", "imm_params", "gpb2_params", "rbpf_params", "structured_vi_params"},
-    "ctmc": {"Path", "FilterResult", "SmootherResult"},  # result types
+    "ctmc": {"Path", "FilterResult", "SmootherResult", "PathStatistics"},  # result types
     "prognostics": {"RULResult"},  # result type
     "smc": {
         "common", "resampling",  # submodules of helpers
