@@ -131,6 +131,9 @@ CT_LABELS = jnp.asarray((np.arange(T) % 3).astype(float)[:, None])  # noisy labe
 PANEL_TIMES = jnp.asarray(np.sort(_CT_RNG.uniform(0.0, 3.0, (4, 5)), axis=1))  # 4 subjects x 5 records
 PANEL_STATES = jnp.asarray(np.array([[0, 1, 1, 2, 0], [2, 2, 1, 0, 1], [1, 0, 0, 2, 2], [0, 0, 2, 1, 1]]))
 PATH_STATES = jnp.asarray(np.array([[0, 1, 2, 0, 1], [2, 1, 0, 1, 0], [1, 0, 2, 1, 2], [0, 2, 1, 0, 2]]))  # no i -> i
+DWELL_TIMES = jnp.array([0.3, 1.2, 0.4, 0.7, 0.2])  # alternating sojourns in class 0 (states 0, 1), class 1 (state 2)
+DWELL_CLASSES = jnp.array([0, 1, 0, 1, 0])
+OPEN_CLASSES = jnp.array([0, 0, 1])
 MISCLASS = jnp.array([[0.8, 0.15, 0.05], [0.1, 0.8, 0.1], [0.05, 0.15, 0.8]])
 
 
@@ -160,6 +163,10 @@ def _ctmc_cases():
         Case("ctmc", "path_statistics",
              lambda th, k: ps.ctmc.path_statistics(mjp(th), PANEL_TIMES * th, PATH_STATES, t_end=3.5 * th),
              lambda o: jnp.sum(o.dwell)),
+        Case("ctmc", "dwell_log_likelihood",
+             lambda th, k: ps.ctmc.dwell_log_likelihood(mjp(th), DWELL_TIMES, DWELL_CLASSES, OPEN_CLASSES), lambda o: o),
+        Case("ctmc", "dwell_time_density",
+             lambda th, k: ps.ctmc.dwell_time_density(mjp(th), GP_TIMES[:4] + 0.1, OPEN_CLASSES, 1), jnp.sum),
         Case("ctmc", "filter", lambda th, k: ps.ctmc.filter(ct_hmm(th), GP_TIMES, CT_LABELS), lambda o: o.log_likelihood),
         Case("ctmc", "smoother", lambda th, k: ps.ctmc.smoother(ct_hmm(th), GP_TIMES, CT_LABELS),
              lambda o: jnp.sum(o.smoothed_probs[:, 0])),

@@ -26,6 +26,9 @@ emission log-likelihoods) through ``model.generator()``; ``P(dt) = expm(Q dt)``.
 * `path_log_likelihood`, `path_statistics`: exactly observed paths (every jump time and the state
   entered), ``sum log Q_ij over jumps - sum_i q_i T_i`` through the sufficient statistics
   (`PathStatistics`: jump counts N_ij, dwell times T_i; the last sojourn censored at ``t_end``).
+* `dwell_log_likelihood`, `dwell_time_density`: aggregated processes (only the class of the state is
+  seen, e.g. open / shut channels) with exact dwell times: the Colquhoun-Hawkes likelihood, missed
+  events not corrected.
 * `filter`, `smoother`, `viterbi`: a `ContinuousTimeHMM` (or any continuous-time model) at irregular
   observation times, by the discrete engines of ``ps.hmm`` on ``A_t = expm(Q (t_t - t_{t-1}))``; with
   ``exact_states`` an exactly timed, correctly labelled entry into an absorbing state (msm's
@@ -53,7 +56,8 @@ from probssm.models.mjp import MarkovJumpProcess, check_generator
 
 __all__ = ["Path", "FilterResult", "SmootherResult", "transition_matrix", "uniformization", "gillespie",
            "sample_at", "sample_bridge", "panel_log_likelihood", "PathStatistics", "path_statistics",
-           "path_log_likelihood", "filter", "smoother", "viterbi", "state_probs_at"]
+           "path_log_likelihood", "dwell_log_likelihood", "dwell_time_density", "filter", "smoother", "viterbi",
+           "state_probs_at"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1043,3 +1047,409 @@ def prepared_log_likelihood(model, arrays, how) -> jax.Array:
         return panel_forward(model.initial_distribution(), expm_batch(Q, arrays.dt_values), panel_parts(Q), arrays)
     y, t, n = arrays
     return run_hmm(model, y, t, n, "filter", how[1], how[2]).log_likelihood
+
+
+# ----------------------------------------------------------------------------------------------
+# Aggregated Markov processes: only the class of the state is seen, with exact dwell times
+# ----------------------------------------------------------------------------------------------
+_TAYLOR_DEGREE = 16      # Taylor series of expm on a non-negative matrix of norm <= 1/2: remainder < 1e-20
+_MAX_DWELL_SQUARINGS = 48  # norms up to 2**47 (rate x dwell time)
+
+
+def _stationary(Q):
+    """Stationary distribution p (p Q = 0, sum p = 1) of an irreducible generator (traceable)."""
+    K = Q.shape[0]
+    ones = jnp.ones((K,), Q.dtype)
+    return jnp.linalg.solve(Q.T + jnp.ones((K, K), Q.dtype), ones)
+
+
+def _entry_distributions(Q, masks):
+    """(C, K) equilibrium distributions of the state entered at the start of a sojourn in each class:
+    ``phi_A proportional to p_(not A) Q_(not A, A)`` (p stationary), zero outside A."""
+    p = _stationary(Q)
+    off = panel_parts(Q)
+    flow = jnp.einsum("ck,kj,cj->cj", p[None, :] * (1.0 - masks), off, masks)
+    s = jnp.sum(flow, axis=-1, keepdims=True)
+    return flow / jnp.where(s > 0, s, 1.0)
+
+
+def _uniformized_expm(N, t):
+    """``expm(N t) = exp(L) E`` for a non-negative (K, K) ``N`` and a time t >= 0: the Taylor series
+    (no cancellation: every term is non-negative) on ``N t / 2**s`` (norm <= 1/2), then s squarings,
+    each renormalised into the log scale L (so nothing under- or overflows)."""
+    K = N.shape[-1]
+    A = N * t
+    norm = jnp.max(jnp.sum(A, axis=-1))
+    s = jnp.ceil(jnp.log2(jnp.maximum(norm, jnp.finfo(A.dtype).tiny) / 0.5))
+    s = lax.stop_gradient(jnp.clip(s, 0, _MAX_DWELL_SQUARINGS)).astype(jnp.int32)
+    X = A / (2.0 ** s).astype(A.dtype)
+    eye = jnp.eye(K, dtype=A.dtype)
+    P = eye
+    for j in range(_TAYLOR_DEGREE, 0, -1):
+        P = eye + (X @ P) / j
+
+    def square(carry, i):
+        P, L = carry
+        P2 = P @ P
+        c = lax.stop_gradient(jnp.max(P2))
+        return (jnp.where(i < s, P2 / c, P), jnp.where(i < s, 2.0 * L + jnp.log(c), L)), None
+
+    (P, L), _ = lax.scan(square, (P, jnp.zeros((), A.dtype)), jnp.arange(_MAX_DWELL_SQUARINGS))
+    return P, L
+
+
+@jax.custom_jvp
+def _symmetric_expm(S, t, cls):
+    """``expm(S[cls_n] t_n) = exp(L_n) E_n`` for symmetric (C, K, K) ``S`` (one eigendecomposition per
+    class), shifted by the largest eigenvalue so that E stays in [-1, 1]. Its derivative is the
+    Daleckii-Krein formula with divided differences of exp, so it stays finite at repeated
+    eigenvalues (where the derivative of ``eigh`` does not)."""
+    return _symmetric_expm_parts(S, t, cls)[:2]
+
+
+def _symmetric_expm_parts(S, t, cls):
+    w, V = jnp.linalg.eigh(S)
+    m = w[:, -1]
+    wc, Vc, mc = w[cls], V[cls], m[cls]
+    shifted = wc - mc[:, None]
+    E = jnp.einsum("nik,nk,njk->nij", Vc, jnp.exp(shifted * t[:, None]), Vc)
+    return E, mc * t, (V, shifted, mc)
+
+
+@_symmetric_expm.defjvp
+def _symmetric_expm_jvp(primals, tangents):
+    S, t, cls = primals
+    dS, dt, _ = tangents
+    E, L, (V, shifted, mc) = _symmetric_expm_parts(S, t, cls)
+    Vc = V[cls]
+    dSv = jnp.einsum("cki,ckl,clj->cij", V, dS, V)[cls]        # V^T dS V per dwell
+    a, b = shifted[:, :, None], shifted[:, None, :]
+    tt = t[:, None, None]
+    x = -jnp.abs(a - b) * tt                                  # <= 0
+    small = jnp.abs(x) < 1e-8
+    x_safe = jnp.where(small, -1.0, x)
+    ratio = jnp.where(small, 1.0 + 0.5 * x, jnp.expm1(x_safe) / x_safe)
+    G = jnp.exp(jnp.maximum(a, b) * tt) * tt * ratio          # (e^{a t} - e^{b t}) / (a - b), shifted
+    dm = dSv[:, -1, -1]                                       # derivative of the largest eigenvalue
+    Sc = S[cls]
+    K = S.shape[-1]
+    dE = (jnp.einsum("nik,nkl,njl->nij", Vc, G * dSv, Vc) - (t * dm)[:, None, None] * E
+          + dt[:, None, None] * ((Sc - mc[:, None, None] * jnp.eye(K, dtype=S.dtype)) @ E))
+    dL = dm * t + mc * dt
+    return (E, L), (dE, dL)
+
+
+def _reversible(Q, tol: float = 1e-8) -> bool:
+    """Whether a concrete generator is irreducible with a positive stationary distribution satisfying
+    detailed balance ``p_i Q_ij = p_j Q_ji``."""
+    q = np.asarray(Q, np.float64)
+    K = q.shape[0]
+    try:
+        p = np.linalg.solve(q.T + np.ones((K, K)), np.ones(K))
+    except np.linalg.LinAlgError:
+        return False
+    if not np.all(np.isfinite(p)) or np.any(p <= 1e-300):
+        return False
+    flux = p[:, None] * q
+    return bool(np.all(np.abs(flux - flux.T) <= tol * max(np.max(np.abs(flux)), 1e-300)))
+
+
+def _dwell_exponentials(Q, masks, t, cls, method):
+    """Per dwell n: ``expm(Q_AA t_n) = exp(L_n) E_n`` for its class A = cls_n; E (N, K, K) is zero off
+    the A x A block. ``method`` "expm" (any generator) or "spectral" (reversible generators)."""
+    K = Q.shape[0]
+    q = -jnp.diagonal(Q)
+    block = masks[:, :, None] * masks[:, None, :]            # (C, K, K)
+    lam = jnp.max(jnp.where(masks > 0, q[None, :], -jnp.inf), axis=-1)   # (C,) fastest exit in the class
+    if method == "expm":
+        # uniformised: Q_AA = N_A - lam_A I with N_A >= 0
+        N = (Q[None] + lam[:, None, None] * jnp.eye(K, dtype=Q.dtype)) * block
+        E, L = jax.vmap(_uniformized_expm)(N[cls], t)
+        return E * block[cls], L - lam[cls] * t
+    p = _stationary(Q)
+    d = jnp.sqrt(jnp.maximum(p, jnp.finfo(Q.dtype).tiny))
+    Sym = d[:, None] * Q / d[None, :]
+    Sym = 0.5 * (Sym + Sym.T)                                 # exact for a reversible generator
+    # outside the class the diagonal holds distinct values below -2 lam (so below every eigenvalue of the
+    # class block, by Gershgorin, and never repeated: second derivatives through eigh stay finite);
+    # those entries are masked out after
+    spread = 3.0 + jnp.arange(K, dtype=Q.dtype)
+    fill = jnp.diag(spread)[None] * lax.stop_gradient(-lam)[:, None, None] * (1.0 - masks)[:, :, None]
+    S = Sym[None] * block + fill
+    E, L = _symmetric_expm(S, t, cls)
+    E = E / d[None, :, None] * d[None, None, :]
+    return E * block[cls], L
+
+
+@partial(jax.jit, static_argnames=("method", "per_record"))
+def _dwell_ll(Q, masks, t, c, n, censor, initial, *, method, per_record):
+    B, N = t.shape
+    C, K = masks.shape
+    off = panel_parts(Q)
+    j = jnp.arange(N)
+    valid = j[None, :] < n[:, None]
+    t = jnp.where(valid, t, 0.0)
+    c = jnp.where(valid, c, 0)
+    E, L = _dwell_exponentials(Q, masks, t.ravel(), c.ravel(), method)
+    E, L = E.reshape(B, N, K, K), L.reshape(B, N)
+    if initial is None:
+        initial = _entry_distributions(Q, masks)[c[:, 0]]
+
+    def record(E, L, c, n, censor, init):
+        a0 = init * masks[c[0]]
+        s0 = jnp.sum(a0)
+        alpha0 = a0 / jnp.where(s0 > 0, s0, 1.0)
+        c_next = jnp.concatenate([c[1:], c[-1:]])
+
+        def step(alpha, x):
+            Ej, Lj, a, b, jj = x
+            last = jj == n - 1
+            ok = jj < n
+            v = alpha @ Ej
+            ma = masks[a]
+            to = jnp.where(last, 1.0 - ma, masks[b])
+            u = jnp.where(last & censor, v, v @ (off * ma[:, None] * to[None, :]))
+            s = jnp.sum(u)
+            good = ok & (s > 0)
+            s_safe = jnp.where(good, s, 1.0)
+            logc = jnp.where(ok, jnp.where(s > 0, jnp.log(s_safe) + Lj, -jnp.inf), 0.0)
+            return jnp.where(good, u / s_safe, alpha), logc
+
+        _, logc = lax.scan(step, alpha0, (E, L, c, c_next, j))
+        return jnp.sum(logc) + jnp.where(s0 > 0, 0.0, -jnp.inf)
+
+    ll = jax.vmap(record)(E, L, c, n, censor, initial)
+    return ll if per_record else jnp.sum(ll)
+
+
+def _class_masks(classes, K, dtype):
+    if not checks.is_concrete(classes):
+        raise ValueError(f"classes: expected a concrete ({K},) array of class labels (it fixes the number of "
+                         "classes), got a traced array")
+    a = np.asarray(classes)
+    if a.shape != (K,):
+        raise ValueError(f"classes: expected shape ({K},) (a class label per state), got shape {a.shape}")
+    if a.dtype == bool:
+        a = a.astype(np.int64)   # True = class 1 (e.g. open), False = class 0 (shut)
+    if not (np.issubdtype(a.dtype, np.integer) or np.all(a == np.round(a))):
+        raise ValueError("classes: expected integer class labels 0..C-1 (or a boolean mask of the 'open' states)")
+    a = a.astype(np.int64)
+    if np.any(a < 0):
+        raise ValueError(f"classes: expected labels >= 0, found {a.min()}")
+    C = int(a.max()) + 1
+    empty = [k for k in range(C) if not np.any(a == k)]
+    if empty:
+        raise ValueError(f"classes: class {empty[0]} has no states (labels must be 0..C-1, each used at least once)")
+    return jnp.asarray(np.eye(C)[a].T, dtype), C
+
+
+def _records(x):
+    """A list or tuple of 1-D records (not a flat list of numbers)."""
+    return isinstance(x, (list, tuple)) and len(x) > 0 and np.ndim(x[0]) >= 1
+
+
+def _dwell_arrays(dwell_times, dwell_classes, lengths, C, dtype):
+    dwell_times = dwell_times if _records(dwell_times) or _traced(dwell_times) else np.asarray(dwell_times)
+    dwell_classes = dwell_classes if _records(dwell_classes) or _traced(dwell_classes) else np.asarray(dwell_classes)
+    if isinstance(dwell_times, (list, tuple)) != isinstance(dwell_classes, (list, tuple)):
+        raise ValueError("dwell_classes: expected the same layout as dwell_times (both (B, N) arrays or both lists)")
+    if isinstance(dwell_times, (list, tuple)):
+        if lengths is not None:
+            raise ValueError("lengths: records given as lists carry their own lengths; expected None")
+        if len(dwell_times) != len(dwell_classes) or len(dwell_times) == 0:
+            raise ValueError(f"dwell_classes: expected {len(dwell_times)} records (as many as dwell_times), got "
+                             f"{len(dwell_classes)}")
+        t, n_t = _pad(dwell_times, "dwell_times", 0.0)
+        c, n_c = _pad(dwell_classes, "dwell_classes", 0)
+        if not np.array_equal(n_t, n_c):
+            raise ValueError(f"dwell_classes: expected records of the lengths of dwell_times {n_t.tolist()}, got "
+                             f"{n_c.tolist()}")
+        n = n_t
+    else:
+        t = dwell_times if _traced(dwell_times) else np.asarray(dwell_times)
+        c = dwell_classes if _traced(dwell_classes) else np.asarray(dwell_classes)
+        n = lengths
+        if t.ndim == 1:
+            t, c = t[None], c[None]
+            n = None if n is None else (n if _traced(n) else np.asarray(n)).reshape(1)
+    if t.ndim != 2 or t.shape[1] < 1:
+        raise ValueError(f"dwell_times: expected shape (B, N) (or (N,), or a list of 1-D arrays) with N >= 1, got "
+                         f"shape {tuple(t.shape)}")
+    if c.shape != t.shape:
+        raise ValueError(f"dwell_classes: expected shape {tuple(t.shape)} (that of dwell_times), got shape "
+                         f"{tuple(c.shape)}")
+    B, N = t.shape
+    if n is None:
+        n = np.full((B,), N, np.int32)
+    else:
+        n = n if _traced(n) else np.asarray(n)
+        if n.shape != (B,) or not jnp.issubdtype(n.dtype, jnp.integer):
+            raise ValueError(f"lengths: expected integers of shape ({B},), got {n.dtype} of shape {tuple(n.shape)}")
+        if not _traced(n) and (np.any(n < 1) or np.any(n > N)):
+            raise ValueError(f"lengths: expected values in 1..{N}, got {n.min()}..{n.max()}")
+    if not _traced(n):
+        valid = np.arange(N)[None, :] < np.asarray(n)[:, None]
+        if not _traced(t):
+            tv = np.asarray(t, np.float64)[valid]
+            if not np.all(np.isfinite(tv)) or np.any(tv < 0):
+                bad = tv[~(np.isfinite(tv) & (tv >= 0))][0]
+                raise ValueError(f"dwell_times: expected finite durations >= 0, found {bad}")
+        if not _traced(c):
+            ca = np.asarray(c)
+            if not (np.issubdtype(ca.dtype, np.integer) or np.all(ca[valid] == np.round(ca[valid]))):
+                raise ValueError("dwell_classes: expected integer class labels")
+            ca = np.where(valid, ca, 0).astype(np.int64)
+            if np.any((ca < 0) | (ca >= C)):
+                raise ValueError(f"dwell_classes: expected classes in 0..{C - 1} (the labels of classes), found "
+                                 f"{ca[(ca < 0) | (ca >= C)][0]}")
+            same = valid[:, 1:] & (ca[:, 1:] == ca[:, :-1])
+            if np.any(same):
+                b, j = np.argwhere(same)[0]
+                raise ValueError(f"dwell_classes: record {b} has two consecutive sojourns in class {ca[b, j]} "
+                                 f"(sojourns {j} and {j + 1}); consecutive sojourns must be in different classes "
+                                 "(merge them into one)")
+            c = ca
+    return (jnp.asarray(t).astype(dtype), jnp.asarray(c).astype(jnp.int32), jnp.asarray(n, jnp.int32))
+
+
+def _dwell_method(Q, method):
+    if method not in ("auto", "expm", "spectral"):
+        raise ValueError(f"method: expected 'auto', 'expm' or 'spectral', got {method!r}")
+    if method == "expm":
+        return method
+    concrete = checks.is_concrete(Q)
+    reversible = concrete and _reversible(Q)
+    if method == "spectral":
+        if concrete and not reversible:
+            raise ValueError("method: 'spectral' needs an irreducible generator in detailed balance "
+                             "(p_i Q_ij = p_j Q_ji); this process is not; use method='expm'")
+        return method
+    return "spectral" if reversible else "expm"
+
+
+def dwell_log_likelihood(process, dwell_times, dwell_classes, classes, *, lengths=None, initial=None,
+                         censor_last=False, method: str = "auto", per_record: bool = False) -> jax.Array:
+    """Log-likelihood of an aggregated Markov process observed with exact dwell times (Colquhoun &
+    Hawkes): only the class of the state is seen (e.g. open / shut ion channels), with the exact
+    duration of every sojourn in a class.
+
+    The states are partitioned into classes; a record is a sequence of consecutive sojourns, in classes
+    c_1, c_2, ... (consecutive ones different) of durations t_1, t_2, ...::
+
+        L = phi_start G_{c1 c2}(t_1) G_{c2 c3}(t_2) ... G_{c_{n-1} c_n}(t_{n-1}) end(t_n),
+        G_AB(t) = expm(Q_AA t) Q_AB,
+        end(t) = expm(Q_AA t) Q_(A, not A) 1     (the last sojourn ends by leaving its class), or
+        end(t) = expm(Q_AA t) 1                  with ``censor_last`` (still in the class at the end).
+
+    Computed in log space: one `lax.scan` per record with the forward vector renormalised at every
+    sojourn, and the matrix exponentials of all dwells batched outside the scan, each held as
+    ``exp(L) E`` so that a long dwell neither under- nor overflows. Missed events are NOT corrected:
+    sojourns shorter than the recording's resolution (tres) are assumed to be all detected, so the
+    result is the exact-time likelihood, not the HJCFIT one.
+
+    Args:
+        process: a continuous-time model (`ps.models.MarkovJumpProcess`) or a (K, K) generator Q.
+        dwell_times: (B, N) per record, padded (with ``lengths``); (N,) for one record; or a list of 1-D
+            arrays. Durations >= 0 in the generator's time unit.
+        dwell_classes: the class of each sojourn (integers 0..C-1), in the layout of ``dwell_times``.
+        classes: (K,) concrete class label of each state, 0..C-1, every class with at least one state; or a
+            boolean (K,) mask of the "open" states (True = class 1, False = class 0).
+        lengths: (B,) number of sojourns of each padded record (None: all N).
+        initial: None (default): the first sojourn of each record starts in the equilibrium distribution
+            of entry into its class, ``phi_A proportional to p_(not A) Q_(not A, A)`` with p the stationary
+            distribution (the process must be irreducible). Else a (K,) or (B, K) distribution of the state
+            at the start of each record's first sojourn, e.g. ``process.initial_distribution()`` for a
+            simulation started at time 0. Either way it is restricted to the first sojourn's class and
+            renormalised: the likelihood is conditional on the class of the first sojourn.
+        censor_last: bool or (B,) bools: the last sojourn of a record was cut by the end of the recording
+            (``expm(Q_AA t) 1``) instead of ending by a transition out of its class.
+        method: how the dwell exponentials are computed. "expm": any generator (a Taylor series on the
+            uniformised block plus renormalised squarings, about 64 small matrix products per dwell).
+            "spectral": one symmetric eigendecomposition per class, then ``V exp(w t) V^T`` per dwell
+            (tens of times faster); needs a reversible generator (irreducible, detailed balance
+            ``p_i Q_ij = p_j Q_ji``, true of every mechanism without cycles and of cycles obeying
+            microscopic reversibility). Its derivative stays finite at repeated eigenvalues. "auto"
+            (default): "spectral" when the generator is concrete and reversible, else "expm" (a traced
+            generator, as inside a fit, gets "expm" unless you pass "spectral").
+        per_record: return the (B,) per-record values instead of their sum.
+
+    Returns:
+        () the total log-likelihood (or (B,)). Traceable in the process (jit, vmap, grad over rates);
+        -inf when the data are impossible under the process (a transition along a zero rate).
+
+    Raises:
+        ValueError: naming ``dwell_times`` (negative or non-finite), ``dwell_classes`` (outside 0..C-1,
+            two consecutive sojourns in one class), ``classes`` (shape, a class with no states),
+            ``lengths``, ``initial``, ``censor_last`` or ``method``; concrete arrays only.
+
+    Example:
+        >>> open_ = jnp.array([False, False, True])      # C2 - C1 - O: one open state
+        >>> ps.ctmc.dwell_log_likelihood(proc, [t1, t2], [c1, c2], open_, censor_last=True)
+    """
+    Q = _checked(process, "process")
+    K = Q.shape[0]
+    masks, C = _class_masks(classes, K, Q.dtype)
+    t, c, n = _dwell_arrays(dwell_times, dwell_classes, lengths, C, Q.dtype)
+    B = t.shape[0]
+    cl = jnp.asarray(censor_last)
+    if cl.ndim > 1 or (cl.ndim == 1 and cl.shape != (B,)) or not (cl.dtype == bool or jnp.issubdtype(cl.dtype,
+                                                                                                        jnp.integer)):
+        raise ValueError(f"censor_last: expected a bool or bools of shape ({B},), got {cl.dtype} of shape "
+                         f"{tuple(cl.shape)}")
+    censor = jnp.broadcast_to(cl.astype(bool), (B,))
+    if initial is not None:
+        init = jnp.asarray(initial).astype(Q.dtype)
+        if init.shape not in ((K,), (B, K)):
+            raise ValueError(f"initial: expected shape ({K},) or ({B}, {K}), got shape {tuple(init.shape)}")
+        if checks.is_concrete(init):
+            a = np.asarray(init)
+            if not np.all(np.isfinite(a)) or np.any(a < 0):
+                raise ValueError("initial: expected finite, non-negative probabilities")
+        init = jnp.broadcast_to(init, (B, K))
+    else:
+        init = None
+        if checks.is_concrete(Q):
+            q = np.asarray(Q, np.float64)
+            try:
+                p = np.linalg.solve(q.T + np.ones((K, K)), np.ones(K))
+            except np.linalg.LinAlgError:
+                p = np.full(K, np.nan)
+            if not np.all(np.isfinite(p)) or np.any(p < -1e-10):
+                raise ValueError("initial: the default (equilibrium entry into the first class) needs an irreducible "
+                                 "process with a unique stationary distribution; pass initial= instead")
+    return _dwell_ll(Q, masks, t, c, n, censor, init, method=_dwell_method(Q, method), per_record=bool(per_record))
+
+
+def dwell_time_density(process, times, classes, dwell_class: int, *, method: str = "auto") -> jax.Array:
+    """Equilibrium density of the duration of a sojourn in one class (e.g. the open-time pdf of a
+    channel): ``f(t) = phi_A expm(Q_AA t) Q_(A, not A) 1`` with ``phi_A`` the equilibrium distribution of
+    entry into A (as the default of `dwell_log_likelihood`). A mixture of exponentials, one component
+    per state of A; its mean is ``phi_A (-Q_AA)^{-1} 1``. Missed events are not corrected.
+
+    Args:
+        process: an irreducible continuous-time model or (K, K) generator.
+        times: durations >= 0, any shape.
+        classes: (K,) class labels (or a boolean mask of the open states), as `dwell_log_likelihood`.
+        dwell_class: the class A (an integer label).
+        method: "auto", "expm" or "spectral", as `dwell_log_likelihood`.
+
+    Returns:
+        the density at ``times`` (their shape). Traceable in the process.
+    """
+    Q = _checked(process, "process")
+    K = Q.shape[0]
+    masks, C = _class_masks(classes, K, Q.dtype)
+    if not isinstance(dwell_class, (int, np.integer)) or not 0 <= int(dwell_class) < C:
+        raise ValueError(f"dwell_class: expected a class label in 0..{C - 1}, got {dwell_class!r}")
+    t = _dt(times, "times").astype(Q.dtype)
+    return _dwell_density(Q, masks, t.ravel(), int(dwell_class), method=_dwell_method(Q, method)).reshape(t.shape)
+
+
+@partial(jax.jit, static_argnames=("dwell_class", "method"))
+def _dwell_density(Q, masks, t, dwell_class, *, method):
+    cls = jnp.full(t.shape, dwell_class, jnp.int32)
+    E, L = _dwell_exponentials(Q, masks, t, cls, method)
+    ma = masks[dwell_class]
+    exit_rates = panel_parts(Q) @ (1.0 - ma) * ma
+    phi = _entry_distributions(Q, masks)[dwell_class]
+    return jnp.einsum("i,nij,j->n", phi, E, exit_rates) * jnp.exp(L)
