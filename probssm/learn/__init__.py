@@ -27,3 +27,8 @@ from probssm.learn.em_ctmc import *  # noqa: E402,F401,F403
 from probssm.learn.em_hsmm import *  # noqa: E402,F401,F403
 
 __all__ += [*em_slds.__all__, *em_ctmc.__all__, *em_hsmm.__all__]
+# Stochastic-gradient HMC (the sampler of free-form variational inference for GPSSMs).
+from probssm.learn import sghmc  # noqa: E402
+from probssm.learn.sghmc import *  # noqa: E402,F401,F403
+
+__all__ += ["sghmc", *sghmc.__all__]

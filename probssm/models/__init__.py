@@ -31,3 +31,8 @@ from probssm.models.mjp import *  # noqa: E402,F401,F403
 from probssm.models.hsmm import *  # noqa: E402,F401,F403
 
 __all__ += ["slds", "msar", "mjp", "hsmm", *slds.__all__, *msar.__all__, *mjp.__all__, *hsmm.__all__]
+# Learned transition functions (GP state-space model, neural SSM).
+from probssm.models import gpssm  # noqa: E402
+from probssm.models.gpssm import *  # noqa: E402,F401,F403
+
+__all__ += ["gpssm", *gpssm.__all__]
