@@ -458,14 +458,9 @@ def _check_states(a, valid, K, code_of, absorbing):
     return codes
 
 
-def prepare_panel(proc, times, states, lengths=None, exact_states=(), censored=None) -> Panel:
-    """Validate panel data once and build the `Panel` arrays. Concrete data are checked and read in
-    numpy (one matrix exponential per distinct interval); traced data (inside the caller's jit) give one
-    interval per record pair, unchecked."""
-    if not isinstance(proc, MarkovJumpProcess):
-        raise ValueError(f"proc: expected a ps.models.MarkovJumpProcess, got {type(proc).__name__}")
-    K = proc.num_states
-    dtype = _checked(proc).dtype
+def _panel_records(times, states, lengths):
+    """``(t, s, lengths)`` with a leading subject axis: lists of 1-D arrays are padded (their own
+    lengths), a single (L,) record gains the axis; concrete arrays become numpy, traced ones stay."""
     if isinstance(times, (list, tuple)) != isinstance(states, (list, tuple)):
         raise ValueError("states: expected the same layout as times (both (B, L) arrays or both lists)")
     if isinstance(times, (list, tuple)):
@@ -477,15 +472,26 @@ def prepare_panel(proc, times, states, lengths=None, exact_states=(), censored=N
         s, n_s = _pad(states, "states", 0)
         if not np.array_equal(n_t, n_s):
             raise ValueError(f"states: expected sequences of the lengths of times {n_t.tolist()}, got {n_s.tolist()}")
-        lengths = n_t
-    else:
-        t = times if _traced(times) else np.asarray(times)
-        s = states if _traced(states) else np.asarray(states)
-        if t.ndim == 1:
-            t, s = t[None], (s[None] if s.ndim == 1 else s)
-            lengths = None if lengths is None else (lengths if _traced(lengths) else np.asarray(lengths)).reshape(1)
+        return t, s, n_t
+    t = times if _traced(times) else np.asarray(times)
+    s = states if _traced(states) else np.asarray(states)
+    if t.ndim == 1:
+        t, s = t[None], (s[None] if s.ndim == 1 else s)
+        lengths = None if lengths is None else (lengths if _traced(lengths) else np.asarray(lengths)).reshape(1)
     if t.ndim != 2:
         raise ValueError(f"times: expected shape (B, L) (or (L,), or a list of 1-D arrays), got shape {tuple(t.shape)}")
+    return t, s, lengths
+
+
+def prepare_panel(proc, times, states, lengths=None, exact_states=(), censored=None) -> Panel:
+    """Validate panel data once and build the `Panel` arrays. Concrete data are checked and read in
+    numpy (one matrix exponential per distinct interval); traced data (inside the caller's jit) give one
+    interval per record pair, unchecked."""
+    if not isinstance(proc, MarkovJumpProcess):
+        raise ValueError(f"proc: expected a ps.models.MarkovJumpProcess, got {type(proc).__name__}")
+    K = proc.num_states
+    dtype = _checked(proc).dtype
+    t, s, lengths = _panel_records(times, states, lengths)
     if s.shape != t.shape:
         raise ValueError(f"states: expected shape {tuple(t.shape)} (that of times), got shape {tuple(s.shape)}")
     B, L = t.shape
@@ -634,27 +640,7 @@ def _absorbing_of(Q):
 
 def _path_arrays(K, times, states, lengths, t_end, absorbing, dtype):
     """(t (B, L), s (B, L), n (B,), t_end (B,)) of exactly observed paths; concrete data are validated."""
-    if isinstance(times, (list, tuple)) != isinstance(states, (list, tuple)):
-        raise ValueError("states: expected the same layout as times (both (B, L) arrays or both lists)")
-    if isinstance(times, (list, tuple)):
-        if lengths is not None:
-            raise ValueError("lengths: times and states given as lists carry their own lengths; expected None")
-        if len(times) != len(states) or len(times) == 0:
-            raise ValueError(f"states: expected {len(times)} sequences (as many as times), got {len(states)}")
-        t, n_t = _pad(times, "times", 0.0)
-        s, n_s = _pad(states, "states", 0)
-        if not np.array_equal(n_t, n_s):
-            raise ValueError(f"states: expected sequences of the lengths of times {n_t.tolist()}, got {n_s.tolist()}")
-        n = n_t
-    else:
-        t = times if _traced(times) else np.asarray(times)
-        s = states if _traced(states) else np.asarray(states)
-        n = lengths
-        if t.ndim == 1:
-            t, s = t[None], s[None]
-            n = None if n is None else (n if _traced(n) else np.asarray(n)).reshape(1)
-    if t.ndim != 2:
-        raise ValueError(f"times: expected shape (B, L) (or (L,), or a list of 1-D arrays), got shape {tuple(t.shape)}")
+    t, s, n = _panel_records(times, states, lengths)
     if s.shape != t.shape:
         raise ValueError(f"states: expected shape {tuple(t.shape)} (that of times), got shape {tuple(s.shape)}")
     B, L = t.shape
