@@ -100,16 +100,18 @@ def test_nile_mle_and_em_match_durbin_koopman(nile):
 
 
 def test_fits_compile_once(nile):
+    # the same static settings as test_nile_mle_and_em_match_durbin_koopman (500 EM / 60 MLE iterations):
+    # with the module's order the first calls below reuse its executables, the second ones must too
     y, start = nile
-    ps.learn.em(start, y, 7, fixed=FIXED_NILE, progress=False)
+    ps.learn.em(start, y, 500, fixed=FIXED_NILE, progress=False)
     n_em = em_lgssm._fit._cache_size()
     other = ps.models.LinearGaussianSSM(np.zeros(1), 1e7 * np.eye(1), np.eye(1), 2e3 * np.eye(1), np.eye(1),
                                        1e4 * np.eye(1))
-    ps.learn.em(other, y * 1.1, 7, fixed=FIXED_NILE, progress=False)
+    ps.learn.em(other, y * 1.1, 500, fixed=FIXED_NILE, progress=False)
     assert em_lgssm._fit._cache_size() == n_em
-    ps.learn.mle(start, y, 5, fixed=FIXED_NILE, progress=False)
+    ps.learn.mle(start, y, 60, fixed=FIXED_NILE, progress=False)
     n_mle = mle_module._fit._cache_size()
-    ps.learn.mle(other, y * 1.1, 5, fixed=FIXED_NILE, progress=False)
+    ps.learn.mle(other, y * 1.1, 60, fixed=FIXED_NILE, progress=False)
     assert mle_module._fit._cache_size() == n_mle
 
 
