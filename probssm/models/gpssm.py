@@ -294,8 +294,8 @@ class GPSSM(SSM):
 
     Raises:
         ValueError: naming the argument, for shapes that do not fit (inducing inputs of a width
-        other than d_x + d_u, lengthscales of another width, ...), non-positive noise or
-        hyperparameters, a scale_tril that is not lower-triangular with a positive diagonal.
+            other than d_x + d_u, lengthscales of another width, ...), non-positive noise or
+            hyperparameters, a scale_tril that is not lower-triangular with a positive diagonal.
 
     Example:
         >>> kernel = ps.models.ARDSquaredExponential(jnp.ones(1), 1.0)
