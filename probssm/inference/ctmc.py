@@ -458,6 +458,18 @@ def _check_states(a, valid, K, code_of, absorbing):
     return codes
 
 
+def _record_lengths(lengths, B, L):
+    """(B,) integer record counts in 1..L (all L when None); concrete values are checked."""
+    if lengths is None:
+        return np.full((B,), L, np.int32)
+    n = lengths if _traced(lengths) else np.asarray(lengths)
+    if n.shape != (B,) or not jnp.issubdtype(n.dtype, jnp.integer):
+        raise ValueError(f"lengths: expected integers of shape ({B},), got {n.dtype} of shape {tuple(n.shape)}")
+    if not _traced(n) and (np.any(n < 1) or np.any(n > L)):
+        raise ValueError(f"lengths: expected values in 1..{L}, got {n.min()}..{n.max()}")
+    return n
+
+
 def _panel_records(times, states, lengths):
     """``(t, s, lengths)`` with a leading subject axis: lists of 1-D arrays are padded (their own
     lengths), a single (L,) record gains the axis; concrete arrays become numpy, traced ones stay."""
@@ -495,14 +507,7 @@ def prepare_panel(proc, times, states, lengths=None, exact_states=(), censored=N
     if s.shape != t.shape:
         raise ValueError(f"states: expected shape {tuple(t.shape)} (that of times), got shape {tuple(s.shape)}")
     B, L = t.shape
-    if lengths is None:
-        n = np.full((B,), L, np.int32)
-    else:
-        n = lengths if _traced(lengths) else np.asarray(lengths)
-        if n.shape != (B,) or not np.issubdtype(n.dtype, np.integer):
-            raise ValueError(f"lengths: expected integers of shape ({B},), got {n.dtype} of shape {tuple(n.shape)}")
-        if not _traced(n) and (np.any(n < 1) or np.any(n > L)):
-            raise ValueError(f"lengths: expected values in 1..{L}, got {n.min()}..{n.max()}")
+    n = _record_lengths(lengths, B, L)
     absorbing = proc.absorbing_states
     table, exact, code_of = _codes_table(K, censored, exact_states, absorbing)
     concrete = not (_traced(t) or _traced(s) or _traced(n))
@@ -646,14 +651,7 @@ def _path_arrays(K, times, states, lengths, t_end, absorbing, dtype):
     B, L = t.shape
     if L < 1:
         raise ValueError("times: expected at least one record (the initial state) per subject, got L = 0")
-    if n is None:
-        n = np.full((B,), L, np.int32)
-    else:
-        n = n if _traced(n) else np.asarray(n)
-        if n.shape != (B,) or not jnp.issubdtype(n.dtype, jnp.integer):
-            raise ValueError(f"lengths: expected integers of shape ({B},), got {n.dtype} of shape {tuple(n.shape)}")
-        if not _traced(n) and (np.any(n < 1) or np.any(n > L)):
-            raise ValueError(f"lengths: expected values in 1..{L}, got {n.min()}..{n.max()}")
+    n = _record_lengths(n, B, L)
     if t_end is not None:
         t_end = t_end if _traced(t_end) else np.asarray(t_end)
         if t_end.ndim == 1 and t_end.shape != (B,) or t_end.ndim > 1:
@@ -1265,14 +1263,7 @@ def _dwell_arrays(dwell_times, dwell_classes, lengths, C, dtype):
         raise ValueError(f"dwell_classes: expected shape {tuple(t.shape)} (that of dwell_times), got shape "
                          f"{tuple(c.shape)}")
     B, N = t.shape
-    if n is None:
-        n = np.full((B,), N, np.int32)
-    else:
-        n = n if _traced(n) else np.asarray(n)
-        if n.shape != (B,) or not jnp.issubdtype(n.dtype, jnp.integer):
-            raise ValueError(f"lengths: expected integers of shape ({B},), got {n.dtype} of shape {tuple(n.shape)}")
-        if not _traced(n) and (np.any(n < 1) or np.any(n > N)):
-            raise ValueError(f"lengths: expected values in 1..{N}, got {n.min()}..{n.max()}")
+    n = _record_lengths(n, B, N)
     if not _traced(n):
         valid = np.arange(N)[None, :] < np.asarray(n)[:, None]
         if not _traced(t):
