@@ -906,6 +906,9 @@ def test_nuts_on_panel_records_targets_the_panel_likelihood():
     want = ps.ctmc.filter(_build_ct_hmm3(E3, {"rates": jnp.exp(u["rates"])}), times, labels).log_likelihood
     np.testing.assert_allclose(ld(u), log_prior + float(jnp.sum(want)), rtol=1e-12)
     with pytest.raises(ValueError, match="emissions"):
+        ps.mcmc.nuts(jax.random.key(4), _build_proc3, priors, (times, states, times, times), num_warmup=2,
+                     num_samples=2)
+    with pytest.raises(ValueError, match="covariates: the process has no covariate_effects"):
         ps.mcmc.nuts(jax.random.key(4), _build_proc3, priors, (times, states, times), num_warmup=2, num_samples=2)
     with pytest.raises(ValueError, match="inputs"):
         ps.mcmc.nuts(jax.random.key(4), _build_proc3, priors, (times, states), inputs=np.ones((4, 1)),

@@ -381,6 +381,7 @@ class Panel(NamedTuple):
     valid: (B, L) bool: record j of subject b is real (not padding).
     table: (C, K) indicator of the possible states of each code.
     exact: (C,) bool: the code is an absorbing state entered at a known time.
+    covariates: (B, L - 1, P) covariate values on each interval, or None (no covariates).
     """
 
     dt_values: jax.Array
@@ -389,6 +390,7 @@ class Panel(NamedTuple):
     valid: jax.Array
     table: jax.Array
     exact: jax.Array
+    covariates: Optional[jax.Array] = None
 
 
 def _traced(a) -> bool:
@@ -495,10 +497,41 @@ def _panel_records(times, states, lengths):
     return t, s, lengths
 
 
-def prepare_panel(proc, times, states, lengths=None, exact_states=(), censored=None) -> Panel:
+def _interval_covariates(covariates, proc, B, L, dtype):
+    """(B, L - 1, P) covariate values of each interval from per-subject (B, P) or per-record (B, L, P)
+    values (a record's value holds on the interval it starts, as in msm); (P,) and (L, P) for one subject."""
+    P = proc.num_covariates
+    if P == 0:
+        raise ValueError("covariates: the process has no covariate_effects; expected None (or build it with "
+                         "MarkovJumpProcess(..., covariate_effects=...))")
+    if isinstance(covariates, (list, tuple)) and not any(_traced(a) for a in covariates):
+        # one entry per subject: (P,) values, or (L_b, P) per record (padded here with zeros)
+        rows = [np.asarray(a, np.float64) for a in covariates]
+        if len(rows) != B or any(r.ndim != rows[0].ndim or r.shape[-1:] != (P,) or r.ndim not in (1, 2) or
+                                 (r.ndim == 2 and r.shape[0] > L) for r in rows):
+            raise ValueError(f"covariates: expected a list of {B} arrays of shape ({P},) or (L_b, {P}) (one per "
+                             f"subject), got shapes {[r.shape for r in rows]}")
+        covariates = np.stack(rows) if rows[0].ndim == 1 else np.stack(
+            [np.concatenate([r, np.zeros((L - r.shape[0], P))]) for r in rows])
+    x = jnp.asarray(covariates, dtype) if _traced(covariates) else np.asarray(covariates, np.float64)
+    if B == 1 and x.ndim in (1, 2) and x.shape in ((P,), (L, P)):
+        x = x[None]
+    if x.shape == (B, P):
+        x = x[:, None, :] * (np.ones if isinstance(x, np.ndarray) else jnp.ones)((1, L - 1, 1))
+    elif x.shape == (B, L, P):
+        x = x[:, :-1]
+    else:
+        raise ValueError(f"covariates: expected shape ({B}, {P}) per subject or ({B}, {L}, {P}) per record, "
+                         f"got shape {tuple(x.shape)}")
+    if isinstance(x, np.ndarray) and not np.all(np.isfinite(x)):
+        raise ValueError("covariates: expected finite values (pad with zeros)")
+    return jnp.asarray(x, dtype)
+
+
+def prepare_panel(proc, times, states, lengths=None, exact_states=(), censored=None, covariates=None) -> Panel:
     """Validate panel data once and build the `Panel` arrays. Concrete data are checked and read in
     numpy (one matrix exponential per distinct interval); traced data (inside the caller's jit) give one
-    interval per record pair, unchecked."""
+    interval per record pair, unchecked. With ``covariates`` every interval has its own generator."""
     if not isinstance(proc, MarkovJumpProcess):
         raise ValueError(f"proc: expected a ps.models.MarkovJumpProcess, got {type(proc).__name__}")
     K = proc.num_states
@@ -533,16 +566,17 @@ def prepare_panel(proc, times, states, lengths=None, exact_states=(), censored=N
         dts = jnp.diff(jnp.asarray(t), axis=1)
         dt_values = jnp.where(valid[:, 1:], dts, 0.0).ravel()
         index = jnp.arange(B * (L - 1)).reshape(B, L - 1)
+    x = None if covariates is None else _interval_covariates(covariates, proc, B, L, dtype)
     return Panel(jnp.asarray(dt_values, dtype), jnp.asarray(index, jnp.int32), jnp.asarray(codes, jnp.int32),
-                 jnp.asarray(valid), jnp.asarray(table, dtype), jnp.asarray(exact))
+                 jnp.asarray(valid), jnp.asarray(table, dtype), jnp.asarray(exact), x)
 
 
 def panel_forward(pi, Ps, jumps, panel: Panel) -> jax.Array:
     """(B,) log-likelihood of each subject given its first record (traceable).
 
     ``Ps`` (U, K, K) are the transition matrices of ``panel.dt_values``; ``jumps`` (K, K) the
-    off-diagonal rates (for exact entries into absorbing states). Written in ``Ps`` and ``jumps`` so
-    that their gradients are the E-step weights of EM.
+    off-diagonal rates (for exact entries into absorbing states), or (U, K, K) those of each interval
+    (covariates). Written in ``Ps`` and ``jumps`` so that their gradients are the E-step weights of EM.
     """
     table, exact = panel.table, panel.exact
 
@@ -557,7 +591,8 @@ def panel_forward(pi, Ps, jumps, panel: Panel) -> jax.Array:
             v = alpha @ Ps[j]
             e = table[code]
             # the entry into an exact state is the first record in it; later records there add P = 1
-            a = jnp.where(exact[code] & (prev != code), (v @ jumps) * e, v * e)
+            J = jumps[j] if jumps.ndim == 3 else jumps
+            a = jnp.where(exact[code] & (prev != code), (v @ J) * e, v * e)
             c = jnp.sum(a)
             c_safe = jnp.where(ok & (c > 0), c, 1.0)
             # the double where keeps the gradient finite on padding and on impossible records
@@ -570,19 +605,31 @@ def panel_forward(pi, Ps, jumps, panel: Panel) -> jax.Array:
 
 
 def panel_parts(Q):
-    """Off-diagonal part of a generator (the jump rates)."""
-    return Q * (1.0 - jnp.eye(Q.shape[0], dtype=Q.dtype))
+    """Off-diagonal part of a generator (the jump rates); batched over leading axes."""
+    return Q * (1.0 - jnp.eye(Q.shape[-1], dtype=Q.dtype))
+
+
+def panel_transitions(proc, panel: Panel):
+    """``(Ps, jumps, panel)`` for `panel_forward` (traceable): one generator and one exponential per
+    distinct interval, or with covariates one generator and one exponential per interval."""
+    if panel.covariates is None:
+        Q = proc.generator()
+        return expm_batch(Q, panel.dt_values), panel_parts(Q), panel
+    B, n = panel.index.shape
+    Qs = proc.generator(panel.covariates).reshape(B * n, proc.num_states, proc.num_states)
+    dts = panel.dt_values[panel.index].reshape(B * n)
+    Ps = jax.vmap(lambda Q, d: expm(Q * d))(Qs, dts)
+    return Ps, panel_parts(Qs), panel._replace(index=jnp.arange(B * n, dtype=jnp.int32).reshape(B, n))
 
 
 @partial(jax.jit, static_argnames=("per_subject",))
 def _panel_ll(proc, panel, *, per_subject):
-    Q = proc.generator()
-    ll = panel_forward(proc.initial_distribution(), expm_batch(Q, panel.dt_values), panel_parts(Q), panel)
+    ll = panel_forward(proc.initial_distribution(), *panel_transitions(proc, panel))
     return ll if per_subject else jnp.sum(ll)
 
 
 def panel_log_likelihood(proc, times, states, *, lengths=None, exact_states=(), censored=None,
-                         per_subject: bool = False) -> jax.Array:
+                         covariates=None, per_subject: bool = False) -> jax.Array:
     """Log-likelihood of panel data: per-subject (time, state) records of an exactly observed process.
 
     Each subject's first record is conditioned on; between records the state moves by
@@ -599,6 +646,10 @@ def panel_log_likelihood(proc, times, states, *, lengths=None, exact_states=(), 
             records in the same absorbing state contribute 1).
         censored: ``{code: states}``: a record holding ``code`` (an integer >= K) means "one of
             ``states``" (e.g. ``{99: (0, 1, 2)}``: alive, grade unknown). The likelihood sums over them.
+        covariates: values of the process's P covariates (its ``covariate_effects``): (B, P) per
+            subject, or (B, L, P) per record, where a record's values hold on the interval it starts
+            (msm's convention); (P,) or (L, P) for one subject. The rates of each interval are then
+            ``rates * exp(x @ covariate_effects)``, with one matrix exponential per interval.
         per_subject: return the (B,) per-subject values instead of their sum.
 
     Returns:
@@ -607,12 +658,13 @@ def panel_log_likelihood(proc, times, states, *, lengths=None, exact_states=(), 
 
     Raises:
         ValueError: naming ``times`` (decreasing), ``states`` (outside 0..K-1, leaving an absorbing
-            state), ``lengths``, ``exact_states`` (not absorbing) or ``censored``.
+            state), ``lengths``, ``exact_states`` (not absorbing), ``censored`` or ``covariates``
+            (wrong shape, non-finite, or a process without covariate effects).
 
     Example:
         >>> ps.ctmc.panel_log_likelihood(proc, [t1, t2], [s1, s2], exact_states=(3,))
     """
-    panel = prepare_panel(proc, times, states, lengths, exact_states, censored)
+    panel = prepare_panel(proc, times, states, lengths, exact_states, censored, covariates)
     return _panel_ll(proc, panel, per_subject=bool(per_subject))
 
 
@@ -1009,11 +1061,13 @@ def prepare_data(model, data, lengths=None, exact_states=(), censored=None):
             if checks.is_concrete(a) and not np.all(np.isfinite(np.asarray(a)) & (np.asarray(a) >= 0)):
                 raise ValueError(f"emissions: expected finite, non-negative path statistics ({name})")
         return PathStatistics(N, T), ("paths",)
-    if not isinstance(data, (tuple, list)) or len(data) != 2:
+    if not isinstance(data, (tuple, list)) or len(data) not in (2, 3) or (len(data) == 3 and not model.observes_states):
         raise ValueError("emissions: expected the data of a continuous-time model as a pair (times, states) or "
-                         "(times, emissions), or ps.ctmc.path_statistics(...) of exactly observed paths")
+                         "(times, emissions), a triple (times, states, covariates) of panel records, or "
+                         "ps.ctmc.path_statistics(...) of exactly observed paths")
     if model.observes_states:
-        return prepare_panel(model, data[0], data[1], lengths, exact_states, censored), ("panel",)
+        covariates = data[2] if len(data) == 3 else None
+        return prepare_panel(model, data[0], data[1], lengths, exact_states, censored, covariates), ("panel",)
     if censored is not None:
         raise ValueError("censored: a continuous-time HMM expresses uncertain labels through its emissions; "
                          "expected None")
@@ -1028,7 +1082,7 @@ def prepared_log_likelihood(model, arrays, how) -> jax.Array:
     if how[0] == "paths":
         return statistics_log_likelihood(Q, arrays)
     if how[0] == "panel":
-        return panel_forward(model.initial_distribution(), expm_batch(Q, arrays.dt_values), panel_parts(Q), arrays)
+        return panel_forward(model.initial_distribution(), *panel_transitions(model, arrays))
     y, t, n = arrays
     return run_hmm(model, y, t, n, "filter", how[1], how[2]).log_likelihood
 
@@ -1430,3 +1484,8 @@ def _dwell_density(Q, masks, t, dwell_class, *, method):
     exit_rates = panel_parts(Q) @ (1.0 - ma) * ma
     phi = _entry_distributions(Q, masks)[dwell_class]
     return jnp.einsum("i,nij,j->n", phi, E, exit_rates) * jnp.exp(L)
+
+# The amortised estimator lives in its own module (a network and its weights, no engine code).
+from probssm.inference.ctmc_amortized import AmortizedEstimate, AmortizedRateEstimator  # noqa: E402
+
+__all__ += ["AmortizedEstimate", "AmortizedRateEstimator"]

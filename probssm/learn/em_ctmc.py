@@ -39,7 +39,7 @@ from probssm.core import checks, optim, params as P, progress as prog
 from probssm.core.continuous_time import AbstractContinuousTimeSSM, expm
 from probssm.core.protocol import DiscreteParams
 from probssm.inference.ctmc import Panel, exact_state_labels, expm_batch, prepare_hmm, run_hmm, panel_forward, panel_parts, \
-    prepare_panel
+    panel_transitions, prepare_panel
 from probssm.inference.forward_backward import filter_params
 from probssm.learn.em import register_em
 from probssm.models.emissions.base import GammaPrior
@@ -156,7 +156,8 @@ def em_mjp(proc, data, num_iters: int = 100, *, lengths=None, exact_states=(), c
     """
     num_iters = checks.positive_int(num_iters, "num_iters")
     if not isinstance(data, (tuple, list)) or len(data) != 2:
-        raise ValueError("emissions: expected the panel data as a pair (times, states)")
+        raise ValueError("emissions: expected the panel data as a pair (times, states) (covariates: fit their "
+                         "effects with ps.learn.mle(proc, (times, states, covariates)))")
     times, states = data
     panel = prepare_panel(proc, times, states, lengths, exact_states, censored)
     a, b = _prior_arrays(proc, prior, proc.rates.dtype)
@@ -312,8 +313,7 @@ def em_ct_hmm(model, data, num_iters: int = 100, *, lengths=None, prior: Optiona
 # Gradient MLE (the branch of ps.learn.mle for continuous-time models)
 # ----------------------------------------------------------------------------------------------
 def _panel_total(model, panel):
-    Q = model.generator()
-    return jnp.sum(panel_forward(model.initial_distribution(), expm_batch(Q, panel.dt_values), panel_parts(Q), panel))
+    return jnp.sum(panel_forward(model.initial_distribution(), *panel_transitions(model, panel)))
 
 
 def _hmm_total(model, data):
@@ -336,8 +336,9 @@ def mle_continuous_time(model, data, num_iters: int = 200, *, lengths=None, opti
     """Gradient MLE of a continuous-time model (``ps.learn.mle`` dispatches here), on unconstrained values
     (log-rates: the free rates only, so structural zeros stay zero).
 
-    * `MarkovJumpProcess`: ``data = (times, states)`` panel records, the likelihood of
-      `ps.ctmc.panel_log_likelihood` (``exact_states``, ``censored`` as there). The first record of each
+    * `MarkovJumpProcess`: ``data = (times, states)`` panel records, or ``(times, states, covariates)``
+      when it has ``covariate_effects`` (fitted with the rates), the likelihood of
+      `ps.ctmc.panel_log_likelihood` (``exact_states``, ``censored``, ``covariates`` as there). The first record of each
       subject is conditioned on, so ``initial_probs`` is not identified and always held fixed.
     * `ContinuousTimeHMM` (or another continuous-time model): ``data = (times, emissions)``, the likelihood
       of `ps.ctmc.filter` (``exact_states`` as there); every learnable array not in ``fixed`` is fitted.
@@ -358,12 +359,14 @@ def mle_continuous_time(model, data, num_iters: int = 200, *, lengths=None, opti
     num_iters = checks.positive_int(num_iters, "num_iters")
     if not isinstance(model, AbstractContinuousTimeSSM):
         raise ValueError(f"model: expected a continuous-time model, got {type(model).__name__}")
-    if not isinstance(data, (tuple, list)) or len(data) != 2:
-        raise ValueError("emissions: expected the data of a continuous-time model as a pair (times, states)")
+    if not isinstance(data, (tuple, list)) or len(data) not in (2, 3) or (len(data) == 3 and not model.observes_states):
+        raise ValueError("emissions: expected the data of a continuous-time model as a pair (times, states), "
+                         "a triple (times, states, covariates) of panel records, or (times, emissions)")
     fixed = (fixed,) if isinstance(fixed, str) else tuple(fixed)
     if model.observes_states:
         fixed = tuple(sorted(set(fixed) | {"initial_probs"}))
-        panel = prepare_panel(model, data[0], data[1], lengths, exact_states, censored)
+        covariates = data[2] if len(data) == 3 else None
+        panel = prepare_panel(model, data[0], data[1], lengths, exact_states, censored, covariates)
         total, prepared, exact = _panel_total, panel, ()
         num_obs = jnp.maximum(jnp.sum(panel.valid[:, 1:]), 1)
     else:

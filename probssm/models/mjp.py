@@ -13,6 +13,8 @@ under every learner, and a state with no free rate out of it is absorbing.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -64,10 +66,16 @@ class MarkovJumpProcess(AbstractContinuousTimeSSM):
         structure: optional (K, K) boolean mask of the rates that may be non-zero (the diagonal is
             ignored); default: the positive off-diagonal entries of a concrete ``generator`` (all of
             them for a traced one). Rates outside it are structural zeros and stay zero under learning.
+        covariate_effects: optional (P, K, K) log-rate effects of P covariates (proportional
+            intensities, as msm's ``covariates``): with covariate values x (P,), the rate i -> j is
+            ``generator[i, j] * exp(sum_p x_p covariate_effects[p, i, j])``. Only the entries of free
+            rates are kept (stored (P, number of free rates) in the free rates' order); None: no
+            covariates. The data supply x per subject or per interval (`ps.ctmc.panel_log_likelihood`).
 
     Raises:
         ValueError: naming ``generator`` (negative off-diagonal rate, rows not summing to zero, a rate
-            outside ``structure``), ``initial_probs`` or ``structure``.
+            outside ``structure``), ``initial_probs``, ``structure`` or ``covariate_effects`` (shape,
+            non-finite values).
 
     Example:
         >>> Q = jnp.array([[-1., 1., 0.], [.5, -1., .5], [0., 0., 0.]])   # state 2 absorbing
@@ -78,11 +86,12 @@ class MarkovJumpProcess(AbstractContinuousTimeSSM):
 
     rates: jax.Array = eqx.field(metadata={"constraint": constraints.nonnegative})
     initial_probs: jax.Array = eqx.field(metadata={"constraint": constraints.simplex})
+    covariate_effects: Optional[jax.Array] = eqx.field(metadata={"constraint": constraints.real})
     rows: tuple = eqx.field(static=True)
     cols: tuple = eqx.field(static=True)
     size: int = eqx.field(static=True)
 
-    def __init__(self, generator, initial_probs, structure=None):
+    def __init__(self, generator, initial_probs, structure=None, covariate_effects=None):
         Q = _float(generator, "generator")
         if Q.ndim != 2 or Q.shape[0] != Q.shape[1] or Q.shape[0] < 1:
             raise ValueError(f"generator: expected a square (K, K) matrix, got shape {tuple(Q.shape)}")
@@ -108,6 +117,13 @@ class MarkovJumpProcess(AbstractContinuousTimeSSM):
         self.rows, self.cols, self.size = tuple(int(i) for i in rows), tuple(int(j) for j in cols), int(K)
         self.rates = Q[rows, cols] if rows.size else jnp.zeros((0,), Q.dtype)
         self.initial_probs = pi
+        self.covariate_effects = None
+        if covariate_effects is not None:
+            beta = _float(covariate_effects, "covariate_effects").astype(Q.dtype)
+            if beta.ndim != 3 or beta.shape[1:] != (K, K):
+                raise ValueError(f"covariate_effects: expected shape (P, {K}, {K}), got shape {tuple(beta.shape)}")
+            self.covariate_effects = beta[:, rows, cols]
+            self._check_covariate_effects("covariate_effects")
 
     # --- structure --------------------------------------------------------------------------
     @property
@@ -135,12 +151,38 @@ class MarkovJumpProcess(AbstractContinuousTimeSSM):
         """The data of a jump process are its states (panel records)."""
         return True
 
-    def generator(self) -> jax.Array:
+    @property
+    def num_covariates(self) -> int:
+        """P, the number of covariates on the log-rates (0 without ``covariate_effects``)."""
+        return 0 if self.covariate_effects is None else int(self.covariate_effects.shape[0])
+
+    def covariate_effect_matrices(self) -> jax.Array:
+        """(P, K, K) log-rate effects (zero outside the free rates)."""
+        K, P = self.size, self.num_covariates
+        B = jnp.zeros((P, K, K), self.rates.dtype)
+        if self.rows and P:
+            B = B.at[:, np.asarray(self.rows), np.asarray(self.cols)].set(self.covariate_effects)
+        return B
+
+    def _check_covariate_effects(self, name: str) -> None:
+        beta = self.covariate_effects
+        n = len(self.rows)
+        if beta.ndim != 2 or beta.shape[1] != n:
+            raise ValueError(f"{name}: expected shape (P, {n}) (one effect per free rate), got shape {tuple(beta.shape)}")
+        checks.finite(beta, name)
+
+    def generator(self, covariates=None) -> jax.Array:
+        """(K, K) generator; with ``covariates`` x (..., P) the generators (..., K, K) at those values
+        (rates scaled by ``exp(x @ covariate_effects)``). Traceable."""
         K = self.size
-        Q = jnp.zeros((K, K), self.rates.dtype)
+        rates = self.rates
+        if covariates is not None and self.covariate_effects is not None:
+            x = jnp.asarray(covariates, rates.dtype)
+            rates = rates * jnp.exp(x @ self.covariate_effects)
+        Q = jnp.zeros(rates.shape[:-1] + (K, K), rates.dtype)
         if self.rows:
-            Q = Q.at[np.asarray(self.rows), np.asarray(self.cols)].set(self.rates)
-        return Q - jnp.diag(jnp.sum(Q, axis=-1))
+            Q = Q.at[..., np.asarray(self.rows), np.asarray(self.cols)].set(rates)
+        return Q - jnp.eye(K, dtype=Q.dtype) * jnp.sum(Q, axis=-1)[..., None]
 
     def with_generator(self, generator) -> "MarkovJumpProcess":
         """A copy with the free rates read from ``generator`` (K, K) (entries outside the structure are
@@ -169,6 +211,8 @@ class MarkovJumpProcess(AbstractContinuousTimeSSM):
     def check_parameters(self, name: str = "model") -> None:
         super().check_parameters(name)
         checks.probabilities(self.initial_probs, f"{name}.initial_probs")
+        if self.covariate_effects is not None:
+            self._check_covariate_effects(f"{name}.covariate_effects")
 
 
 class ContinuousTimeHMM(AbstractContinuousTimeSSM):
