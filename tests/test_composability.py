@@ -173,6 +173,11 @@ def _ctmc_cases():
         Case("ctmc", "viterbi", lambda th, k: ps.ctmc.viterbi(ct_hmm(th), GP_TIMES, CT_LABELS)),
         Case("ctmc", "state_probs_at",
              lambda th, k: ps.ctmc.state_probs_at(ct_hmm(th), GP_TIMES, CT_LABELS, GP_TIMES[:3] + 0.1), lambda o: o[0, 0]),
+        # the pretrained network on one path of 3 labels, its grid scaled by theta (no grad check: the
+        # interval lengths enter through bins, piecewise constant in theta)
+        Case("ctmc", "AmortizedRateEstimator",
+             lambda th, k: ps.ctmc.AmortizedRateEstimator.pretrained()(GP_TIMES * th, CT_LABELS[:, 0].astype(int)[None],
+                                                                       num_states=3)),
         Case("core", "transition_matrices_at",
              lambda th, k: ps.core.transition_matrices_at(mjp(th).generator(), GP_TIMES), jnp.sum),
     ]
@@ -185,6 +190,15 @@ def slds(th):
     A = jnp.array([[1.0, 0.0], [0.0, 1.0]]) * stay + jnp.array([[0.0, 1.0], [1.0, 0.0]]) * (1 - stay)
     return ps.models.SLDS(jnp.array([0.5, 0.5]), A, jnp.zeros((2, D)), jnp.stack([eye, eye]),
                           jnp.stack([th * eye, -0.5 * th * eye]), jnp.stack([0.2 * eye, 0.4 * eye]), eye, 0.5 * eye)
+
+
+def rslds(th):
+    """2-mode recurrent SLDS (d = p = 2): theta scales the recurrence weights and both modes' dynamics."""
+    eye = jnp.eye(D)
+    W = th * jnp.array([[[1.0, -1.0], [-1.0, 1.0]], [[-1.0, 0.5], [1.0, -0.5]]])
+    return ps.models.RecurrentSLDS(jnp.array([0.5, 0.5]), W, jnp.zeros((2, D)), jnp.stack([eye, eye]),
+                                   jnp.stack([th * eye, -0.5 * th * eye]), jnp.stack([0.2 * eye, 0.4 * eye]), eye,
+                                   0.5 * eye)
 
 
 def msar(th):
@@ -447,6 +461,10 @@ CASES = (
         Case("switching", "most_likely_modes", lambda th, k: ps.switching.most_likely_modes(slds(th), Y)),
         Case("switching", "structured_vi", lambda th, k: ps.switching.structured_vi(slds(th), Y, 3),
              lambda o: o.elbo[-1] + jnp.sum(o.means)),
+        Case("switching", "laplace", lambda th, k: ps.switching.laplace(slds(th), Y, 3),
+             lambda o: o.elbo[-1] + jnp.sum(o.means)),
+        Case("switching", "laplace[recurrent]", lambda th, k: ps.switching.laplace(rslds(th), Y, 3),
+             lambda o: o.elbo[-1] + jnp.sum(o.means)),
         Case("", "sample", lambda th, k: ps.sample(k, lgssm(th), T), lambda o: jnp.sum(o[1])),
         Case("core", "sample_sequence", lambda th, k: ps.core.sample_sequence(k, hmm(th), T),
              lambda o: jnp.sum(o[1])),
@@ -489,13 +507,15 @@ NOT_ENGINES = {
         "Kernel", "Matern12", "Matern32", "Matern52", "SquaredExponential", "Periodic", "Cosine", "Constant",
         "Linear", "Sum", "Product", "Prediction", "check_times",
     },
-    "switching": {"msar", "slds", "laplace",  # submodules (their functions are walked by name)
+    "switching": {"msar", "slds",  # submodules (their functions are walked by name)
                   "RegimeFilterResult", "RegimeSmootherResult", "ExactResult", "MixtureFilterResult", "RBPFResult",
-                  "StructuredVIResult",  # result types
+                  "StructuredVIResult", "LaplaceResult",  # result types
                   "check_arguments", "MAX_PATHS",  # argument check (outside jit), the enumeration limit
                   # traceable single-sequence cores on SwitchingParams, traced inside their wrappers' cases
-                  "exact_params", "imm_params", "gpb2_params", "rbpf_params", "structured_vi_params"},
-    "ctmc": {"Path", "FilterResult", "SmootherResult", "PathStatistics"},  # result types
+                  "exact_params", "imm_params", "gpb2_params", "rbpf_params", "structured_vi_params",
+                  "laplace_params",
+                  "block_tridiagonal_solve"},  # array helper (traced inside the laplace cases)
+    "ctmc": {"Path", "FilterResult", "SmootherResult", "PathStatistics", "AmortizedEstimate"},  # result types
     "prognostics": {"RULResult"},  # result type
     "smc": {
         "common", "resampling",  # submodules of helpers

@@ -1,9 +1,11 @@
-"""Variational EM for switching linear dynamical systems (registered with `ps.learn.em`).
+"""Variational EM for switching linear dynamical systems and Laplace-EM for recurrent ones
+(both registered with `ps.learn.em`; `rslds_laplace_em` at the end of this module).
 
     fitted, elbos = ps.learn.em(slds, y, num_iters, lengths=None, num_vi_iters=3, fixed=())
 
-E-step: structured variational inference q(z) q(x) (`ps.switching.structured_vi`), warm-started
-from the previous iteration's mode marginals. M-step: closed form, maximising
+E-step: structured variational inference q(z) q(x) (the sweeps of `ps.switching.structured_vi`,
+run through `ps.switching.laplace`'s block-tridiagonal q(x) update, which is the same update for a
+Markov mode chain), warm-started from the previous iteration's mode marginals. M-step: closed form, maximising
 E_q[log p(y, x, z | theta)] given the expected sufficient statistics:
 
 * pi = E[z_0]; A[i] = E[#(i -> j)] / sum_j E[#(i -> j)];
@@ -24,19 +26,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.flatten_util import ravel_pytree
 
 from probssm.core import checks, progress as prog
 from probssm.core.linalg import psd_solve, symmetrize
 from probssm.core.switching import AbstractSwitchingSSM
+from probssm.inference.switching.laplace import laplace_params
 from probssm.inference.switching import slds as S
 from probssm.learn.em import register_em
-from probssm.models.slds import SLDS
+from probssm.models.slds import SLDS, RecurrentSLDS
 
-__all__ = ["slds_variational_em"]
+__all__ = ["slds_variational_em", "rslds_laplace_em"]
 
 _FIELDS = ("initial_probs", "transition_matrix", "initial_means", "initial_covs", "dynamics_matrices",
            "dynamics_offsets", "dynamics_covs", "emission_matrices", "emission_offsets", "emission_covs")
 _EMISSIONS = ("emission_matrices", "emission_offsets", "emission_covs")
+_RFIELDS = ("initial_probs", "initial_means", "initial_covs", "dynamics_matrices", "dynamics_offsets",
+            "dynamics_covs", "emission_matrices", "emission_offsets", "emission_covs", "recurrence_weights",
+            "recurrence_biases")
+_LINE_STEPS = tuple(2.0 ** -i for i in range(10)) + (0.0,)  # Newton step sizes tried (0: keep)
 
 
 def _regression(w, Ex_in, Exx_in, Eyx, Eyy, Ey):
@@ -61,13 +69,26 @@ def _regression(w, Ex_in, Exx_in, Eyx, Eyy, Ey):
 def _m_step(model: SLDS, stats, ys, valid, fixed):
     """Closed-form maximiser of E_q[log p(y, x, z)] (stats of a batch: leading axes (B, T))."""
     gamma, counts, Ex, Exx, Exx1 = stats
+    new = _gaussian_updates(model, gamma, Ex, Exx, Exx1, ys, valid)
+    c = jnp.sum(counts, axis=0)
+    rows = jnp.sum(c, axis=1, keepdims=True)
+    new["transition_matrix"] = jnp.where(rows > 0, c / jnp.where(rows > 0, rows, 1.0), model.transition_matrix)
+    return _replace(model, new, _FIELDS, fixed)
+
+
+def _replace(model, new, fields, fixed):
+    names = tuple(f for f in fields if f not in fixed)
+    return eqx.tree_at(lambda m: tuple(getattr(m, f) for f in names), model,
+                       tuple(new[f].astype(getattr(model, f).dtype) for f in names))
+
+
+def _gaussian_updates(model, gamma, Ex, Exx, Exx1, ys, valid):
+    """The closed-form updates shared by the SLDS and the recurrent SLDS: initial mode
+    probabilities, initial moments, dynamics and emission regressions (a dict by field name)."""
     B, T, K = gamma.shape
     g = gamma * valid[..., None]
     new = {}
     new["initial_probs"] = jnp.mean(gamma[:, 0], axis=0)
-    c = jnp.sum(counts, axis=0)
-    rows = jnp.sum(c, axis=1, keepdims=True)
-    new["transition_matrix"] = jnp.where(rows > 0, c / jnp.where(rows > 0, rows, 1.0), model.transition_matrix)
     w0 = gamma[:, 0]  # (B, K)
     n0 = jnp.sum(w0, axis=0)
     ok0 = n0 > 1e-8
@@ -100,9 +121,7 @@ def _m_step(model: SLDS, stats, ys, valid, fixed):
         new["emission_matrices"] = jnp.where(oke[:, None, None], H, model.emission_matrices)
         new["emission_offsets"] = jnp.where(oke[:, None], d, model.emission_offsets)
         new["emission_covs"] = jnp.where(oke[:, None, None], R, model.emission_covs)
-    names = tuple(f for f in _FIELDS if f not in fixed)
-    return eqx.tree_at(lambda m: tuple(getattr(m, f) for f in names), model,
-                       tuple(new[f].astype(getattr(model, f).dtype) for f in names))
+    return new
 
 
 @partial(jax.jit, static_argnames=("num_iters", "num_vi_iters", "fixed", "show"))
@@ -112,10 +131,17 @@ def _fit(model, ys, lengths, *, num_iters, num_vi_iters, fixed, show):
     valid = jnp.ones((B, T), bool) if lengths is None else jnp.arange(T)[None] < lengths[:, None]
     ys_masked = jnp.where(valid[..., None], ys, jnp.nan)
 
+    d = model.state_dim
+    xi0 = jnp.zeros((T - 1, K, K), ys.dtype)  # read only by a recurrence
+    x0 = jnp.zeros((T, d), ys.dtype)  # one exact Newton step from anywhere: unused
+
     def e_step(m, gamma):
         params = m.switching_params(T)
-        r = jax.vmap(lambda y, g0: S.structured_vi_params(params, y, num_vi_iters, initial_mode_probs=g0))(
-            ys_masked, gamma)
+        # structured VI's sweeps through the block-tridiagonal Laplace step (the same updates, equal
+        # to rounding; tests/test_switching_laplace.py): O(T d^3) per q(x) update instead of a
+        # Kalman smoother with K (p + d) pseudo-observations per step
+        r = jax.vmap(lambda y, g0: laplace_params(params, y, num_vi_iters, initial_state=(g0, xi0, x0),
+                                                  missing=lengths is not None))(ys_masked, gamma)
         Exx = r.covs + jnp.einsum("bti,btj->btij", r.means, r.means)
         Exx1 = r.cross_covs + jnp.einsum("bti,btj->btij", r.means[:, 1:], r.means[:, :-1])
         return jnp.sum(r.elbo[:, -1]), (r.mode_probs, r.transition_counts, r.means, Exx, Exx1)
@@ -191,4 +217,178 @@ def slds_variational_em(model, emissions, num_iters: int = 50, *, lengths=None, 
     with prog.progress_bar(num_iters, "EM", show):
         fitted, history = _fit(model, ys, lengths_b, num_iters=num_iters, num_vi_iters=num_vi_iters, fixed=fixed,
                                show=show)
+    return fitted, history
+
+
+# ----------------------------------------------------------------------------------------------
+# Laplace-EM for the recurrent SLDS
+# ----------------------------------------------------------------------------------------------
+def _recurrence_m_step(model, xi, xhat, covs, valid, penalty, num_steps):
+    """Newton steps (step-halving line search) on the recurrence weights and biases, maximising
+    sum_{b, t >= 1} sum_ij q(z_{t-1} = i, z_t = j) E_q(x)[log p(z_t = j | z_{t-1} = i, x_{t-1})]
+    - penalty / 2 |theta|^2, the expectation by the same second-order delta method as the E-step,
+    f(m) + 1/2 tr(Hess_x f(m) P) at q(x_{t-1}) = N(m, P), so the update raises the E-step's ELBO
+    (with the plug-in mean alone the ELBO fell as the weights grew: the curvature term
+    -1/2 tr(W^T (diag p - p p^T) W P) penalises sharp softmaxes where q(x) is uncertain). The
+    ridge fixes the softmax's shift invariance; the Newton matrix is made positive definite by
+    flooring its eigenvalues at the ridge (the delta term need not be concave)."""
+    B, T, d = xhat.shape
+    K = xi.shape[-1]
+    theta0, unravel = ravel_pytree((model.recurrence_weights, model.recurrence_biases))
+    w = (xi * valid[:, 1:, None, None]).reshape(-1, K, K)
+    xs = xhat[:, :-1].reshape(-1, d)
+    Ps = covs[:, :-1].reshape(-1, d, d)
+
+    def objective(theta):
+        W, r = unravel(theta)
+        W = W if W.ndim == 3 else jnp.broadcast_to(W, (K,) + W.shape)
+        r = r if r.ndim == 2 else jnp.broadcast_to(r, (K, K))
+        # the delta method written out for a softmax (what the E-step gets by autodiff): the
+        # Hessian of log softmax_j(W_i x + r_i) in x is -W_i^T (diag p_i - p_i p_i^T) W_i for every j
+        lp = jax.nn.log_softmax(jnp.einsum("ijd,nd->nij", W, xs) + r, axis=-1)  # (N, K, K)
+        p = jnp.exp(lp)
+        quad = jnp.einsum("ijd,nde,ije->nij", W, Ps, W)  # w_ij^T P w_ij
+        mbar = jnp.einsum("nij,ijd->nid", p, W)  # W_i^T p_i
+        corr = -0.5 * (jnp.sum(p * quad, -1) - jnp.einsum("nid,nde,nie->ni", mbar, Ps, mbar))
+        return jnp.sum(w * (lp + corr[..., None])) - 0.5 * penalty * jnp.sum(theta * theta)
+
+    def step(theta, _):
+        g = jax.grad(objective)(theta)
+        evals, evecs = jnp.linalg.eigh(symmetrize(-jax.hessian(objective)(theta)))
+        dx = evecs @ ((evecs.T @ g) / jnp.maximum(evals, penalty))
+        cand = jnp.asarray(_LINE_STEPS, theta.dtype)
+        vals = jax.vmap(lambda s: objective(theta + s * dx))(cand)
+        vals = jnp.where(jnp.isfinite(vals), vals, -jnp.inf)
+        return theta + cand[jnp.argmax(vals)] * dx, None
+
+    theta, _ = lax.scan(step, theta0, None, length=num_steps)
+    W, r = unravel(theta)
+    return {"recurrence_weights": W, "recurrence_biases": r}
+
+
+@partial(jax.jit, static_argnames=("num_iters", "num_laplace_iters", "num_newton_steps", "num_recurrence_steps",
+                                   "fixed", "show", "missing"))
+def _fit_rslds(model, ys, lengths, penalty, *, num_iters, num_laplace_iters, num_newton_steps, num_recurrence_steps,
+               fixed, show, missing):
+    B, T, _ = ys.shape
+    K, d = model.num_modes, model.state_dim
+    valid = jnp.ones((B, T), bool) if lengths is None else jnp.arange(T)[None] < lengths[:, None]
+    ys_masked = jnp.where(valid[..., None], ys, jnp.nan)
+
+    def e_step(m, state):
+        params = m.switching_params(T)
+        r = jax.vmap(lambda y, st: laplace_params(params, y, num_laplace_iters, model=m, initial_state=st,
+                                                     num_newton_steps=num_newton_steps, missing=missing))(
+            ys_masked, state)
+        return jnp.sum(r.elbo[:, -1]), r
+
+    def step(carry, i):
+        m, state = carry
+        elbo, r = e_step(m, state)
+        if show:
+            prog.report(i, elbo, prog.report_every(num_iters))
+        Exx = r.covs + jnp.einsum("bti,btj->btij", r.means, r.means)
+        Exx1 = r.cross_covs + jnp.einsum("bti,btj->btij", r.means[:, 1:], r.means[:, :-1])
+        new = _gaussian_updates(m, r.mode_probs, r.means, Exx, Exx1, ys, valid)
+        if not ("recurrence_weights" in fixed and "recurrence_biases" in fixed):
+            rec = _recurrence_m_step(m, r.pairwise_mode_probs, r.means, r.covs, valid, penalty,
+                                     num_recurrence_steps)
+            new.update(rec)
+        else:
+            new.update(recurrence_weights=m.recurrence_weights, recurrence_biases=m.recurrence_biases)
+        return (_replace(m, new, _RFIELDS, fixed), (r.mode_probs, r.pairwise_mode_probs, r.means)), elbo
+
+    state0 = (jnp.full((B, T, K), 1.0 / K, ys.dtype), jnp.full((B, T - 1, K, K), 1.0 / K ** 2, ys.dtype),
+              jnp.zeros((B, T, d), ys.dtype))
+    (fitted, _), history = lax.scan(step, (model, state0), jnp.arange(num_iters))
+    return fitted, history
+
+
+@register_em(RecurrentSLDS)
+def rslds_laplace_em(model, emissions, num_iters: int = 50, *, lengths=None, num_laplace_iters: int = 2,
+                     num_newton_steps: int = 2, num_recurrence_steps: int = 3, recurrence_penalty: float = 1e-2,
+                     fixed=(), progress=None):
+    """Laplace-EM for a `ps.models.RecurrentSLDS` (Zoltowski, Pillow & Linderman, ICML 2020).
+
+    E-step: ``num_laplace_iters`` sweeps of `ps.switching.laplace` (q(x) by Newton's method,
+    then q(z) by forward-backward), warm-started from the previous iteration's q(z) and q(x)
+    (uniform q(z) and x = 0 at the start). M-step: the closed-form regressions of the SLDS's
+    variational EM for the initial, dynamics and emission parameters (from E[x_t], E[x_t x_t^T],
+    E[x_t x_{t-1}^T] under q(x) and q(z_t)); the recurrence weights and biases by
+    ``num_recurrence_steps`` Newton steps on
+    sum_t sum_ij q(z_{t-1} = i, z_t = j) E_q(x)[log softmax_j(W_i x_{t-1} + r_i)] - penalty / 2 |(W, r)|^2,
+    the expectation by the second-order delta method at q(x_{t-1}), as in the E-step's ELBO.
+
+    The whole fit is one compiled `lax.scan`. Laplace-EM is not guaranteed to raise its objective
+    at every iteration (the Laplace q(x) is not the ELBO's maximiser on a recurrent model); in
+    practice it rises up to small wiggles.
+
+    Args:
+        model: the starting `RecurrentSLDS` (not modified); no inputs; positive definite dynamics
+            and emission covariances.
+        emissions: (T, p), (B, T, p) or a list of (T_b, p) arrays; no missing values inside a
+            sequence (NaN only as padding).
+        num_iters: EM iterations.
+        lengths: (B,) true lengths of a padded batch.
+        num_laplace_iters: Laplace sweeps per E-step.
+        num_newton_steps: Newton steps per q(x) update.
+        num_recurrence_steps: Newton steps on the recurrence parameters per M-step.
+        recurrence_penalty: ridge on the recurrence weights and biases (> 0).
+        fixed: field names held at their current values.
+        progress: show a progress bar (default: when num_iters >= 100).
+
+    Returns:
+        ``(fitted_model, elbos)``: ``elbos[i]`` is the (Laplace) ELBO, summed over the batch, of
+        the parameters entering iteration i after its E-step.
+
+    Raises:
+        ValueError: naming the argument: a model with inputs, missing values, unknown ``fixed``
+            names, sequences shorter than 2 steps, a non-positive ``recurrence_penalty``.
+    """
+    if not isinstance(model, AbstractSwitchingSSM) or not model.is_recurrent:
+        raise ValueError(f"model: expected a recurrent switching linear dynamical system (ps.models.RecurrentSLDS), "
+                         f"got {type(model).__name__}")
+    num_iters = checks.positive_int(num_iters, "num_iters")
+    num_laplace_iters = checks.positive_int(num_laplace_iters, "num_laplace_iters")
+    num_newton_steps = checks.positive_int(num_newton_steps, "num_newton_steps")
+    num_recurrence_steps = checks.positive_int(num_recurrence_steps, "num_recurrence_steps")
+    if checks.is_concrete(recurrence_penalty) and not float(recurrence_penalty) > 0:
+        raise ValueError(f"recurrence_penalty: expected a positive float, got {recurrence_penalty!r}")
+    if isinstance(fixed, str):
+        fixed = (fixed,)
+    fixed = tuple(fixed)
+    for f in fixed:
+        if f not in _RFIELDS:
+            raise ValueError(f"fixed: {f!r} is not a learnable field of RecurrentSLDS; expected some of "
+                             f"{list(_RFIELDS)}")
+    if model.input_dim:
+        raise ValueError("model: Laplace-EM does not learn input matrices yet; expected a model without inputs")
+    shared = (model.emission_matrices.ndim == 2, model.emission_offsets.ndim == 1, model.emission_covs.ndim == 2)
+    if len(set(shared)) > 1 and not all(f in fixed for f in _EMISSIONS):
+        raise ValueError("fixed: emission_matrices, emission_offsets and emission_covs mix shared and per-mode "
+                         "shapes; give all three per mode or all shared, or hold them fixed "
+                         f"(fixed={list(_EMISSIONS)})")
+    batch = S.check_arguments(model, emissions, None, lengths)
+    ys = batch.emissions if batch.batched else batch.emissions[None]
+    lengths_b = batch.lengths if (batch.lengths is None or batch.batched) else batch.lengths[None]
+    if ys.shape[1] < 2:
+        raise ValueError(f"emissions: EM needs sequences of at least 2 time steps, got shape {tuple(ys.shape)}")
+    if checks.is_concrete(ys):
+        y = np.asarray(ys)
+        inside = np.ones(y.shape[:2], bool) if lengths_b is None else np.arange(y.shape[1])[None] < np.asarray(
+            lengths_b)[:, None]
+        if np.isnan(y[inside]).any():
+            raise ValueError("emissions: Laplace-EM needs fully observed sequences (NaN only as padding "
+                             "beyond lengths)")
+    for name, a in (("dynamics_covs", model.dynamics_covs), ("emission_covs", model.emission_covs)):
+        if checks.is_concrete(a):
+            checks.psd(a, name, strict=True)
+    model = checks.unify_dtypes(model, ys)
+    penalty = jnp.asarray(recurrence_penalty, ys.dtype)
+    show = prog.default_enabled(progress, num_iters)
+    with prog.progress_bar(num_iters, "Laplace-EM", show):
+        fitted, history = _fit_rslds(model, ys, lengths_b, penalty, num_iters=num_iters,
+                                     num_laplace_iters=num_laplace_iters, num_newton_steps=num_newton_steps,
+                                     num_recurrence_steps=num_recurrence_steps, fixed=fixed, show=show,
+                                     missing=lengths_b is not None)
     return fitted, history
