@@ -316,12 +316,6 @@ def _general_chunk(chunk_size, dim, num_timesteps):
     return None if num_timesteps <= limit else 1 << (limit.bit_length() - 1)
 
 
-def _scan_chunk(chunk):
-    """The associative scan's chunk: one chunk where the two-level form was chosen but cannot run
-    (a single time step)."""
-    return None if chunk == TWO_LEVEL else chunk
-
-
 def _chunk_layout(n):
     """(number of chunks K, chunk length c, time index (K, c) clamped to n - 1, valid (K, c)) of
     n steps cut into chunks of about sqrt(n); the last chunk is padded."""
@@ -335,7 +329,7 @@ def _where_tree(flag, a, b):
     return jax.tree_util.tree_map(lambda x, y: jnp.where(flag, x, y), a, b)
 
 
-def _filter_two_level(params: LinearGaussianParams, ys, masks, backward=None, backward_xs=None, backward_init=None):
+def _filter_two_level(params: LinearGaussianParams, ys, masks, return_predicted: bool = False):
     """Parallel filter in three phases over chunks of about sqrt(T) steps (scan-then-propagate).
 
     1) Every chunk, in parallel (vmapped), folds its steps' elements into one with a sequential
@@ -344,20 +338,14 @@ def _filter_two_level(params: LinearGaussianParams, ys, masks, backward=None, ba
     those to the filtered moments of step 0, which gives the filtered moments before every chunk.
     3) Every chunk, in parallel, runs the ordinary filter from there: the moments and the
     log-likelihood are those of the sequential filter. Work about three sequential passes, span
-    O(sqrt(T)); one compiled body per phase whatever T is.
-
-    ``backward(acc, m, P, m_pred, P_pred, F, valid, x)``, when given, runs inside phase 3 at
-    every step t with the filtered moments of t - 1, the predicted moments of t and the
-    transition into t (the smoother and the sampler build their backward maps there, so they
-    need no pass of their own): it returns (acc, outputs); ``acc`` starts at ``backward_init`` in
-    every chunk and ``x`` is the step's row of ``backward_xs`` (chunked (K, c, ...)). Returns
-    (FilterResult, accs (K, ...), outputs (K, c, ...)) then."""
+    O(sqrt(T)); one compiled body per phase whatever T is."""
     p0 = _at(params, 0)
     m0, P0, ll0 = _update_joseph(p0.initial_mean, p0.initial_cov, p0.emission_matrix, p0.emission_offset,
                                  p0.emission_cov, ys[0], None if masks is None else masks[0])
     n = ys.shape[0] - 1
     if n == 0:
-        raise ValueError("emissions: the two-level form needs at least two time steps")  # callers route T = 1 away
+        result = FilterResult(ll0, m0[None], P0[None])
+        return (result, m0[:0], P0[:0]) if return_predicted else result
     num_chunks, size, idx, valid = _chunk_layout(n)
     ts = idx + 1
     dim = m0.shape[0]
@@ -413,32 +401,28 @@ def _filter_two_level(params: LinearGaussianParams, ys, masks, backward=None, ba
     else:
         starts = (m0[None], P0[None])
 
-    def rerun(m_start, P_start, ts_c, valid_c, bxs_c):
+    def rerun(m_start, P_start, ts_c, valid_c):
         def step(carry, xs):
-            m, P, acc = carry
-            t, v, bx = xs
+            m, P = carry
+            t, v = xs
             q, y, mask = step_inputs(t)
             m_pred, P_pred = _predict(m, P, q.transition_matrix, q.transition_offset, q.transition_cov)
             m_new, P_new, ll = _update(m_pred, P_pred, q.emission_matrix, q.emission_offset, q.emission_cov, y, mask)
             out = (m_new, P_new, jnp.where(v, ll, 0.0))
-            if backward is not None:
-                acc, extra = backward(acc, m, P, m_pred, P_pred, q.transition_matrix, v, bx)
-                out = (out, extra)
-            return (m_new, P_new, acc), out
+            return (m_new, P_new), (out + (m_pred, P_pred) if return_predicted else out)
 
-        return scan_in_place(step, (m_start, P_start, backward_init), (ts_c, valid_c, bxs_c))
+        return scan_in_place(step, (m_start, P_start), (ts_c, valid_c))[1]
 
-    (_, _, accs), out = jax.vmap(rerun)(starts[0], starts[1], ts, valid, backward_xs)
-    out, extra = out if backward is not None else (out, None)
+    out = jax.vmap(rerun)(starts[0], starts[1], ts, valid)
     flat = [a.reshape((-1,) + a.shape[2:])[:n] for a in out]
     result = FilterResult(ll0 + jnp.sum(flat[2]), jnp.concatenate([m0[None], flat[0]]),
                           jnp.concatenate([P0[None], flat[1]]))
-    return (result, accs, extra) if backward is not None else result
+    return (result, flat[3], flat[4]) if return_predicted else result
 
 
 def _filter_parallel(params: LinearGaussianParams, ys, masks, chunk_size):
     num_timesteps = ys.shape[0]
-    if num_timesteps > 1 and _general_chunk(chunk_size, params.initial_mean.shape[0], num_timesteps) == TWO_LEVEL:
+    if _general_chunk(chunk_size, params.initial_mean.shape[0], num_timesteps) == TWO_LEVEL:
         return _filter_two_level(params, ys, masks)
     p = _broadcast_time(params, num_timesteps)
     first = _first_filter_element(p.initial_mean, p.initial_cov, p.emission_matrix[0], p.emission_offset[0],
@@ -448,7 +432,7 @@ def _filter_parallel(params: LinearGaussianParams, ys, masks, chunk_size):
         p.emission_offset[1:], p.emission_cov[1:], ys[1:], None if masks is None else masks[1:])
     elems = jax.tree_util.tree_map(lambda a, r: jnp.concatenate([a[None], r]), first, rest)
     identity = _filter_identity(params.initial_mean.shape[0], ys.dtype)
-    chunk_size = _scan_chunk(_general_chunk(chunk_size, params.initial_mean.shape[0], num_timesteps))
+    chunk_size = _general_chunk(chunk_size, params.initial_mean.shape[0], num_timesteps)
     out = chunked_associative_scan(_filter_combine, elems, identity, chunk_size)
     ll = _predictive_log_likelihood(p, out.b, out.C, ys, masks)
     return FilterResult(ll, out.b, out.C)
@@ -530,26 +514,39 @@ def _rts_backward(params, filtered: FilterResult, m_pred, P_pred):
     return jnp.concatenate([m_s, ms[-1:]]), jnp.concatenate([P_s, Ps[-1:]]), cross
 
 
-def _backward_map(m, P, m_pred, P_pred, F, valid):
-    """Backward map of step t - 1, z_{t-1} = E z_t + g + N(0, L), from its filtered moments, the
-    predicted moments of t and the transition F into t (the identity map where not ``valid``).
-
-    It runs vmapped over the two-level form's chunks, where one batched LAPACK call serves every
-    chunk: written out, the (d, d) factorisation and solve added about a fifth to the smoother's
-    compile time for no measurable speed (unroll=False)."""
+def _backward_map(params, t, ms, Ps, m_pred, P_pred, valid=True):
+    """Backward map of step t, z_t = E z_{t+1} + g + N(0, L), from the filtered moments of t and
+    the predicted moments of t + 1 (the identity map where not ``valid``)."""
+    F = _at(params, t + 1).transition_matrix
+    P = Ps[t]
     FP = mm(F, P)
-    E = cho_solve_lower(cholesky(P_pred, unroll=False), FP, unroll=False).T
-    e = _SmootherElement(E, m - mm(E, m_pred), symmetrize(P - mm(E, FP)))
+    # vmapped over the two-level form's chunks, where one batched LAPACK call serves every chunk:
+    # written out, the (d, d) factorisation and solve added about a fifth to the smoother's compile
+    # time for no measurable speed (unroll=False)
+    E = cho_solve_lower(cholesky(P_pred[t], unroll=False), FP, unroll=False).T
+    e = _SmootherElement(E, ms[t] - mm(E, m_pred[t]), symmetrize(P - mm(E, FP)))
     dim = P.shape[-1]
     identity = _SmootherElement(jnp.eye(dim, dtype=P.dtype), jnp.zeros(dim, P.dtype), jnp.zeros((dim, dim), P.dtype))
     return _where_tree(valid, e, identity)
 
 
-def _smoother_maps(acc, m, P, m_pred, P_pred, F, valid, _):
-    """`_filter_two_level`'s backward hook for the smoother: the map of step t - 1, appended to the
-    chunk's composition (z at the chunk's first step given z after its last)."""
-    e = _backward_map(m, P, m_pred, P_pred, F, valid)
-    return _smoother_combine(e, acc), e
+def _backward_maps_two_level(params, filtered: FilterResult, m_pred, P_pred):
+    """Backward maps z_t = E_t z_{t+1} + g_t + N(0, L_t) of steps 0..T-2 laid out in chunks of
+    about sqrt(T) steps (the last padded with identity maps), and every chunk's composition
+    (z at its first step given z after its last), all chunks in parallel."""
+    ms, Ps = filtered.filtered_means, filtered.filtered_covs
+    dim = ms.shape[1]
+    num_chunks, size, idx, valid = _chunk_layout(ms.shape[0] - 1)
+    identity = _SmootherElement(jnp.eye(dim, dtype=ms.dtype), jnp.zeros(dim, ms.dtype), jnp.zeros((dim, dim), ms.dtype))
+
+    def chunk_maps(ts_c, valid_c):
+        def step(acc, xs):
+            e = _backward_map(params, *xs[:1], ms, Ps, m_pred, P_pred, xs[1])
+            return _smoother_combine(acc, e), e
+
+        return scan_in_place(step, identity, (ts_c, valid_c), reverse=True)
+
+    return jax.vmap(chunk_maps)(idx, valid)
 
 
 def _chunk_ends(carry, start, totals):
@@ -564,18 +561,16 @@ def _unchunk(a, n):
     return a.reshape((-1,) + a.shape[2:])[:n]
 
 
-def _smooth_two_level(params, ys, masks):
-    """The two-level smoother: the filter builds the backward maps z_t = E_t z_{t+1} + g_t + N(0, L_t)
-    and their per-chunk compositions in its last phase; a scan over the chunks carries the
-    smoothed moments from the last step to every chunk's end, and every chunk applies its maps
-    from there (in parallel over chunks)."""
-    dim = params.initial_mean.shape[0]
-    dt = ys.dtype
-    num_chunks, size, _, _ = _chunk_layout(ys.shape[0] - 1)
-    identity = _SmootherElement(jnp.eye(dim, dtype=dt), jnp.zeros(dim, dt), jnp.zeros((dim, dim), dt))
-    filtered, totals, maps = _filter_two_level(params, ys, masks, _smoother_maps,
-                                               jnp.zeros((num_chunks, size), dt), identity)
+def _rts_two_level(params, filtered: FilterResult, m_pred, P_pred):
+    """`_rts_backward` in three phases over chunks of about sqrt(T) steps, like
+    `_filter_two_level`: every chunk builds its backward maps and composes them (in parallel over
+    chunks), a scan over the chunks carries the smoothed moments from the last step to every
+    chunk's end, and every chunk applies its maps from there."""
     ms, Ps = filtered.filtered_means, filtered.filtered_covs
+    n = ms.shape[0] - 1
+    if n == 0:
+        return ms, Ps, Ps[:0]
+    totals, maps = _backward_maps_two_level(params, filtered, m_pred, P_pred)
 
     def moments(e, m_next, P_next):
         return mm(e.E, m_next) + e.g, symmetrize(mm(mm(e.E, P_next), e.E.T) + e.L)
@@ -589,36 +584,39 @@ def _smooth_two_level(params, ys, masks):
 
         return scan_in_place(step, (m_end, P_end), maps_c, reverse=True)[1]
 
-    n = ys.shape[0] - 1
     m_s, P_s, cross = (_unchunk(a, n) for a in jax.vmap(apply)(ends[0], ends[1], maps))
-    return SmootherResult(filtered.log_likelihood, ms, Ps, jnp.concatenate([m_s, ms[-1:]]),
-                          jnp.concatenate([P_s, Ps[-1:]]), cross)
+    return jnp.concatenate([m_s, ms[-1:]]), jnp.concatenate([P_s, Ps[-1:]]), cross
 
 
 def _sample_two_level(key, params, ys, masks, num_samples):
     """Backward sampling in the two-level layout: z_{T-1} ~ N(m_{T-1}, P_{T-1}), then
-    z_t = E_t z_{t+1} + h_t with h_t = g_t + chol(L_t) eps_t. The filter builds the maps, the
-    offsets and their per-chunk compositions in its last phase; a scan over the chunks carries
-    the draws from the last step to every chunk's end, and every chunk applies its maps from there."""
-    dim = params.initial_mean.shape[0]
-    dt = ys.dtype
-    num_timesteps = ys.shape[0]
-    num_chunks, size, _, _ = _chunk_layout(num_timesteps - 1)
-    eps = jax.random.normal(key, (num_chunks * size + 1, num_samples, dim), dt)  # one draw: compiles once
-    eye = jnp.eye(dim, dtype=dt)
-
-    def maps(acc, m, P, m_pred, P_pred, F, valid, eps_t):
-        e = _backward_map(m, P, m_pred, P_pred, F, valid)
-        # the factor of an identity map's L = 0 is not needed: its offset is zero
-        h = jnp.where(valid, e.g + eps_t @ _jittered_chol(jnp.where(valid, e.L, eye), unroll=False).T, 0.0)
-        A, u = acc  # z_first = A z_next + u, extended by z_{t-1} = E z_t + h
-        return (mm(A, e.E), u + h @ A.T), (e.E, h)
-
-    filtered, totals, (E, h) = _filter_two_level(
-        params, ys, masks, maps, eps[:-1].reshape(num_chunks, size, num_samples, dim),
-        (eye, jnp.zeros((num_samples, dim), dt)))
+    z_t = E_t z_{t+1} + h_t with h_t = g_t + chol(L_t) eps_t. Every chunk builds its maps and
+    offsets and composes them (in parallel over chunks), a scan over the chunks carries the
+    draws from the last step to every chunk's end, and every chunk applies its maps from there."""
+    filtered, m_pred, P_pred = _filter_two_level(params, ys, masks, return_predicted=True)
     ms, Ps = filtered.filtered_means, filtered.filtered_covs
+    num_timesteps, dim = ms.shape
+    num_chunks, size, idx, valid = _chunk_layout(max(num_timesteps - 1, 1))
+    eps = jax.random.normal(key, (num_chunks * size + 1, num_samples, dim), ms.dtype)  # one draw: compiles once
     z_last = ms[-1] + eps[-1] @ _jittered_chol(Ps[-1], unroll=False).T
+    if num_timesteps == 1:
+        return z_last[:, None]
+    eps = eps[:-1].reshape(num_chunks, size, num_samples, dim)
+    eye = jnp.eye(dim, dtype=ms.dtype)
+
+    def chunk_maps(ts_c, valid_c, eps_c):
+        def step(acc, xs):
+            t, v, eps_t = xs
+            e = _backward_map(params, t, ms, Ps, m_pred, P_pred, v)
+            # the factor of an identity map's L = 0 is not needed: its offset is zero
+            h = jnp.where(v, e.g + eps_t @ _jittered_chol(jnp.where(v, e.L, eye), unroll=False).T, 0.0)
+            A, u = acc
+            return (mm(e.E, A), u @ e.E.T + h), (e.E, h)
+
+        return scan_in_place(step, (eye, jnp.zeros((num_samples, dim), ms.dtype)), (ts_c, valid_c, eps_c),
+                             reverse=True)
+
+    totals, (E, h) = jax.vmap(chunk_maps)(idx, valid, eps)
     ends = _chunk_ends(lambda z, tot: z @ tot[0].T + tot[1], z_last, totals)
 
     def apply(z_end, E_c, h_c):
@@ -640,16 +638,17 @@ def _smooth(params, ys, masks, parallel, chunk_size, mode="none", diffuse=None, 
 def _smooth_standard(params, ys, masks, parallel, chunk_size, steady_state=True):
     if steady_state and _steady_applies(params, ys, masks, "none"):
         return _smooth_steady(params, ys, parallel, chunk_size)
-    if parallel and ys.shape[0] > 1 and _general_chunk(chunk_size, params.initial_mean.shape[0], ys.shape[0]) == TWO_LEVEL:
-        return _smooth_two_level(params, ys, masks)
-    if parallel:
+    if parallel and _general_chunk(chunk_size, params.initial_mean.shape[0], ys.shape[0]) == TWO_LEVEL:
+        filtered, m_pred, P_pred = _filter_two_level(params, ys, masks, return_predicted=True)
+        means, covs, cross = _rts_two_level(params, filtered, m_pred, P_pred)
+    elif parallel:
         filtered = _filter(params, ys, masks, parallel, chunk_size)
         body, last = _smoother_elements(params, filtered)
         elems = jax.tree_util.tree_map(lambda a, l: jnp.concatenate([a, l[None]]), body, last)
         dim = last.g.shape[0]
         identity = _SmootherElement(jnp.eye(dim, dtype=last.g.dtype), jnp.zeros(dim, last.g.dtype),
                                     jnp.zeros((dim, dim), last.g.dtype))
-        chunk_size = _scan_chunk(_general_chunk(chunk_size, dim, ys.shape[0]))
+        chunk_size = _general_chunk(chunk_size, dim, ys.shape[0])
         out = chunked_associative_scan(_smoother_combine, elems, identity, chunk_size, reverse=True)
         means, covs = out.g, out.L
         cross = jnp.einsum("tij,tkj->tik", covs[1:], body.E)  # Cov[z_{t+1}, z_t] = P^s_{t+1} E_t^T
@@ -1272,7 +1271,7 @@ def _sample_steady(key, params: LinearGaussianParams, ys, num_samples, parallel,
 def _sample_paths(key, params, ys, masks, num_samples, parallel, chunk_size, steady_state=True):
     if steady_state and _steady_applies(params, ys, masks, "none"):
         return _sample_steady(key, params, ys, num_samples, parallel, chunk_size)
-    if parallel and ys.shape[0] > 1 and _general_chunk(chunk_size, params.initial_mean.shape[0], ys.shape[0]) == TWO_LEVEL:
+    if parallel and _general_chunk(chunk_size, params.initial_mean.shape[0], ys.shape[0]) == TWO_LEVEL:
         return _sample_two_level(key, params, ys, masks, num_samples)
     filtered = _filter(params, ys, masks, parallel, chunk_size)
     body, last = _smoother_elements(params, filtered)
@@ -1289,7 +1288,7 @@ def _sample_paths(key, params, ys, masks, num_samples, parallel, chunk_size, ste
             return (earlier[0] @ later[0], earlier[0] @ later[1] + earlier[1])
 
         identity = (jnp.eye(dim, dtype=ys.dtype), jnp.zeros(dim, ys.dtype))
-        chunk_size = _scan_chunk(_general_chunk(chunk_size, dim, num_timesteps))
+        chunk_size = _general_chunk(chunk_size, dim, num_timesteps)
         scan_one = lambda hs: chunked_associative_scan(combine, (E_all, hs), identity, chunk_size, reverse=True)[1]
         return jax.vmap(scan_one)(h)
 
