@@ -210,12 +210,11 @@ def test_bad_input_raises_naming_the_argument():
 # Laplace-EM on a small recurrent problem
 # ----------------------------------------------------------------------------------------------
 def small_track():
-    """Two modes split by the sign of x_2 (recurrence only): above the axis the state rotates and
-    drifts right, below it drifts left; 4-D observations."""
+    """Two modes split by the sign of x_2 (recurrence only), with the same rotating dynamics: the
+    modes are identified through the recurrence alone; 4-D observations."""
     rng = np.random.default_rng(5)
     rot = lambda a: np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
     F = np.stack([rot(-0.3), rot(-0.3)])
-    b = np.array([[0.3, 0.0], [-0.3, 0.0]])
     return ps.models.RecurrentSLDS(np.array([0.5, 0.5]), np.array([[0.0, 8.0], [0.0, -8.0]]),
                                    np.zeros((2, D)), np.eye(D), F, np.stack([0.01 * np.eye(D)] * 2),
                                    rng.normal(size=(4, D)), 0.05 * np.eye(4), recurrence_biases=np.zeros(2))
