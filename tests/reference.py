@@ -40,3 +40,18 @@ def rts_smoother_numpy(F, ms, Ps, mps, Pps):
         sm[t] = ms[t] + G @ (sm[t + 1] - mps[t + 1])
         sP[t] = Ps[t] + G @ (sP[t + 1] - Pps[t + 1]) @ G.T
     return sm, sP
+
+
+def one_mode(model):
+    """The single-mode SLDS with mode 0 of the switching ``model`` and its LinearGaussianSSM (the
+    switching engines' one-mode oracle is ps.kalman on the latter)."""
+    import probssm as ps
+
+    take = lambda a: np.asarray(a)[:1]
+    m = ps.models.SLDS(np.ones(1), np.ones((1, 1)), take(model.initial_means), take(model.initial_covs),
+                       take(model.dynamics_matrices), take(model.dynamics_covs), take(model.emission_matrices),
+                       take(model.emission_covs), take(model.dynamics_offsets), take(model.emission_offsets))
+    lg = ps.models.LinearGaussianSSM(m.initial_means[0], m.initial_covs[0], m.dynamics_matrices[0],
+                                     m.dynamics_covs[0], m.emission_matrices[0], m.emission_covs[0],
+                                     m.dynamics_offsets[0], m.emission_offsets[0])
+    return m, lg

@@ -7,6 +7,7 @@ within tolerances set from the measured errors with a fixed seed.
 """
 from __future__ import annotations
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,6 +109,14 @@ def test_bad_inputs_raise_naming_the_argument(est):
         est(times, labels, lengths=np.zeros(times.shape[0], int))
     with pytest.raises(ValueError, match="^num_states: "):
         jax.jit(lambda t, y: est(t, y).generator)(times, labels)
+    # a network edited with eqx.tree_at is checked where estimation starts
+    W, b = est.rate_head[0]
+    wrong = eqx.tree_at(lambda e: e.rate_head, est, ((jnp.zeros((W.shape[0] + 1, 1)), b),))
+    with pytest.raises(ValueError, match=r"^estimator.rate_head\[0\]: expected weights of shape"):
+        wrong(times, labels, num_states=3)
+    nan = eqx.tree_at(lambda e: e.rate_head, est, ((jnp.full_like(W, jnp.nan), b),))
+    with pytest.raises(ValueError, match=r"^estimator.rate_head\[0\]: expected finite"):
+        nan(times, labels, num_states=3)
     # padding past a path's length is ignored, whatever it holds
     padded = labels.copy()
     padded[np.arange(labels.shape[1])[None, :] >= lengths[:, None]] = -7

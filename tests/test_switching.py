@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import probssm as ps
+from reference import one_mode
 from reference import kalman_filter_numpy, rts_smoother_numpy
 
 T, D, K = 8, 2, 2
@@ -85,18 +86,6 @@ def enumerate_numpy(model, y):
     return dict(ll=ll, smoothed=np.einsum("p,ptk->tk", w, onehot), filtered=np.einsum("pt,ptk->tk", wt, onehot),
                 smoothed_means=np.einsum("p,ptd->td", w, np.array(smeans)),
                 filtered_means=np.einsum("pt,ptd->td", wt, np.array(fmeans)), map=paths[np.argmax(joint)])
-
-
-def one_mode(model):
-    """The single-mode SLDS with mode 0 of ``model`` and its LinearGaussianSSM."""
-    take = lambda a: np.asarray(a)[:1]
-    m = ps.models.SLDS(np.ones(1), np.ones((1, 1)), take(model.initial_means), take(model.initial_covs),
-                       take(model.dynamics_matrices), take(model.dynamics_covs), take(model.emission_matrices),
-                       take(model.emission_covs), take(model.dynamics_offsets), take(model.emission_offsets))
-    lg = ps.models.LinearGaussianSSM(m.initial_means[0], m.initial_covs[0], m.dynamics_matrices[0],
-                                     m.dynamics_covs[0], m.emission_matrices[0], m.emission_covs[0],
-                                     m.dynamics_offsets[0], m.emission_offsets[0])
-    return m, lg
 
 
 MODEL = random_slds(0)

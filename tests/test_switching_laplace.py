@@ -16,6 +16,7 @@ import pytest
 from jax.scipy.stats import multivariate_normal as mvn
 
 import probssm as ps
+from reference import one_mode
 
 T, D, K = 8, 2, 2
 NUM_SWEEPS = 12
@@ -57,13 +58,7 @@ RSLDS = recurrent_of(MODEL, np.array([[[0.5, -1.0], [-0.5, 1.0]], [[1.0, 0.3], [
 # Exactness against oracles
 # ----------------------------------------------------------------------------------------------
 def test_one_mode_equals_kalman_smoother():
-    take = lambda a: np.asarray(a)[:1]
-    m = ps.models.SLDS(np.ones(1), np.ones((1, 1)), take(MODEL.initial_means), take(MODEL.initial_covs),
-                       take(MODEL.dynamics_matrices), take(MODEL.dynamics_covs), take(MODEL.emission_matrices),
-                       take(MODEL.emission_covs), take(MODEL.dynamics_offsets), take(MODEL.emission_offsets))
-    lg = ps.models.LinearGaussianSSM(m.initial_means[0], m.initial_covs[0], m.dynamics_matrices[0],
-                                     m.dynamics_covs[0], m.emission_matrices[0], m.emission_covs[0],
-                                     m.dynamics_offsets[0], m.emission_offsets[0])
+    m, lg = one_mode(MODEL)
     r = ps.switching.laplace(m, Y, 2)
     k = ps.kalman.smoother(lg, Y)
     np.testing.assert_allclose(r.elbo, k.log_likelihood, rtol=1e-10, atol=1e-10)
@@ -113,6 +108,15 @@ def test_block_tridiagonal_solve_equals_dense():
     np.testing.assert_allclose(cross, [Sig[(t + 1) * d:(t + 2) * d, t * d:(t + 1) * d] for t in range(n - 1)],
                                atol=1e-12)
     np.testing.assert_allclose(logdet, np.linalg.slogdet(Lam)[1], rtol=1e-12)
+    # inside jit, and vmapped over right-hand sides
+    xj = jax.jit(ps.switching.block_tridiagonal_solve)(Db, Ob, g)[0]
+    np.testing.assert_allclose(xj, x, rtol=1e-12)
+    xv = jax.vmap(lambda r: ps.switching.block_tridiagonal_solve(Db, Ob, r)[0])(np.stack([g, 2 * g]))
+    np.testing.assert_allclose(xv, np.stack([x, 2 * np.asarray(x)]), rtol=1e-12)
+    for args, name in [((Db[0], Ob, g), "diagonal_blocks"), ((Db, Ob[1:], g), "lower_blocks"),
+                       ((Db, Ob, g[:, :2]), "rhs")]:
+        with pytest.raises(ValueError, match=f"^{name}: "):
+            ps.switching.block_tridiagonal_solve(*args)
 
 
 def _dense_objective(model, y, gamma, xi):

@@ -287,12 +287,42 @@ class AmortizedRateEstimator(eqx.Module):
             raise ValueError(f"path: expected a saved AmortizedRateEstimator, got {type(net).__name__}")
         return net
 
+    def check_parameters(self, name: str = "estimator") -> None:
+        """Raise a ValueError naming the layer whose weights have the wrong shape or are not finite
+        (a network edited with ``eqx.tree_at`` or loaded from another file). Shapes only when traced."""
+        fe, fn = _num_features(len(self.dt_edges) + 1)
+        hidden = None
+        for layer, layers, first, last in (("edge_mlp", self.edge_mlp, 4 * fe + 2 * fn, None),
+                                           ("message_mlp", self.message_mlp, None, None),
+                                           ("rate_head", self.rate_head, None, 1),
+                                           ("initial_head", self.initial_head, fn, 1)):
+            width = first
+            for i, wb in enumerate(layers):
+                W, b = (jnp.asarray(a) for a in wb)
+                if layer == "message_mlp" and i == 0:
+                    width = 7 * hidden
+                elif layer == "rate_head" and i == 0:
+                    width = hidden
+                elif layer == "initial_head" and i == 0:
+                    width = fn + 3 * hidden
+                if W.ndim != 2 or b.shape != W.shape[1:] or W.shape[0] != width:
+                    raise ValueError(f"{name}.{layer}[{i}]: expected weights of shape ({width}, n) and a bias of "
+                                     f"shape (n,), got {tuple(W.shape)} and {tuple(b.shape)}")
+                checks.finite(W, f"{name}.{layer}[{i}]")
+                checks.finite(b, f"{name}.{layer}[{i}]")
+                width = W.shape[1]
+            if layer == "edge_mlp":
+                hidden = width
+            if last is not None and width != last:
+                raise ValueError(f"{name}.{layer}: expected {last} output, got {width}")
+
     def statistics(self, times, labels, mask, num_states: int) -> IntervalStatistics:
         """The pooled interval statistics the network reads (traceable; see `interval_statistics`)."""
         return interval_statistics(times, labels, mask, num_states, self.dt_edges)
 
     def from_statistics(self, stats: IntervalStatistics) -> AmortizedEstimate:
         """The estimate from pooled statistics (traceable; statistics of several data sets add up)."""
+        self.check_parameters()
         dtype = jnp.result_type(jnp.asarray(stats.counts).dtype, self.edge_mlp[0][0].dtype)
         net = jax.tree_util.tree_map(lambda a: a.astype(dtype), self)
         return _forward(net, IntervalStatistics(*(jnp.asarray(s, dtype) for s in stats)))
@@ -314,8 +344,10 @@ class AmortizedRateEstimator(eqx.Module):
 
         Raises:
             ValueError: naming ``times`` (wrong shape, not finite, decreasing), ``labels`` (wrong
-                shape or dtype, outside 0..K-1), ``lengths`` or ``num_states``.
+                shape or dtype, outside 0..K-1), ``lengths``, ``num_states`` or a layer of the
+                network (wrong shape, not finite).
         """
+        self.check_parameters()
         t, y, mask, K = _check_inputs(times, labels, lengths, num_states)
         return _estimate(self, t, y, mask, num_states=K)
 

@@ -158,6 +158,39 @@ def _fit(model, ys, lengths, *, num_iters, num_vi_iters, fixed, show):
     return fitted, history
 
 
+def _em_arguments(model, emissions, lengths, fixed, *, fields, class_name, method, markov, psd_fields):
+    """The checks shared by the SLDS variational EM and the rSLDS Laplace-EM (outside jit): the
+    ``fixed`` names, no inputs, consistent emission shapes, sequences of at least 2 fully observed
+    steps, positive definite covariances (``psd_fields``: (name, array) pairs). Returns
+    (fixed, ys (B, T, p), lengths (B,) or None)."""
+    fixed = (fixed,) if isinstance(fixed, str) else tuple(fixed)
+    for f in fixed:
+        if f not in fields:
+            raise ValueError(f"fixed: {f!r} is not a learnable field of {class_name}; expected some of {list(fields)}")
+    if model.input_dim:
+        raise ValueError(f"model: {method} does not learn input matrices yet; expected a model without inputs")
+    shared = (model.emission_matrices.ndim == 2, model.emission_offsets.ndim == 1, model.emission_covs.ndim == 2)
+    if len(set(shared)) > 1 and not all(f in fixed for f in _EMISSIONS):
+        raise ValueError("fixed: emission_matrices, emission_offsets and emission_covs mix shared and per-mode "
+                         f"shapes; give all three per mode or all shared, or hold them fixed (fixed={list(_EMISSIONS)})")
+    batch = S.check_arguments(model, emissions, None, lengths, markov=markov)
+    ys = batch.emissions if batch.batched else batch.emissions[None]
+    lengths_b = batch.lengths if (batch.lengths is None or batch.batched) else batch.lengths[None]
+    if ys.shape[1] < 2:
+        raise ValueError(f"emissions: EM needs sequences of at least 2 time steps, got shape {tuple(ys.shape)}")
+    if checks.is_concrete(ys):
+        y = np.asarray(ys)
+        inside = np.ones(y.shape[:2], bool) if lengths_b is None else np.arange(y.shape[1])[None] < np.asarray(
+            lengths_b)[:, None]
+        if np.isnan(y[inside]).any():
+            raise ValueError(f"emissions: {method} needs fully observed sequences (NaN only as padding "
+                             "beyond lengths)")
+    for name, a in psd_fields:
+        if checks.is_concrete(a):
+            checks.psd(a, name, strict=True)
+    return fixed, ys, lengths_b
+
+
 @register_em(SLDS)
 def slds_variational_em(model, emissions, num_iters: int = 50, *, lengths=None, num_vi_iters: int = 3, fixed=(), progress=None):
     """Variational EM for a `ps.models.SLDS` (see the module doc).
@@ -186,32 +219,8 @@ def slds_variational_em(model, emissions, num_iters: int = 50, *, lengths=None, 
                          f"(ps.models.SLDS), got {type(model).__name__}")
     num_iters = checks.positive_int(num_iters, "num_iters")
     num_vi_iters = checks.positive_int(num_vi_iters, "num_vi_iters")
-    if isinstance(fixed, str):
-        fixed = (fixed,)
-    fixed = tuple(fixed)
-    for f in fixed:
-        if f not in _FIELDS:
-            raise ValueError(f"fixed: {f!r} is not a learnable field of SLDS; expected some of {list(_FIELDS)}")
-    if model.input_dim:
-        raise ValueError("model: variational EM does not learn input matrices yet; expected a model without inputs")
-    shared = (model.emission_matrices.ndim == 2, model.emission_offsets.ndim == 1, model.emission_covs.ndim == 2)
-    if len(set(shared)) > 1 and not all(f in fixed for f in _EMISSIONS):
-        raise ValueError("fixed: emission_matrices, emission_offsets and emission_covs mix shared and per-mode "
-                         f"shapes; give all three per mode or all shared, or hold them fixed (fixed={list(_EMISSIONS)})")
-    batch = S.check_arguments(model, emissions, None, lengths, markov=True)
-    ys = batch.emissions if batch.batched else batch.emissions[None]
-    lengths_b = batch.lengths if (batch.lengths is None or batch.batched) else batch.lengths[None]
-    if ys.shape[1] < 2:
-        raise ValueError(f"emissions: EM needs sequences of at least 2 time steps, got shape {tuple(ys.shape)}")
-    if checks.is_concrete(ys):
-        y = np.asarray(ys)
-        inside = np.ones(y.shape[:2], bool) if lengths_b is None else np.arange(y.shape[1])[None] < np.asarray(
-            lengths_b)[:, None]
-        if np.isnan(y[inside]).any():
-            raise ValueError("emissions: variational EM needs fully observed sequences (NaN only as padding "
-                             "beyond lengths)")
-    if checks.is_concrete(model.dynamics_covs):
-        checks.psd(model.dynamics_covs, "dynamics_covs", strict=True)
+    fixed, ys, lengths_b = _em_arguments(model, emissions, lengths, fixed, fields=_FIELDS, class_name="SLDS",
+                                         method="variational EM", markov=True, psd_fields=(("dynamics_covs", model.dynamics_covs),))
     model = checks.unify_dtypes(model, ys)
     show = prog.default_enabled(progress, num_iters)
     with prog.progress_bar(num_iters, "EM", show):
@@ -354,35 +363,10 @@ def rslds_laplace_em(model, emissions, num_iters: int = 50, *, lengths=None, num
     num_recurrence_steps = checks.positive_int(num_recurrence_steps, "num_recurrence_steps")
     if checks.is_concrete(recurrence_penalty) and not float(recurrence_penalty) > 0:
         raise ValueError(f"recurrence_penalty: expected a positive float, got {recurrence_penalty!r}")
-    if isinstance(fixed, str):
-        fixed = (fixed,)
-    fixed = tuple(fixed)
-    for f in fixed:
-        if f not in _RFIELDS:
-            raise ValueError(f"fixed: {f!r} is not a learnable field of RecurrentSLDS; expected some of "
-                             f"{list(_RFIELDS)}")
-    if model.input_dim:
-        raise ValueError("model: Laplace-EM does not learn input matrices yet; expected a model without inputs")
-    shared = (model.emission_matrices.ndim == 2, model.emission_offsets.ndim == 1, model.emission_covs.ndim == 2)
-    if len(set(shared)) > 1 and not all(f in fixed for f in _EMISSIONS):
-        raise ValueError("fixed: emission_matrices, emission_offsets and emission_covs mix shared and per-mode "
-                         "shapes; give all three per mode or all shared, or hold them fixed "
-                         f"(fixed={list(_EMISSIONS)})")
-    batch = S.check_arguments(model, emissions, None, lengths)
-    ys = batch.emissions if batch.batched else batch.emissions[None]
-    lengths_b = batch.lengths if (batch.lengths is None or batch.batched) else batch.lengths[None]
-    if ys.shape[1] < 2:
-        raise ValueError(f"emissions: EM needs sequences of at least 2 time steps, got shape {tuple(ys.shape)}")
-    if checks.is_concrete(ys):
-        y = np.asarray(ys)
-        inside = np.ones(y.shape[:2], bool) if lengths_b is None else np.arange(y.shape[1])[None] < np.asarray(
-            lengths_b)[:, None]
-        if np.isnan(y[inside]).any():
-            raise ValueError("emissions: Laplace-EM needs fully observed sequences (NaN only as padding "
-                             "beyond lengths)")
-    for name, a in (("dynamics_covs", model.dynamics_covs), ("emission_covs", model.emission_covs)):
-        if checks.is_concrete(a):
-            checks.psd(a, name, strict=True)
+    fixed, ys, lengths_b = _em_arguments(model, emissions, lengths, fixed, fields=_RFIELDS,
+                                         class_name="RecurrentSLDS", method="Laplace-EM", markov=False,
+                                         psd_fields=(("dynamics_covs", model.dynamics_covs),
+                                                     ("emission_covs", model.emission_covs)))
     model = checks.unify_dtypes(model, ys)
     penalty = jnp.asarray(recurrence_penalty, ys.dtype)
     show = prog.default_enabled(progress, num_iters)

@@ -154,8 +154,19 @@ def block_tridiagonal_solve(diagonal_blocks, lower_blocks, rhs):
     Returns:
         ``(x, covs, cross_covs, logdet)``: x (T, d); covs (T, d, d) the blocks (Lambda^{-1})[t, t];
         cross_covs (T - 1, d, d) the blocks (Lambda^{-1})[t + 1, t]; logdet ().
+
+    Raises:
+        ValueError: naming ``diagonal_blocks``, ``lower_blocks`` or ``rhs`` (wrong shape). A matrix
+            that is not positive definite gives NaN (no value check: the function is traced).
     """
     D, O, g = jnp.asarray(diagonal_blocks), jnp.asarray(lower_blocks), jnp.asarray(rhs)
+    if D.ndim != 3 or D.shape[1] != D.shape[2] or D.shape[0] < 1:
+        raise ValueError(f"diagonal_blocks: expected shape (T, d, d), got shape {tuple(D.shape)}")
+    T, d = D.shape[0], D.shape[1]
+    if O.shape != (T - 1, d, d):
+        raise ValueError(f"lower_blocks: expected shape ({T - 1}, {d}, {d}), got shape {tuple(O.shape)}")
+    if g.shape != (T, d):
+        raise ValueError(f"rhs: expected shape ({T}, {d}), got shape {tuple(g.shape)}")
     covs, cross, logdet = _btd_covariances(D, O)
     return _btd_solve(D, O, g), covs, cross, logdet
 
