@@ -32,7 +32,7 @@ lint: $(VENV)/.test
 	$(BIN)/python -m ruff check probssm tests examples benchmarks
 
 test: $(VENV)/.test lint
-	$(BIN)/python -m pytest -m "not slow" -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -m "not slow" -q -n 2 --dist loadfile --durations=30
 
 test-all: $(VENV)/.test
 	HYPOTHESIS_PROFILE=all $(BIN)/python -m pytest -q -n 2 --dist loadfile

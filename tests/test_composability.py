@@ -201,6 +201,24 @@ def rslds(th):
                                    0.5 * eye)
 
 
+def grass(th):
+    """2 objects, 2 modes (d = p = 2): theta scales the interaction weights and both modes' dynamics."""
+    eye = jnp.eye(D)
+    return ps.models.GRASS(2, jnp.array([0.5, 0.5]), jnp.array([[0.9, 0.1], [0.2, 0.8]]),
+                           th * jnp.array([[1.0, -1.0], [-1.0, 1.0]]), jnp.zeros((2, D)), eye,
+                           jnp.stack([th * eye, -0.5 * th * eye]), jnp.stack([0.2 * eye, 0.4 * eye]), eye, 0.5 * eye,
+                           edge_weight=th)
+
+
+Y_GRASS = Y[:8].reshape(4, 2, D)  # (T, N, p)
+U_GRASS = Y[:4, :1]  # (T, E) edge inputs
+
+
+def _grass_objective(th):
+    r = ps.switching.grass_structured_vi(grass(th), Y_GRASS, 2, edge_inputs=U_GRASS)
+    return ps.switching.grass_transition_objective(grass(th), r, edge_inputs=U_GRASS)
+
+
 def msar(th):
     """2-regime switching AR(1); theta sets the stay probability and separates the regime means."""
     stay = 0.5 + 0.4 * th
@@ -465,6 +483,14 @@ CASES = (
              lambda o: o.elbo[-1] + jnp.sum(o.means)),
         Case("switching", "laplace[recurrent]", lambda th, k: ps.switching.laplace(rslds(th), Y, 3),
              lambda o: o.elbo[-1] + jnp.sum(o.means)),
+        Case("switching", "grass_structured_vi",
+             lambda th, k: ps.switching.grass_structured_vi(grass(th), Y_GRASS, 2, edge_inputs=U_GRASS),
+             lambda o: o.elbo[-1] + jnp.sum(o.means)),
+        Case("switching", "grass_structured_vi[factorised]",
+             lambda th, k: ps.switching.grass_structured_vi(grass(th), Y_GRASS, 2, edge_inputs=U_GRASS,
+                                                            method="factorised"),
+             lambda o: o.elbo[-1] + jnp.sum(o.means)),
+        Case("switching", "grass_transition_objective", lambda th, k: _grass_objective(th), lambda o: o),
         Case("", "sample", lambda th, k: ps.sample(k, lgssm(th), T), lambda o: jnp.sum(o[1])),
         Case("core", "sample_sequence", lambda th, k: ps.core.sample_sequence(k, hmm(th), T),
              lambda o: jnp.sum(o[1])),
@@ -514,7 +540,10 @@ NOT_ENGINES = {
                   # traceable single-sequence cores on SwitchingParams, traced inside their wrappers' cases
                   "exact_params", "imm_params", "gpb2_params", "rbpf_params", "structured_vi_params",
                   "laplace_params",
-                  "block_tridiagonal_solve"},  # array helper (traced inside the laplace cases)
+                  "block_tridiagonal_solve",  # array helper (traced inside the laplace cases)
+                  # graph switching: submodule, result type, constants, the traceable single-sequence
+                  # core (traced inside grass_structured_vi's cases)
+                  "grass", "GRASSResult", "MAX_JOINT_STATES", "GRASS_METHODS", "grass_structured_vi_params"},
     "ctmc": {"Path", "FilterResult", "SmootherResult", "PathStatistics", "AmortizedEstimate"},  # result types
     "prognostics": {"RULResult"},  # result type
     "smc": {

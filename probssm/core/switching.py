@@ -127,6 +127,14 @@ class AbstractSwitchingSSM(SSM):
         """Whether the mode transitions depend on x_{t-1} (then `log_mode_transitions` must be used)."""
         return False
 
+    @property
+    def emission_family(self) -> str:
+        """``"gaussian"`` (y_t ~ N(H_k x_t + d_k, R_k)) or ``"poisson"`` (independent counts
+        y_{t,i} ~ Poisson(exp(H_k x_t + d_k)_i); ``emission_cov`` is then unused). Engines built on
+        Kalman updates (enumeration, IMM, GPB2, RBPF, structured VI) need Gaussian emissions; the
+        Laplace engine (`ps.switching.laplace`) takes both."""
+        return "gaussian"
+
     def switching_param_names(self) -> dict:
         """Names that errors use for the `SwitchingParams` fields (the model's own argument names):
         ``{"initial_probs": ..., "transition_matrices": ..., "initial_mean": ..., ...}``."""

@@ -21,14 +21,20 @@ from probssm.learn import gpvae  # noqa: E402
 
 __all__ += ["gpvae"]
 # Learners that register themselves with `em` (switching, continuous-time, semi-Markov).
-from probssm.learn import em_slds, em_ctmc, em_hsmm  # noqa: E402,F401
+from probssm.learn import em_slds, em_ctmc, em_hsmm, em_grass  # noqa: E402,F401
 from probssm.learn.em_slds import *  # noqa: E402,F401,F403
 from probssm.learn.em_ctmc import *  # noqa: E402,F401,F403
 from probssm.learn.em_hsmm import *  # noqa: E402,F401,F403
+from probssm.learn.em_grass import *  # noqa: E402,F401,F403
 
-__all__ += [*em_slds.__all__, *em_ctmc.__all__, *em_hsmm.__all__]
+__all__ += [*em_slds.__all__, *em_ctmc.__all__, *em_hsmm.__all__, *em_grass.__all__]
 # Stochastic-gradient HMC (the sampler of free-form variational inference for GPSSMs).
 from probssm.learn import sghmc  # noqa: E402
 from probssm.learn.sghmc import *  # noqa: E402,F401,F403
 
 __all__ += ["sghmc", *sghmc.__all__]
+# Free-form variational inference (SGHMC over U and x) and the PRSSM baseline for sparse-GP SSMs.
+from probssm.learn import gpssm_vi  # noqa: E402
+from probssm.learn.gpssm_vi import *  # noqa: E402,F401,F403
+
+__all__ += ["gpssm_vi", *gpssm_vi.__all__]

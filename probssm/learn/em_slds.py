@@ -106,6 +106,9 @@ def _gaussian_updates(model, gamma, Ex, Exx, Exx1, ys, valid):
     new["dynamics_matrices"] = jnp.where(okd[:, None, None], F, model.dynamics_matrices)
     new["dynamics_offsets"] = jnp.where(okd[:, None], b, model.dynamics_offsets)
     new["dynamics_covs"] = jnp.where(okd[:, None, None], Q, model.dynamics_covs)
+    if model.emission_family == "poisson":
+        new.update(_poisson_emission_updates(model, g, Ex, Exx, ys, valid))
+        return new
     # emissions: targets y_t, inputs x_t
     y = jnp.where(valid[..., None], ys, 0.0)
     Eyx = jnp.einsum("bti,btj->btij", y, Ex)
@@ -124,8 +127,54 @@ def _gaussian_updates(model, gamma, Ex, Exx, Exx1, ys, valid):
     return new
 
 
-@partial(jax.jit, static_argnames=("num_iters", "num_vi_iters", "fixed", "show"))
-def _fit(model, ys, lengths, *, num_iters, num_vi_iters, fixed, show):
+def _poisson_emission_updates(model, g, Ex, Exx, ys, valid, num_steps: int = 3):
+    """Newton steps (step-halving line search) on each output row (c_ki, d_ki) of the Poisson
+    emissions, maximising the expected log-likelihood sum_n w_nk [y_ni (c.m_n + d) -
+    exp(c.m_n + d + c^T P_n c / 2)] under q(x_n) = N(m_n, P_n) (exact for the log link). The
+    objective is concave in (c, d), so each accepted step raises the ELBO."""
+    flat = lambda a: a.reshape((-1,) + a.shape[2:])
+    m, S = flat(Ex), flat(Exx)
+    P = S - jnp.einsum("ni,nj->nij", m, m)
+    y = flat(jnp.where(valid[..., None], ys, 0.0))
+    w = flat(g)  # (N, K), zero outside the sequences
+    if model.shared_emissions:
+        w = jnp.sum(w, axis=1, keepdims=True)  # every mode's emission is the same row
+    H = model.emission_matrices[None] if model.shared_emissions else model.emission_matrices  # (K or 1, p, d)
+    dd = jnp.broadcast_to(model.emission_offsets, H.shape[:2])
+
+    def row(c, d0, wk, yi):
+        def objective(theta):
+            c_, d_ = theta[:-1], theta[-1]
+            eta = m @ c_ + d_
+            return jnp.sum(wk * (yi * eta - jnp.exp(eta + 0.5 * jnp.einsum("i,nij,j->n", c_, P, c_))))
+
+        def step(theta, _):
+            gr = jax.grad(objective)(theta)
+            Hs = symmetrize(-jax.hessian(objective)(theta))
+            dx = psd_solve(Hs + 1e-9 * jnp.eye(theta.shape[0], dtype=theta.dtype), gr)
+            cand = jnp.asarray(_LINE_STEPS, theta.dtype)
+            vals = jax.vmap(lambda s_: objective(theta + s_ * dx))(cand)
+            vals = jnp.where(jnp.isfinite(vals), vals, -jnp.inf)
+            return theta + cand[jnp.argmax(vals)] * dx, None
+
+        theta, _ = lax.scan(step, jnp.concatenate([c, d0[None]]), None, length=num_steps)
+        return theta[:-1], theta[-1]
+
+    # over modes (w's columns) and output rows
+    Hn, dn = jax.vmap(lambda Hk, dk, wk: jax.vmap(lambda c, d0, yi: row(c, d0, wk, yi), in_axes=(0, 0, 1))(Hk, dk, y),
+                      in_axes=(0, 0, 1))(H, dd, w)
+    seen = jnp.sum(w, axis=0) > 1e-8  # a mode q(z) never visits keeps its rows
+    Hn = jnp.where(seen[:, None, None], Hn, H)
+    dn = jnp.where(seen[:, None], dn, dd)
+    if model.shared_emissions:
+        return {"emission_matrices": Hn[0], "emission_offsets": dn[0], "emission_covs": model.emission_covs}
+    if model.emission_offsets.ndim == 1:
+        dn = model.emission_offsets  # shared offsets with per-mode matrices: offsets kept (held fixed)
+    return {"emission_matrices": Hn, "emission_offsets": dn, "emission_covs": model.emission_covs}
+
+
+@partial(jax.jit, static_argnames=("num_iters", "num_vi_iters", "num_newton_steps", "fixed", "show"))
+def _fit(model, ys, lengths, *, num_iters, num_vi_iters, num_newton_steps, fixed, show):
     B, T, _ = ys.shape
     K = model.num_modes
     valid = jnp.ones((B, T), bool) if lengths is None else jnp.arange(T)[None] < lengths[:, None]
@@ -133,28 +182,31 @@ def _fit(model, ys, lengths, *, num_iters, num_vi_iters, fixed, show):
 
     d = model.state_dim
     xi0 = jnp.zeros((T - 1, K, K), ys.dtype)  # read only by a recurrence
-    x0 = jnp.zeros((T, d), ys.dtype)  # one exact Newton step from anywhere: unused
+    family = model.emission_family
 
-    def e_step(m, gamma):
+    def e_step(m, gamma, x0):
         params = m.switching_params(T)
         # structured VI's sweeps through the block-tridiagonal Laplace step (the same updates, equal
         # to rounding; tests/test_switching_laplace.py): O(T d^3) per q(x) update instead of a
-        # Kalman smoother with K (p + d) pseudo-observations per step
-        r = jax.vmap(lambda y, g0: laplace_params(params, y, num_vi_iters, initial_state=(g0, xi0, x0),
-                                                  missing=lengths is not None))(ys_masked, gamma)
+        # Kalman smoother with K (p + d) pseudo-observations per step. With Gaussian emissions one
+        # exact Newton step from anywhere; with Poisson ones Newton steps warm-started at the last mode.
+        r = jax.vmap(lambda y, g0, x_0: laplace_params(
+            params, y, num_vi_iters, initial_state=(g0, xi0, x_0), missing=lengths is not None,
+            num_newton_steps=num_newton_steps, emission_family=family))(ys_masked, gamma, x0)
         Exx = r.covs + jnp.einsum("bti,btj->btij", r.means, r.means)
         Exx1 = r.cross_covs + jnp.einsum("bti,btj->btij", r.means[:, 1:], r.means[:, :-1])
         return jnp.sum(r.elbo[:, -1]), (r.mode_probs, r.transition_counts, r.means, Exx, Exx1)
 
     def step(carry, i):
-        m, gamma = carry
-        elbo, stats = e_step(m, gamma)
+        m, gamma, x0 = carry
+        elbo, stats = e_step(m, gamma, x0)
         if show:
             prog.report(i, elbo, prog.report_every(num_iters))
-        return (_m_step(m, stats, ys, valid, fixed), stats[0]), elbo
+        return (_m_step(m, stats, ys, valid, fixed), stats[0], stats[2]), elbo
 
     gamma0 = jnp.full((B, T, K), 1.0 / K, ys.dtype)
-    (fitted, _), history = lax.scan(step, (model, gamma0), jnp.arange(num_iters))
+    x0 = jnp.zeros((B, T, d), ys.dtype)
+    (fitted, _, _), history = lax.scan(step, (model, gamma0, x0), jnp.arange(num_iters))
     return fitted, history
 
 
@@ -170,10 +222,12 @@ def _em_arguments(model, emissions, lengths, fixed, *, fields, class_name, metho
     if model.input_dim:
         raise ValueError(f"model: {method} does not learn input matrices yet; expected a model without inputs")
     shared = (model.emission_matrices.ndim == 2, model.emission_offsets.ndim == 1, model.emission_covs.ndim == 2)
+    if model.emission_family == "poisson":
+        shared = shared[:2]  # the covariances are unused
     if len(set(shared)) > 1 and not all(f in fixed for f in _EMISSIONS):
         raise ValueError("fixed: emission_matrices, emission_offsets and emission_covs mix shared and per-mode "
                          f"shapes; give all three per mode or all shared, or hold them fixed (fixed={list(_EMISSIONS)})")
-    batch = S.check_arguments(model, emissions, None, lengths, markov=markov)
+    batch = S.check_arguments(model, emissions, None, lengths, markov=markov, gaussian=False)
     ys = batch.emissions if batch.batched else batch.emissions[None]
     lengths_b = batch.lengths if (batch.lengths is None or batch.batched) else batch.lengths[None]
     if ys.shape[1] < 2:
@@ -192,7 +246,8 @@ def _em_arguments(model, emissions, lengths, fixed, *, fields, class_name, metho
 
 
 @register_em(SLDS)
-def slds_variational_em(model, emissions, num_iters: int = 50, *, lengths=None, num_vi_iters: int = 3, fixed=(), progress=None):
+def slds_variational_em(model, emissions, num_iters: int = 50, *, lengths=None, num_vi_iters: int = 3,
+                        num_newton_steps: int = 3, fixed=(), progress=None):
     """Variational EM for a `ps.models.SLDS` (see the module doc).
 
     Args:
@@ -202,6 +257,9 @@ def slds_variational_em(model, emissions, num_iters: int = 50, *, lengths=None, 
         num_iters: EM iterations.
         lengths: (B,) true lengths of a padded batch.
         num_vi_iters: structured-VI sweeps per E-step (warm-started).
+        num_newton_steps: with Poisson emissions, Newton steps per q(x) update (the E-step is then
+            `ps.switching.laplace`'s and the emission rows are updated by Newton steps: Laplace-EM;
+            unused with Gaussian emissions, where one step is exact).
         fixed: field names held at their current values, e.g. ``("emission_matrices",)``.
         progress: show a progress bar (default: when num_iters >= 100).
 
@@ -219,13 +277,14 @@ def slds_variational_em(model, emissions, num_iters: int = 50, *, lengths=None, 
                          f"(ps.models.SLDS), got {type(model).__name__}")
     num_iters = checks.positive_int(num_iters, "num_iters")
     num_vi_iters = checks.positive_int(num_vi_iters, "num_vi_iters")
+    num_newton_steps = checks.positive_int(num_newton_steps, "num_newton_steps")
     fixed, ys, lengths_b = _em_arguments(model, emissions, lengths, fixed, fields=_FIELDS, class_name="SLDS",
                                          method="variational EM", markov=True, psd_fields=(("dynamics_covs", model.dynamics_covs),))
     model = checks.unify_dtypes(model, ys)
     show = prog.default_enabled(progress, num_iters)
     with prog.progress_bar(num_iters, "EM", show):
-        fitted, history = _fit(model, ys, lengths_b, num_iters=num_iters, num_vi_iters=num_vi_iters, fixed=fixed,
-                               show=show)
+        fitted, history = _fit(model, ys, lengths_b, num_iters=num_iters, num_vi_iters=num_vi_iters,
+                               num_newton_steps=num_newton_steps, fixed=fixed, show=show)
     return fitted, history
 
 
@@ -287,7 +346,8 @@ def _fit_rslds(model, ys, lengths, penalty, *, num_iters, num_laplace_iters, num
     def e_step(m, state):
         params = m.switching_params(T)
         r = jax.vmap(lambda y, st: laplace_params(params, y, num_laplace_iters, model=m, initial_state=st,
-                                                     num_newton_steps=num_newton_steps, missing=missing))(
+                                                     num_newton_steps=num_newton_steps, missing=missing,
+                                                     emission_family=m.emission_family))(
             ys_masked, state)
         return jnp.sum(r.elbo[:, -1]), r
 
@@ -366,7 +426,7 @@ def rslds_laplace_em(model, emissions, num_iters: int = 50, *, lengths=None, num
     fixed, ys, lengths_b = _em_arguments(model, emissions, lengths, fixed, fields=_RFIELDS,
                                          class_name="RecurrentSLDS", method="Laplace-EM", markov=False,
                                          psd_fields=(("dynamics_covs", model.dynamics_covs),
-                                                     ("emission_covs", model.emission_covs)))
+                                                     ("emission_covs", model.emission_covs)))  # identity if Poisson
     model = checks.unify_dtypes(model, ys)
     penalty = jnp.asarray(recurrence_penalty, ys.dtype)
     show = prog.default_enabled(progress, num_iters)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,6 +76,9 @@ def sghmc_step(key, state: SGHMCState, grad, *, step_size, friction, gradient_no
 
 
 def _positive_float(value, name):
+    """A positive finite Python float; a traced value (a caller's jit) passes unchecked."""
+    if not checks.is_concrete(value):
+        return value
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -104,6 +108,10 @@ def sghmc_samples(key, grad_log_density: Callable, init, num_samples: int, *, st
         gradient_noise: beta >= 0, the estimated per-coordinate variance of the gradient noise
             (eps * beta <= 2 alpha); the injected noise is reduced by eps^2 beta.
 
+    step_size, friction and gradient_noise may be traced (inside a caller's `jax.jit`); their values
+    are then not checked. The chain compiles once per ``grad_log_density`` object, shapes and the
+    integer arguments: a second call with the same function and new values reuses it.
+
     Returns:
         The positions, a pytree like ``init`` with a leading axis S.
 
@@ -126,15 +134,18 @@ def sghmc_samples(key, grad_log_density: Callable, init, num_samples: int, *, st
     thin = checks.positive_int(thin, "thin")
     eps = _positive_float(step_size, "step_size")
     alpha = _positive_float(friction, "friction")
-    if eps * alpha > 1.0:
+    concrete = all(checks.is_concrete(v) for v in (eps, alpha, gradient_noise))
+    if concrete and eps * alpha > 1.0:
         raise ValueError(f"friction: expected step_size * friction <= 1, got {eps} * {alpha} = {eps * alpha:.3g}")
-    try:
-        beta = float(gradient_noise)
-    except (TypeError, ValueError):
-        raise ValueError(f"gradient_noise: expected a non-negative number, got {gradient_noise!r}") from None
-    if not (np.isfinite(beta) and beta >= 0):
-        raise ValueError(f"gradient_noise: expected a non-negative finite number, got {beta}")
-    if eps * beta > 2.0 * alpha:
+    beta = gradient_noise
+    if concrete:
+        try:
+            beta = float(gradient_noise)
+        except (TypeError, ValueError):
+            raise ValueError(f"gradient_noise: expected a non-negative number, got {gradient_noise!r}") from None
+        if not (np.isfinite(beta) and beta >= 0):
+            raise ValueError(f"gradient_noise: expected a non-negative finite number, got {beta}")
+    if concrete and eps * beta > 2.0 * alpha:
         raise ValueError(f"gradient_noise: expected step_size * gradient_noise <= 2 * friction, got "
                          f"{eps} * {beta} > 2 * {alpha}: the gradient noise alone exceeds the friction's")
     if not callable(grad_log_density):
@@ -152,6 +163,19 @@ def sghmc_samples(key, grad_log_density: Callable, init, num_samples: int, *, st
 
 
 def _run(key, grad_log_density, init, minibatches, eps, alpha, beta, num_samples, num_warmup, thin):
+    # The tuning scalars travel as arrays, so new values reuse the compiled chain.
+    dtype = jnp.result_type(*jax.tree_util.tree_leaves(init))
+    scalars = tuple(jnp.asarray(v, dtype) for v in (eps, alpha, beta))
+    return _chain(grad_log_density, key, init, minibatches, scalars, num_samples=num_samples,
+                  num_warmup=num_warmup, thin=thin)
+
+
+@eqx.filter_jit
+def _chain(grad_log_density, key, init, minibatches, scalars, *, num_samples, num_warmup, thin):
+    """The compiled chain. One module-level function, so a second call with the same
+    ``grad_log_density`` object and the same shapes reuses the compiled loop (``grad_log_density``
+    is hashed by identity: a fresh lambda per call compiles anew)."""
+    eps, alpha, beta = scalars
     total = num_warmup + num_samples * thin
     key_init, key_run = jax.random.split(key)
     state = sghmc_init(key_init, init)
@@ -168,9 +192,5 @@ def _run(key, grad_log_density, init, minibatches, eps, alpha, beta, num_samples
                            gradient_noise=beta)
         return state, state.position
 
-    @jax.jit
-    def go(key_run, state, batches):
-        _, positions = lax.scan(body, state, (jax.random.split(key_run, total), batches))
-        return jax.tree_util.tree_map(lambda a: a[num_warmup:][thin - 1::thin], positions)
-
-    return go(key_run, state, batches)
+    _, positions = lax.scan(body, state, (jax.random.split(key_run, total), batches))
+    return jax.tree_util.tree_map(lambda a: a[num_warmup:][thin - 1::thin], positions)

@@ -24,13 +24,15 @@ from probssm.models.gpvae import MarkovianGPVAE  # noqa: E402
 
 __all__ += ["gpvae", "MarkovianGPVAE"]
 # Switching systems, Markov jump processes, semi-Markov models: each module lists its names.
-from probssm.models import slds, msar, mjp, hsmm  # noqa: E402
+from probssm.models import slds, msar, mjp, hsmm, grass  # noqa: E402
 from probssm.models.slds import *  # noqa: E402,F401,F403
 from probssm.models.msar import *  # noqa: E402,F401,F403
 from probssm.models.mjp import *  # noqa: E402,F401,F403
 from probssm.models.hsmm import *  # noqa: E402,F401,F403
+from probssm.models.grass import *  # noqa: E402,F401,F403
 
-__all__ += ["slds", "msar", "mjp", "hsmm", *slds.__all__, *msar.__all__, *mjp.__all__, *hsmm.__all__]
+__all__ += ["slds", "msar", "mjp", "hsmm", "grass", *slds.__all__, *msar.__all__, *mjp.__all__, *hsmm.__all__,
+            *grass.__all__]
 # Learned transition functions (GP state-space model, neural SSM).
 from probssm.models import gpssm  # noqa: E402
 from probssm.models.gpssm import *  # noqa: E402,F401,F403

@@ -65,7 +65,7 @@ from probssm.core.protocol import SSM, AbstractAdditiveGaussianSSM
 from probssm.models.kernels import Matern12, Matern32, Matern52, SquaredExponential
 from probssm.models.lgssm import PSD, REAL
 
-__all__ = ["GPSSM", "NeuralSSM", "AbstractInputKernel", "ARDSquaredExponential", "ARDLinear", "Isotropic"]
+__all__ = ["GPSSM", "AbstractSparseGPSSM", "NeuralSSM", "AbstractInputKernel", "ARDSquaredExponential", "ARDLinear", "Isotropic"]
 
 POSITIVE = {"constraint": constraints.positive}
 LOWER_CHOLESKY = {"constraint": constraints.lower_cholesky}
@@ -272,7 +272,14 @@ def _diag_normal(mean, var):
 # GPSSM
 
 
-class GPSSM(SSM):
+class AbstractSparseGPSSM(SSM):
+    """A state-space model whose transition is a sparse GP with inducing points: it answers
+    `conditional_moments` (f given U), `marginal_moments` (U integrated under q(U)), `prior_kl`,
+    `with_inducing_outputs`, and has ``inducing_inputs``, ``inducing_mean``, ``transition_noise``,
+    ``emission_noise``. The free-form VI and PRSSM learners (`ps.learn.free_form_vi`) read only this."""
+
+
+class GPSSM(AbstractSparseGPSSM):
     """Sparse-GP state-space model (see the module docstring for the equations).
 
     Args:

@@ -8,6 +8,8 @@
     y_t = C_k x_t + d_k + D_k u_t + N(0, R_k),       k = z_t        t = 0..T-1
 
 Emissions (C, d, D, R) are per mode (a leading K axis) or shared by every mode (no K axis).
+With ``emission_family="poisson"`` they are counts instead, y_{t,i} ~ Poisson(exp(C_k x_t + d_k)_i)
+(Zoltowski et al. 2020's spike-count model), handled by the Laplace engine and Laplace-EM.
 Both models declare the switching structure (`ps.core.AbstractSwitchingSSM`), which the
 engines of `ps.switching` read.
 
@@ -121,10 +123,14 @@ class _SLDSBase(AbstractSwitchingSSM):
     emission_covs: jax.Array = eqx.field(metadata=PSD)
     emission_offsets: jax.Array = eqx.field(metadata=REAL)
     emission_input_matrices: Optional[jax.Array] = eqx.field(metadata=REAL)
+    poisson_emissions: bool = eqx.field(static=True)
 
     def _init_common(self, initial_probs, initial_means, initial_covs, dynamics_matrices, dynamics_covs,
                      emission_matrices, emission_covs, dynamics_offsets, emission_offsets, dynamics_input_matrices,
-                     emission_input_matrices):
+                     emission_input_matrices, emission_family="gaussian"):
+        if emission_family not in ("gaussian", "poisson"):
+            raise ValueError(f"emission_family: expected 'gaussian' or 'poisson', got {emission_family!r}")
+        self.poisson_emissions = emission_family == "poisson"
         pi = _float(checks.array(initial_probs, "initial_probs", (1,), "(K,)"))
         K = pi.shape[0]
         F = _float(checks.array(dynamics_matrices, "dynamics_matrices", (3,), "(K, d, d)"), pi.dtype)
@@ -140,6 +146,8 @@ class _SLDSBase(AbstractSwitchingSSM):
                              f"got shape {tuple(H.shape)}")
         p = H.shape[-2]
         _per_mode(H, "emission_matrices", K, (p, d), f"(p, {d})", True)
+        if emission_covs is None and self.poisson_emissions:
+            emission_covs = jnp.eye(p, dtype=dtype)  # unused by Poisson emissions; kept for the structure
         R = _per_mode(_float(jnp.asarray(emission_covs), dtype), "emission_covs", K, (p, p), f"({p}, {p})", True)
         b = jnp.zeros((K, d), dtype) if dynamics_offsets is None else _float(jnp.asarray(dynamics_offsets), dtype)
         _per_mode(b, "dynamics_offsets", K, (d,), "", False)
@@ -181,6 +189,10 @@ class _SLDSBase(AbstractSwitchingSSM):
             if m is not None:
                 return m.shape[-1]
         return 0
+
+    @property
+    def emission_family(self) -> str:
+        return "poisson" if self.poisson_emissions else "gaussian"
 
     @property
     def shared_emissions(self) -> bool:
@@ -259,6 +271,8 @@ class _SLDSBase(AbstractSwitchingSSM):
         k = jnp.clip(jnp.round(z[0]).astype(jnp.int32), 0, K - 1)
         H, _, R = self._emission_stack()
         _, dd = self._offsets_at(inputs)
+        if self.poisson_emissions:
+            return dist.Poisson(jnp.exp(H[k] @ z[1:] + dd[k])).to_event(1)
         return dist.MultivariateNormal(H[k] @ z[1:] + dd[k], covariance_matrix=R[k])
 
 
@@ -273,11 +287,14 @@ class SLDS(_SLDSBase):
         dynamics_matrices: (K, d, d) A_k.
         dynamics_covs: (K, d, d) Q_k, positive semi-definite.
         emission_matrices: (K, p, d) C_k per mode, or (p, d) shared by every mode.
-        emission_covs: (K, p, p) or (p, p) R_k, positive semi-definite.
+        emission_covs: (K, p, p) or (p, p) R_k, positive semi-definite; None with Poisson emissions.
         dynamics_offsets: (K, d) b_k; zeros when None.
         emission_offsets: (K, p) or (p,) d_k; zeros when None.
         dynamics_input_matrices: (K, d, U) B_k; inputs u_t enter as B_k u_t.
         emission_input_matrices: (K, p, U) or (p, U) D_k.
+        emission_family: ``"gaussian"`` or ``"poisson"``: independent counts
+            y_{t,i} ~ Poisson(exp(C_k x_t + d_k)_i) (log link; ``emission_covs`` unused), for
+            spike counts. Poisson models run on `ps.switching.laplace` and learn by Laplace-EM.
 
     Raises:
         ValueError: naming the argument, for wrong shapes, rows of ``transition_matrix`` or
@@ -296,10 +313,10 @@ class SLDS(_SLDSBase):
 
     def __init__(self, initial_probs, transition_matrix, initial_means, initial_covs, dynamics_matrices,
                  dynamics_covs, emission_matrices, emission_covs, dynamics_offsets=None, emission_offsets=None,
-                 dynamics_input_matrices=None, emission_input_matrices=None):
+                 dynamics_input_matrices=None, emission_input_matrices=None, *, emission_family="gaussian"):
         self._init_common(initial_probs, initial_means, initial_covs, dynamics_matrices, dynamics_covs,
                           emission_matrices, emission_covs, dynamics_offsets, emission_offsets,
-                          dynamics_input_matrices, emission_input_matrices)
+                          dynamics_input_matrices, emission_input_matrices, emission_family)
         K = self.num_modes
         A = _float(jnp.asarray(transition_matrix), self.dynamics_matrices.dtype)
         checks.shape(A, "transition_matrix", (K, K), f"({K}, {K})")
@@ -319,7 +336,7 @@ class RecurrentSLDS(_SLDSBase):
         p(z_t = j | z_{t-1} = i, x_{t-1}, u_t) = softmax_j(W[i] x_{t-1} + V[i] u_t + r[i])
 
     Args:
-        initial_probs, initial_means, ..., emission_input_matrices: as `SLDS`.
+        initial_probs, initial_means, ..., emission_input_matrices, emission_family: as `SLDS`.
         recurrence_weights: W, (K, K, d) per previous mode (``W[i, j]`` the weights of next mode
             j after mode i), or (K, d) shared by every previous mode ("recurrence-only").
         recurrence_biases: r, (K, K) per previous mode or (K,) shared; zeros when None.
@@ -341,10 +358,10 @@ class RecurrentSLDS(_SLDSBase):
     def __init__(self, initial_probs, recurrence_weights, initial_means, initial_covs, dynamics_matrices,
                  dynamics_covs, emission_matrices, emission_covs, recurrence_biases=None, dynamics_offsets=None,
                  emission_offsets=None, dynamics_input_matrices=None, emission_input_matrices=None,
-                 recurrence_input_weights=None):
+                 recurrence_input_weights=None, *, emission_family="gaussian"):
         self._init_common(initial_probs, initial_means, initial_covs, dynamics_matrices, dynamics_covs,
                           emission_matrices, emission_covs, dynamics_offsets, emission_offsets,
-                          dynamics_input_matrices, emission_input_matrices)
+                          dynamics_input_matrices, emission_input_matrices, emission_family)
         dtype = self.dynamics_matrices.dtype
         K = self.num_modes
         W = _float(jnp.asarray(recurrence_weights), dtype)

@@ -196,6 +196,17 @@ class _Terms(NamedTuple):
     Qib: jax.Array  # (1 or T-1, K, d) Q^{-1} b
     FQib: jax.Array  # F^T Q^{-1} b
     dc: jax.Array  # (1 or T-1, K) -1/2 b^T Q^{-1} b - 1/2 log|Q| - d/2 log 2 pi
+    poisson: object = None  # `_PoissonTerms` for Poisson emissions (the em_* terms are then zero)
+
+
+class _PoissonTerms(NamedTuple):
+    """Counts y_{t,i} ~ Poisson(exp(H_k x_t + d_k)_i); a leading axis of 1: the same every step."""
+
+    H: jax.Array  # (1 or T, K, p, d)
+    d: jax.Array  # (1 or T, K, p)
+    y: jax.Array  # (T, p), 0 where missing
+    obs: jax.Array  # (T, p) 1.0 observed, 0.0 missing
+    c: jax.Array  # (T,) -sum_i log y_{t,i}! over the observed entries
 
 
 def _tk(a, base_ndim, T):
@@ -209,12 +220,54 @@ def _logdet(L):
     return 2.0 * jnp.sum(jnp.log(jnp.diagonal(L, axis1=-2, axis2=-1)), -1)
 
 
-def _terms(params: SwitchingParams, ys, missing: bool) -> _Terms:
+def _poisson_terms(sysm, ys) -> _PoissonTerms:
+    obs = ~jnp.isnan(ys)
+    y = jnp.where(obs, ys, 0.0)
+    c = -jnp.sum(jnp.where(obs, jax.scipy.special.gammaln(y + 1.0), 0.0), -1)
+    return _PoissonTerms(_tk_all(sysm.emission_matrix, 2), _tk_all(sysm.emission_offset, 1), y,
+                         obs.astype(ys.dtype), c)
+
+
+def _tk_all(a, base_ndim):
+    """(K, ...) or (K, T, ...) -> (1 or T, K, ...) for the emissions of steps 0..T-1."""
+    return jnp.swapaxes(a, 0, 1) if jnp.ndim(a) > base_ndim + 1 else a[None]
+
+
+def _poisson_newton_terms(pt: _PoissonTerms, gamma, x):
+    """Value (up to the constant), gradient (T, d) and Hessian (T, d, d) blocks of
+    sum_t sum_k gamma[t, k] log Poisson(y_t | exp(H_k x_t + d_k)) in x."""
+    eta = jnp.einsum("tkpd,td->tkp", pt.H, x) + pt.d
+    lam = jnp.exp(eta) * pt.obs[:, None, :]
+    w = gamma[:, :, None]
+    val = jnp.sum(w * (pt.y[:, None, :] * eta * pt.obs[:, None, :] - lam))
+    grad = jnp.einsum("tk,tkpd,tkp->td", gamma, jnp.broadcast_to(pt.H, gamma.shape + pt.H.shape[2:]),
+                      pt.y[:, None, :] * pt.obs[:, None, :] - lam)
+    Hk = jnp.broadcast_to(pt.H, gamma.shape + pt.H.shape[2:])
+    hess = -jnp.einsum("tk,tkpi,tkp,tkpj->tij", gamma, Hk, lam, Hk)
+    return val, grad, hess
+
+
+def _poisson_potentials(pt: _PoissonTerms, m, P):
+    """(T, K) E_q(x)[log Poisson(y_t | exp(H_k x_t + d_k))], exact for Gaussian q(x_t) = N(m_t, P_t)."""
+    T, K = m.shape[0], pt.H.shape[1]
+    Hk = jnp.broadcast_to(pt.H, (T, K) + pt.H.shape[2:])
+    eta = jnp.einsum("tkpd,td->tkp", Hk, m) + pt.d
+    var = jnp.einsum("tkpi,tij,tkpj->tkp", Hk, P, Hk)
+    return jnp.sum(pt.obs[:, None, :] * (pt.y[:, None, :] * eta - jnp.exp(eta + 0.5 * var)), -1) + pt.c[:, None]
+
+
+def _terms(params: SwitchingParams, ys, missing: bool, poisson: bool = False) -> _Terms:
     T, p = ys.shape
     sysm = params.systems
     d = sysm.initial_mean.shape[-1]
     H, dd, R = sysm.emission_matrix, sysm.emission_offset, sysm.emission_cov
-    if not missing and H.ndim == 3 and R.ndim == 3:
+    K = params.initial_probs.shape[0]
+    if poisson:
+        # the emission term is not quadratic: it enters the Newton steps and the potentials itself
+        em_J = jnp.zeros((1, K, d, d), ys.dtype)
+        em_h = jnp.zeros((T, K, d), ys.dtype)
+        em_c = jnp.zeros((T, K), ys.dtype)
+    elif not missing and H.ndim == 3 and R.ndim == 3:
         # fully observed, time-invariant H and R: one factorisation per mode
         L = jnp.linalg.cholesky(R)
         Li = jax.scipy.linalg.solve_triangular(L, jnp.broadcast_to(jnp.eye(p, dtype=R.dtype), R.shape), lower=True)
@@ -260,7 +313,8 @@ def _terms(params: SwitchingParams, ys, missing: bool) -> _Terms:
     Qib = (Qi @ b[..., None])[..., 0]
     FQib = (jnp.swapaxes(F, -1, -2) @ Qib[..., None])[..., 0]
     dc = -0.5 * jnp.sum(b * Qib, -1) - 0.5 * _logdet(LQ) - 0.5 * d * _LOG_2PI
-    return _Terms(em_J, em_h, em_c, P0i, sysm.initial_mean, c0, Qi, QiF, FQiF, Qib, FQib, dc)
+    return _Terms(em_J, em_h, em_c, P0i, sysm.initial_mean, c0, Qi, QiF, FQiF, Qib, FQib, dc,
+                  _poisson_terms(sysm, ys) if poisson else None)
 
 
 def _wsum(g, X):
@@ -294,6 +348,8 @@ def _potentials(terms: _Terms, m, P, Cx):
             + jnp.sum(terms.FQiF * Sx[:-1, None], (-2, -1)) - 2.0 * jnp.einsum("tki,ti->tk", terms.Qib, m[1:])
             + 2.0 * jnp.einsum("tki,ti->tk", terms.FQib, m[:-1]))
     dyn = terms.dc - 0.5 * quad
+    if terms.poisson is not None:
+        em = em + _poisson_potentials(terms.poisson, m, P)
     return em + jnp.concatenate([first[None], dyn])
 
 
@@ -326,20 +382,37 @@ def _rec_value(lt, x, xi):
 def _newton(terms, gamma, xi, x, lt, num_steps):
     """Laplace q(x) given q(z): mode by damped Newton, then covariances at the mode."""
     D, O, h = _gauss_info(terms, gamma)
+    pt = terms.poisson
+    quadratic = lt is None and pt is None
 
     def objective(x):
         val = jnp.sum(h * x) - 0.5 * jnp.sum(x * _btd_matvec(D, O, x))
-        return val if lt is None else val + _rec_value(lt, x, xi)
+        if lt is not None:
+            val = val + _rec_value(lt, x, xi)
+        if pt is not None:
+            val = val + _poisson_newton_terms(pt, gamma, x)[0]
+        return val
+
+    def curvature(x):
+        """Gradient and diagonal Hessian blocks of the non-quadratic terms (recurrence, Poisson)."""
+        g, Hs = jnp.zeros_like(x), jnp.zeros(x.shape + x.shape[-1:], x.dtype)
+        if lt is not None:
+            _, fg, fH = _rec_newton_terms(lt, x, xi)
+            g, Hs = g + fg, Hs + fH
+        if pt is not None:
+            _, pg, pH = _poisson_newton_terms(pt, gamma, x)
+            g, Hs = g + pg, Hs + pH
+        return g, Hs
 
     def step(x, _):
         grad = h - _btd_matvec(D, O, x)
         Dn = D
-        if lt is not None:
-            _, fg, fH = _rec_newton_terms(lt, x, xi)
+        if not quadratic:
+            fg, fH = curvature(x)
             grad = grad + fg
             Dn = D - fH
         dx = _btd_solve(Dn, O, grad)
-        if lt is None:
+        if quadratic:
             return x + dx, None  # quadratic objective: the full step is exact
         cand = jnp.asarray(_STEPS, x.dtype)
         vals = jax.vmap(lambda s: objective(x + s * dx))(cand)
@@ -347,7 +420,7 @@ def _newton(terms, gamma, xi, x, lt, num_steps):
         return x + cand[jnp.argmax(vals)] * dx, None
 
     x, _ = lax.scan(step, x, None, length=num_steps)
-    Dn = D if lt is None else D - _rec_newton_terms(lt, x, xi)[2]
+    Dn = D if quadratic else D - curvature(x)[1]
     covs, cross, logdet = _btd_covariances(Dn, O)
     return x, covs, cross, logdet
 
@@ -385,9 +458,10 @@ def _qz(params, logA, psi):
 
 
 def laplace_params(params: SwitchingParams, emissions, num_iters: int, *, model=None, inputs=None,
-                   num_newton_steps: int = 3, initial_state=None, missing: bool = True) -> LaplaceResult:
-    """`laplace` on the arrays of one sequence (traceable; ``num_iters``, ``num_newton_steps`` and
-    ``missing`` static).
+                   num_newton_steps: int = 3, initial_state=None, missing: bool = True,
+                   emission_family: str = "gaussian") -> LaplaceResult:
+    """`laplace` on the arrays of one sequence (traceable; ``num_iters``, ``num_newton_steps``,
+    ``missing`` and ``emission_family`` static).
 
     Args:
         params: the model's `SwitchingParams` for this sequence.
@@ -399,6 +473,8 @@ def laplace_params(params: SwitchingParams, emissions, num_iters: int, *, model=
         initial_state: None, or ``(mode_probs (T, K), pairwise_mode_probs (T-1, K, K), means (T, d))``
             to start from (warm start); default uniform q(z), x = 0.
         missing: False promises no NaN in ``emissions`` (a cheaper emission term).
+        emission_family: ``"gaussian"``, or ``"poisson"`` for counts with rates exp(H_k x + d_k)
+            (``params``' emission covariances unused; Newton steps with line search).
     """
     ys = jnp.asarray(emissions)
     T = ys.shape[0]
@@ -406,8 +482,9 @@ def laplace_params(params: SwitchingParams, emissions, num_iters: int, *, model=
     d = params.systems.initial_mean.shape[-1]
     recurrent = model is not None and model.is_recurrent
     lt = _recurrence(model, inputs) if recurrent else None
-    newton = int(num_newton_steps) if recurrent else 1
-    terms = _terms(params, ys, missing)
+    poisson = emission_family == "poisson"
+    newton = int(num_newton_steps) if (recurrent or poisson) else 1
+    terms = _terms(params, ys, missing, poisson)
     if initial_state is None:
         gamma0 = jnp.full((T, K), 1.0 / K, ys.dtype)
         xi0 = jnp.full((T - 1, K, K), 1.0 / K ** 2, ys.dtype)
@@ -444,7 +521,7 @@ def _run(model, ys, inputs, lengths, *, num_iters, num_newton_steps, missing, ba
         y = kalman.mask_padding(y, n)
         params = model.switching_params(y.shape[0], u)
         return laplace_params(params, y, num_iters, model=model, inputs=u, num_newton_steps=num_newton_steps,
-                              missing=missing)
+                              missing=missing, emission_family=model.emission_family)
 
     return Batch(ys, inputs, lengths, batched, inputs_batched).map(one)
 
@@ -456,7 +533,9 @@ def _check_invertible(model, batch):
     if u0 is not None and batch.inputs_batched:
         u0 = jax.tree_util.tree_map(lambda a: a[0], u0)
     sysm = model.switching_params(batch.num_timesteps, u0).systems
-    for field, a in (("transition_cov", sysm.transition_cov), ("emission_cov", sysm.emission_cov)):
+    fields = (("transition_cov", sysm.transition_cov),) + (
+        (("emission_cov", sysm.emission_cov),) if model.emission_family == "gaussian" else ())
+    for field, a in fields:
         if checks.is_concrete(a):
             checks.psd(a, names.get(field, field), strict=True)
 
@@ -470,17 +549,21 @@ def laplace(model, emissions, num_iters: int = 20, *, inputs=None, lengths=None,
 
     On a Markov (non-recurrent) model with Gaussian emissions it is structured mean-field VI and
     agrees with `structured_vi` sweep for sweep; with one mode q(x) is the Kalman smoother and the
-    ELBO the exact log-likelihood.
+    ELBO the exact log-likelihood. With Poisson emissions (``emission_family="poisson"``, spike
+    counts with rates exp(C_k x + d_k)) the emission term enters the Newton steps and the
+    potentials are its exact Gaussian expectations, so on a Markov chain the ELBO is still a
+    lower bound on log p(y).
 
     Args:
         model: an `AbstractSwitchingSSM` (e.g. `ps.models.RecurrentSLDS` or `ps.models.SLDS`) with
-            positive definite dynamics and emission covariances.
-        emissions: (T, p), (B, T, p) or a list of (T_b, p); NaN = missing.
+            positive definite dynamics and (Gaussian emissions) emission covariances.
+        emissions: (T, p), (B, T, p) or a list of (T_b, p); NaN = missing; non-negative integer
+            counts for Poisson emissions.
         num_iters: sweeps (static int >= 1).
         inputs: (T, U) or (B, T, U) when the model reads inputs.
         lengths: (B,) true lengths of a padded batch (padding is missing).
-        num_newton_steps: Newton steps per q(x) update on a recurrent model (static int >= 1; warm
-            started across sweeps).
+        num_newton_steps: Newton steps per q(x) update on a recurrent model or with Poisson
+            emissions (static int >= 1; warm started across sweeps).
 
     Returns:
         `LaplaceResult`: elbo (num_iters,), mode_probs (T, K), pairwise_mode_probs (T-1, K, K),
@@ -498,7 +581,7 @@ def laplace(model, emissions, num_iters: int = 20, *, inputs=None, lengths=None,
     """
     num_iters = checks.positive_int(num_iters, "num_iters")
     num_newton_steps = checks.positive_int(num_newton_steps, "num_newton_steps")
-    b = S.check_arguments(model, emissions, inputs, lengths)
+    b = S.check_arguments(model, emissions, inputs, lengths, gaussian=False)
     checks.once_per_model(model, ("laplace", b.num_timesteps), lambda: _check_invertible(model, b))
     missing = b.lengths is not None or not checks.is_concrete(b.emissions) or bool(
         np.isnan(np.asarray(b.emissions)).any())

@@ -552,17 +552,45 @@ def structured_vi_params(params: SwitchingParams, emissions, num_iters: int, *, 
     return StructuredVIResult(elbos, gamma, counts[-1], m, P, C)
 
 
+# Engine helpers shared with the graph-switching engine (`ps.switching.grass_structured_vi`):
+# public so that no private name crosses modules, not exported in ``__all__``.
+def qx_given_modes(params: SwitchingParams, emissions, mode_probs):
+    """The optimal q(x) given mode marginals q(z_t = k) (T, K) (the structured-VI q(x) update):
+    (means (T, d), covs (T, d, d), cross_covs (T - 1, d, d), E[x x^T] (T, d, d), E[x_{t+1} x_t^T]
+    (T - 1, d, d)). Traceable; NaN emissions are missing."""
+    ys = jnp.asarray(emissions)
+    sysx, yx = _qx_system(params, ys, ~jnp.isnan(ys), mode_probs)
+    sm = kalman.smoother_params(sysx, yx, diffuse=False)
+    m, P, C = sm.smoothed_means, sm.smoothed_covs, sm.smoothed_cross_covs
+    return m, P, C, P + jnp.einsum("ti,tj->tij", m, m), C + jnp.einsum("ti,tj->tij", m[1:], m[:-1])
+
+
+def expected_log_potentials(params: SwitchingParams, emissions, means, second_moments, cross_moments):
+    """psi[t, k] = E_q(x)[log p(x_t | x_{t-1}, z_t = k) + log p(y_t | x_t, z_t = k)] (T, K) from E[x_t],
+    E[x_t x_t^T], E[x_{t+1} x_t^T]. Traceable."""
+    ys = jnp.asarray(emissions)
+    return _log_potentials(params, ys, ~jnp.isnan(ys), means, second_moments, cross_moments)
+
+
+def gaussian_chain_entropy(covs, cross_covs):
+    """Entropy of a Gaussian Markov chain from its marginal (T, d, d) and lag-one (T - 1, d, d)
+    covariances. Traceable."""
+    return _chain_entropy(covs, cross_covs)
+
+
 # ----------------------------------------------------------------------------------------------
 # Checks and the jitted model-level runs
 # ----------------------------------------------------------------------------------------------
-def check_arguments(model, emissions, inputs=None, lengths=None, *, markov: bool = False) -> Batch:
+def check_arguments(model, emissions, inputs=None, lengths=None, *, markov: bool = False,
+                    gaussian: bool = True) -> Batch:
     """Validate a switching model and its data once, outside jit; return them as a `Batch`.
 
     Raises:
         ValueError: naming the argument: a model that is not an `AbstractSwitchingSSM` (or, with
-            ``markov``, a recurrent one), parameters outside their support (non-stochastic
-            transitions, non-PSD covariances, recurrence weights of the wrong shape), emissions
-            not (T, p) / (B, T, p) / a list, inf in emissions, inputs of the wrong shape.
+            ``markov``, a recurrent one; with ``gaussian``, one with Poisson emissions), parameters
+            outside their support (non-stochastic transitions, non-PSD covariances, recurrence
+            weights of the wrong shape), emissions not (T, p) / (B, T, p) / a list, inf in
+            emissions (negative or non-integer counts for Poisson emissions), inputs of the wrong shape.
     """
     if not isinstance(model, AbstractSwitchingSSM):
         raise ValueError(f"model: expected a switching model (ps.core.AbstractSwitchingSSM, e.g. ps.models.SLDS), "
@@ -570,6 +598,9 @@ def check_arguments(model, emissions, inputs=None, lengths=None, *, markov: bool
     if markov and model.is_recurrent:
         raise ValueError(f"model: this engine needs a Markov mode chain; a {type(model).__name__}'s mode transitions "
                          "depend on x_{t-1} (use imm / gpb2, or ps.smc.particle_filter on its protocol)")
+    if gaussian and model.emission_family != "gaussian":
+        raise ValueError(f"model: this engine needs Gaussian emissions; the model has {model.emission_family} "
+                         "emissions (use ps.switching.laplace, and ps.learn.em for Laplace-EM)")
     checks.once_per_model(model, "parameters", model.check_parameters)
     p = model.emission_dim
     batch = batching.as_batch(emissions, inputs, lengths)
@@ -577,6 +608,11 @@ def check_arguments(model, emissions, inputs=None, lengths=None, *, markov: bool
         raise ValueError(f"emissions: expected shape (T, {p}) or (B, T, {p}), got shape {tuple(batch.emissions.shape)}")
     if checks.is_concrete(batch.emissions) and np.isinf(np.asarray(batch.emissions)).any():
         raise ValueError("emissions: found inf; use NaN to mark missing values")
+    if model.emission_family == "poisson" and checks.is_concrete(batch.emissions):
+        y = np.asarray(batch.emissions, float)
+        y = y[~np.isnan(y)]
+        if (y < 0).any() or (y != np.round(y)).any():
+            raise ValueError("emissions: Poisson emissions are counts; expected non-negative integers (NaN = missing)")
     U = model.input_dim
     if U and batch.inputs is None:
         raise ValueError(f"inputs: the model has input matrices, expected shape ({batch.num_timesteps}, {U}), got None")
