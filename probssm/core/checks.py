@@ -30,6 +30,19 @@ def positive_int(value, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
+def positive_float(value, name: str):
+    """A positive finite Python float; a traced value (inside a caller's jit) passes unchecked."""
+    if not is_concrete(value):
+        return value
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a positive number, got {value!r}") from None
+    if not (np.isfinite(v) and v > 0):
+        raise ValueError(f"{name}: expected a positive finite number, got {v}")
+    return v
+
+
 def array(x, name: str, ndims: tuple[int, ...], shape_doc: str):
     """Convert to a float array and check its number of dimensions."""
     if x is None:

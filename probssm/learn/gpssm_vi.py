@@ -316,16 +316,6 @@ def _fit_prssm(model, y, inputs, key, scalars, *, fixed, num_iters, num_chains, 
 # The public functions
 
 
-def _positive_number(value, name):
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected a positive number, got {value!r}") from None
-    if not (np.isfinite(v) and v > 0):
-        raise ValueError(f"{name}: expected a positive finite number, got {v}")
-    return v
-
-
 def _check_model(model, name="model"):
     if not isinstance(model, AbstractSparseGPSSM):
         raise ValueError(f"{name}: expected a ps.models.GPSSM, got {type(model).__name__}")
@@ -425,9 +415,9 @@ def free_form_vi(key, model: AbstractSparseGPSSM, emissions, num_iters: int, *, 
     sghmc_steps = checks.positive_int(sghmc_steps, "sghmc_steps")
     num_warmup = checks.positive_int(num_warmup, "num_warmup", minimum=0)
     num_samples = checks.positive_int(num_samples, "num_samples")
-    eps = _positive_number(step_size, "step_size")
-    alpha = _positive_number(friction, "friction")
-    lr = _positive_number(learning_rate, "learning_rate")
+    eps = checks.positive_float(step_size, "step_size")
+    alpha = checks.positive_float(friction, "friction")
+    lr = checks.positive_float(learning_rate, "learning_rate")
     if eps * alpha > 1.0:
         raise ValueError(f"friction: expected step_size * friction <= 1, got {eps} * {alpha} = {eps * alpha:.3g}")
     if method not in ("free_form", "prssm"):
@@ -465,6 +455,16 @@ def _function_moments(model, U, X):
     return FunctionMoments(base + jnp.mean(means, axis=0), within[:, None] + jnp.var(means, axis=0))
 
 
+def _inducing_stack(inducing_outputs, M, dx, dtype):
+    """(S, M, d_x) samples of U from (S, M, d_x) or one (M, d_x)."""
+    U = jnp.asarray(inducing_outputs, dtype)
+    if U.ndim == 2:
+        U = U[None]
+    if U.ndim != 3 or U.shape[1:] != (M, dx):
+        raise ValueError(f"inducing_outputs: expected (S, {M}, {dx}) or ({M}, {dx}), got {tuple(jnp.shape(inducing_outputs))}")
+    return U
+
+
 def transition_function_moments(model: AbstractSparseGPSSM, inducing_outputs, points, inputs=None) -> FunctionMoments:
     """The learned f(x, u) = mu(x) + g(x, u) at N points, with U averaged over samples.
 
@@ -487,11 +487,7 @@ def transition_function_moments(model: AbstractSparseGPSSM, inducing_outputs, po
     """
     _check_model(model)
     M, dx = model.num_inducing, model.state_dim
-    U = jnp.asarray(inducing_outputs, model.inducing_mean.dtype)
-    if U.ndim == 2:
-        U = U[None]
-    if U.ndim != 3 or U.shape[1:] != (M, dx):
-        raise ValueError(f"inducing_outputs: expected (S, {M}, {dx}) or ({M}, {dx}), got {tuple(jnp.shape(inducing_outputs))}")
+    U = _inducing_stack(inducing_outputs, M, dx, model.inducing_mean.dtype)
     X = jnp.asarray(points, U.dtype)
     if X.ndim != 2 or X.shape[1] != dx:
         raise ValueError(f"points: expected shape (N, {dx}), got {tuple(X.shape)}")
@@ -546,11 +542,7 @@ def gpssm_simulate(key, model: AbstractSparseGPSSM, inducing_outputs, x0, num_st
     _check_model(model)
     num_steps = checks.positive_int(num_steps, "num_steps")
     M, dx = model.num_inducing, model.state_dim
-    U = jnp.asarray(inducing_outputs, model.inducing_mean.dtype)
-    if U.ndim == 2:
-        U = U[None]
-    if U.ndim != 3 or U.shape[1:] != (M, dx):
-        raise ValueError(f"inducing_outputs: expected (S, {M}, {dx}) or ({M}, {dx}), got {tuple(jnp.shape(inducing_outputs))}")
+    U = _inducing_stack(inducing_outputs, M, dx, model.inducing_mean.dtype)
     x0 = jnp.asarray(x0, U.dtype)
     if x0.shape != (dx,):
         raise ValueError(f"x0: expected shape ({dx},), got {tuple(x0.shape)}")

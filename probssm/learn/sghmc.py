@@ -75,19 +75,6 @@ def sghmc_step(key, state: SGHMCState, grad, *, step_size, friction, gradient_no
     return SGHMCState(position, momentum)
 
 
-def _positive_float(value, name):
-    """A positive finite Python float; a traced value (a caller's jit) passes unchecked."""
-    if not checks.is_concrete(value):
-        return value
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected a positive number, got {value!r}") from None
-    if not (np.isfinite(v) and v > 0):
-        raise ValueError(f"{name}: expected a positive finite number, got {v}")
-    return v
-
-
 def sghmc_samples(key, grad_log_density: Callable, init, num_samples: int, *, step_size, friction=1.0,
                   num_warmup: int = 0, thin: int = 1, minibatches=None, gradient_noise=0.0):
     """Run an SGHMC chain and return its positions.
@@ -132,8 +119,8 @@ def sghmc_samples(key, grad_log_density: Callable, init, num_samples: int, *, st
     num_samples = checks.positive_int(num_samples, "num_samples")
     num_warmup = checks.positive_int(num_warmup, "num_warmup", minimum=0)
     thin = checks.positive_int(thin, "thin")
-    eps = _positive_float(step_size, "step_size")
-    alpha = _positive_float(friction, "friction")
+    eps = checks.positive_float(step_size, "step_size")
+    alpha = checks.positive_float(friction, "friction")
     concrete = all(checks.is_concrete(v) for v in (eps, alpha, gradient_noise))
     if concrete and eps * alpha > 1.0:
         raise ValueError(f"friction: expected step_size * friction <= 1, got {eps} * {alpha} = {eps * alpha:.3g}")
