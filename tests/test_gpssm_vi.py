@@ -214,3 +214,23 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
         transition_function_moments(model, jnp.zeros((2, 3, 1)), jnp.zeros((5, 1)))
     with pytest.raises(ValueError, match="x0"):
         gpssm_simulate(key, model, jnp.zeros((4, 1)), jnp.zeros(2), 5)
+
+
+def test_function_moments_and_simulation_inside_jit_and_vmap():
+    """The two read-out helpers under a user's jit and vmap equal their eager calls; the moments
+    of one sample are the sparse-GP conditional (`GPSSM.conditional_moments`)."""
+    model = small_model(ARDSquaredExponential(jnp.ones(1), 1.0))
+    U = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 1))
+    pts = jnp.linspace(-1.5, 1.5, 5)[:, None]
+    eager = transition_function_moments(model, U, pts)
+    jitted = jax.jit(lambda u: transition_function_moments(model, u, pts))(U)
+    np.testing.assert_allclose(np.asarray(jitted.mean), np.asarray(eager.mean), rtol=1e-12)
+    per_sample = jax.jit(jax.vmap(lambda u: transition_function_moments(model, u, pts).mean))(U)
+    np.testing.assert_allclose(np.asarray(per_sample).mean(0), np.asarray(eager.mean), rtol=1e-10)
+    cond = jax.vmap(lambda x: model.conditional_moments(x, inducing_outputs=U[0])[0])(pts)
+    np.testing.assert_allclose(np.asarray(per_sample[0]), np.asarray(cond), rtol=1e-10)
+    keys = jax.random.split(jax.random.PRNGKey(1), 2)
+    sims = jax.jit(jax.vmap(lambda k: gpssm_simulate(k, model, U, jnp.zeros(1), 6)))(keys)
+    np.testing.assert_allclose(np.asarray(sims[1]), np.asarray(gpssm_simulate(keys[1], model, U, jnp.zeros(1), 6)),
+                               rtol=1e-10)
+    assert sims.shape == (2, 3, 6, 1)
