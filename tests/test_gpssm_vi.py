@@ -214,6 +214,11 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
         transition_function_moments(model, jnp.zeros((2, 3, 1)), jnp.zeros((5, 1)))
     with pytest.raises(ValueError, match="x0"):
         gpssm_simulate(key, model, jnp.zeros((4, 1)), jnp.zeros(2), 5)
+    bad = eqx.tree_at(lambda m: m.transition_noise, model, jnp.array([-0.1]))
+    with pytest.raises(ValueError, match="transition_noise"):
+        transition_function_moments(bad, jnp.zeros((4, 1)), jnp.zeros((5, 1)))
+    with pytest.raises(ValueError, match="transition_noise"):
+        gpssm_simulate(key, bad, jnp.zeros((4, 1)), jnp.zeros(1), 5)
 
 
 def test_function_moments_and_simulation_inside_jit_and_vmap():

@@ -261,6 +261,10 @@ def test_bad_input_names_the_argument(small):
         ps.switching.grass_structured_vi(big, jnp.zeros((3, 5, P)), 2)
     with pytest.raises(ValueError, match="fixed"):
         ps.learn.em(model, y, 2, fixed=("nope",))
+    # a bad value put in by tree_at is caught where learning starts too
+    bad = eqx.tree_at(lambda m: m.interaction_weights, model, jnp.zeros((K + 1, K)))
+    with pytest.raises(ValueError, match="interaction_weights"):
+        ps.learn.em(bad, y, 2, edge_inputs=u)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -168,8 +168,7 @@ def _poisson_emission_updates(model, g, Ex, Exx, ys, valid, num_steps: int = 3):
     dn = jnp.where(seen[:, None], dn, dd)
     if model.shared_emissions:
         return {"emission_matrices": Hn[0], "emission_offsets": dn[0], "emission_covs": model.emission_covs}
-    if model.emission_offsets.ndim == 1:
-        dn = model.emission_offsets  # shared offsets with per-mode matrices: offsets kept (held fixed)
+    # (per-mode matrices with shared offsets only pass `_em_arguments` with the emissions held fixed)
     return {"emission_matrices": Hn, "emission_offsets": dn, "emission_covs": model.emission_covs}
 
 

@@ -238,11 +238,10 @@ def _poisson_newton_terms(pt: _PoissonTerms, gamma, x):
     sum_t sum_k gamma[t, k] log Poisson(y_t | exp(H_k x_t + d_k)) in x."""
     eta = jnp.einsum("tkpd,td->tkp", pt.H, x) + pt.d
     lam = jnp.exp(eta) * pt.obs[:, None, :]
-    w = gamma[:, :, None]
-    val = jnp.sum(w * (pt.y[:, None, :] * eta * pt.obs[:, None, :] - lam))
-    grad = jnp.einsum("tk,tkpd,tkp->td", gamma, jnp.broadcast_to(pt.H, gamma.shape + pt.H.shape[2:]),
-                      pt.y[:, None, :] * pt.obs[:, None, :] - lam)
+    y = pt.y[:, None, :] * pt.obs[:, None, :]
     Hk = jnp.broadcast_to(pt.H, gamma.shape + pt.H.shape[2:])
+    val = jnp.sum(gamma[:, :, None] * (y * eta - lam))
+    grad = jnp.einsum("tk,tkpd,tkp->td", gamma, Hk, y - lam)
     hess = -jnp.einsum("tk,tkpi,tkp,tkpj->tij", gamma, Hk, lam, Hk)
     return val, grad, hess
 
