@@ -477,6 +477,9 @@ CASES = (
         Case("switching", "rbpf", lambda th, k: ps.switching.rbpf(k, slds(th), Y, N), lambda o: o.log_likelihood,
              exact=False),
         Case("switching", "most_likely_modes", lambda th, k: ps.switching.most_likely_modes(slds(th), Y)),
+        Case("switching", "conditional_rbpf",
+             lambda th, k: ps.switching.conditional_rbpf(k, slds(th), Y, jnp.zeros(T, jnp.int32), N),
+             lambda o: o.log_likelihood, exact=False),
         Case("switching", "structured_vi", lambda th, k: ps.switching.structured_vi(slds(th), Y, 3),
              lambda o: o.elbo[-1] + jnp.sum(o.means)),
         Case("switching", "laplace", lambda th, k: ps.switching.laplace(slds(th), Y, 3),
@@ -535,10 +538,11 @@ NOT_ENGINES = {
     },
     "switching": {"msar", "slds",  # submodules (their functions are walked by name)
                   "RegimeFilterResult", "RegimeSmootherResult", "ExactResult", "MixtureFilterResult", "RBPFResult",
-                  "StructuredVIResult", "LaplaceResult",  # result types
+                  "StructuredVIResult", "LaplaceResult", "ConditionalRBPFResult",  # result types
                   "check_arguments", "MAX_PATHS",  # argument check (outside jit), the enumeration limit
                   # traceable single-sequence cores on SwitchingParams, traced inside their wrappers' cases
                   "exact_params", "imm_params", "gpb2_params", "rbpf_params", "structured_vi_params",
+                  "conditional_rbpf_params",
                   "laplace_params",
                   "block_tridiagonal_solve",  # array helper (traced inside the laplace cases)
                   # graph switching: submodule, result type, constants, the traceable single-sequence

@@ -20,6 +20,7 @@ whole fit is one compiled `lax.scan`. A mode that q(z) never visits keeps its pa
 from __future__ import annotations
 
 from functools import partial
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
@@ -30,13 +31,14 @@ from jax.flatten_util import ravel_pytree
 
 from probssm.core import checks, progress as prog
 from probssm.core.linalg import psd_solve, symmetrize
-from probssm.core.switching import AbstractSwitchingSSM
+from probssm.core.switching import AbstractSwitchingSSM, path_system
+from probssm.inference import kalman
 from probssm.inference.switching.laplace import laplace_params
 from probssm.inference.switching import slds as S
 from probssm.learn.em import register_em
 from probssm.models.slds import SLDS, RecurrentSLDS
 
-__all__ = ["slds_variational_em", "rslds_laplace_em"]
+__all__ = ["slds_variational_em", "slds_particle_em", "rslds_laplace_em"]
 
 _FIELDS = ("initial_probs", "transition_matrix", "initial_means", "initial_covs", "dynamics_matrices",
            "dynamics_offsets", "dynamics_covs", "emission_matrices", "emission_offsets", "emission_covs")
@@ -245,6 +247,20 @@ def _em_arguments(model, emissions, lengths, fixed, *, fields, class_name, metho
 
 
 @register_em(SLDS)
+def _slds_em(model, emissions, num_iters: int = 50, *, method: str = "variational", key=None, **options):
+    """`ps.learn.em` on an SLDS: ``method="variational"`` (default) runs `slds_variational_em`;
+    ``method="particle_gibbs"`` runs `slds_particle_em` and needs ``key``."""
+    if method == "variational":
+        if key is not None:
+            raise ValueError("key: variational EM is deterministic and takes no key (method='particle_gibbs' does)")
+        return slds_variational_em(model, emissions, num_iters, **options)
+    if method == "particle_gibbs":
+        if key is None:
+            raise ValueError("key: method='particle_gibbs' needs a jax.random key, e.g. key=jax.random.key(0)")
+        return slds_particle_em(key, model, emissions, num_iters, **options)
+    raise ValueError(f"method: expected 'variational' or 'particle_gibbs', got {method!r}")
+
+
 def slds_variational_em(model, emissions, num_iters: int = 50, *, lengths=None, num_vi_iters: int = 3,
                         num_newton_steps: int = 3, fixed=(), progress=None):
     """Variational EM for a `ps.models.SLDS` (see the module doc).
@@ -284,6 +300,203 @@ def slds_variational_em(model, emissions, num_iters: int = 50, *, lengths=None, 
     with prog.progress_bar(num_iters, "EM", show):
         fitted, history = _fit(model, ys, lengths_b, num_iters=num_iters, num_vi_iters=num_vi_iters,
                                num_newton_steps=num_newton_steps, fixed=fixed, show=show)
+    return fitted, history
+
+
+# ----------------------------------------------------------------------------------------------
+# Particle-Gibbs learning: stochastic-approximation EM driven by the conditional RBPF
+# ----------------------------------------------------------------------------------------------
+class _Totals(NamedTuple):
+    """Complete-data sufficient statistics of an SLDS given mode paths (x integrated out by a
+    Kalman smoother per path), summed over sequences and time, averaged over paths."""
+
+    init_n: jax.Array  # (K,) #{z_0 = k}
+    init_x: jax.Array  # (K, d) sum 1[z_0 = k] E[x_0]
+    init_xx: jax.Array  # (K, d, d)
+    trans: jax.Array  # (K, K) #{z_{t-1} = i, z_t = j}
+    dyn_n: jax.Array  # (K,) #{z_t = k}, t >= 1
+    dyn_x: jax.Array  # (K, d) sum 1[z_t = k] E[x_{t-1}]
+    dyn_xx: jax.Array  # (K, d, d) ... E[x_{t-1} x_{t-1}^T]
+    dyn_yx: jax.Array  # (K, d, d) ... E[x_t x_{t-1}^T]
+    dyn_yy: jax.Array  # (K, d, d) ... E[x_t x_t^T]
+    dyn_y: jax.Array  # (K, d) ... E[x_t]
+    em_n: jax.Array  # (K,) #{z_t = k}, t >= 0
+    em_x: jax.Array  # (K, d)
+    em_xx: jax.Array  # (K, d, d)
+    em_yx: jax.Array  # (K, p, d) sum 1[z_t = k] y_t E[x_t]^T
+    em_yy: jax.Array  # (K, p, p)
+    em_y: jax.Array  # (K, p)
+
+
+def _path_totals(params, y, valid, path, K):
+    """`_Totals` of one sequence and one mode path (its Kalman smoother gives the x moments)."""
+    r = kalman.smoother_params(path_system(params.systems, path), y)
+    Ex = r.smoothed_means
+    Exx = r.smoothed_covs + jnp.einsum("ti,tj->tij", Ex, Ex)
+    Exx1 = r.smoothed_cross_covs + jnp.einsum("ti,tj->tij", Ex[1:], Ex[:-1])
+    z = jax.nn.one_hot(path, K, dtype=y.dtype) * valid[:, None]  # (T, K)
+    zd = z[1:]
+    yv = jnp.where(valid[:, None], y, 0.0)
+    return _Totals(
+        z[0], z[0][:, None] * Ex[0], z[0][:, None, None] * Exx[0],
+        jnp.einsum("ti,tj->ij", z[:-1], zd),
+        jnp.sum(zd, 0), zd.T @ Ex[:-1], jnp.einsum("tk,tij->kij", zd, Exx[:-1]),
+        jnp.einsum("tk,tij->kij", zd, Exx1), jnp.einsum("tk,tij->kij", zd, Exx[1:]), zd.T @ Ex[1:],
+        jnp.sum(z, 0), z.T @ Ex, jnp.einsum("tk,tij->kij", z, Exx), jnp.einsum("tk,ti,tj->kij", z, yv, Ex),
+        jnp.einsum("tk,ti,tj->kij", z, yv, yv), z.T @ yv)
+
+
+def _regression_from_totals(n, Sx, Sxx, Syx, Syy, Sy):
+    """`_regression` fed with summed statistics: one row with weight n carrying their means."""
+    nn = jnp.where(n > 0, n, 1.0)
+    return _regression(n[None], (Sx / nn)[None], (Sxx / nn)[None], (Syx / nn)[None], (Syy / nn)[None],
+                       (Sy / nn)[None])
+
+
+def _m_step_totals(model: SLDS, s: _Totals, fixed):
+    """Closed-form maximiser of the complete-data log-likelihood's expectation under the totals."""
+    new = {}
+    new["initial_probs"] = s.init_n / jnp.sum(s.init_n)
+    ok0 = s.init_n > 1e-8
+    n0 = jnp.where(ok0, s.init_n, 1.0)
+    m0 = s.init_x / n0[:, None]
+    P0 = symmetrize(s.init_xx / n0[:, None, None] - jnp.einsum("ki,kj->kij", m0, m0))
+    new["initial_means"] = jnp.where(ok0[:, None], m0, model.initial_means)
+    new["initial_covs"] = jnp.where(ok0[:, None, None], P0, model.initial_covs)
+    rows = jnp.sum(s.trans, axis=1, keepdims=True)
+    new["transition_matrix"] = jnp.where(rows > 0, s.trans / jnp.where(rows > 0, rows, 1.0), model.transition_matrix)
+    F, b, Q, okd = jax.vmap(_regression_from_totals)(s.dyn_n, s.dyn_x, s.dyn_xx, s.dyn_yx, s.dyn_yy, s.dyn_y)
+    okd = okd & (s.dyn_n > 1e-8)
+    new["dynamics_matrices"] = jnp.where(okd[:, None, None], F, model.dynamics_matrices)
+    new["dynamics_offsets"] = jnp.where(okd[:, None], b, model.dynamics_offsets)
+    new["dynamics_covs"] = jnp.where(okd[:, None, None], Q, model.dynamics_covs)
+    em = (s.em_n, s.em_x, s.em_xx, s.em_yx, s.em_yy, s.em_y)
+    if model.shared_emissions:
+        H, d, R, oke = _regression_from_totals(*(jnp.sum(a, axis=0) for a in em))
+        new["emission_matrices"] = jnp.where(oke, H, model.emission_matrices)
+        new["emission_offsets"] = jnp.where(oke, d, model.emission_offsets)
+        new["emission_covs"] = jnp.where(oke, R, model.emission_covs)
+    else:
+        H, d, R, oke = jax.vmap(_regression_from_totals)(*em)
+        oke = oke & (s.em_n > 1e-8)
+        new["emission_matrices"] = jnp.where(oke[:, None, None], H, model.emission_matrices)
+        new["emission_offsets"] = jnp.where(oke[:, None], d, model.emission_offsets)
+        new["emission_covs"] = jnp.where(oke[:, None, None], R, model.emission_covs)
+    return _replace(model, new, _FIELDS, fixed)
+
+
+@partial(jax.jit, static_argnames=("num_iters", "num_particles", "burn_in", "fixed", "show"))
+def _fit_particle(key, model, ys, lengths, step_exponent, *, num_iters, num_particles, burn_in, fixed, show):
+    B, T, _ = ys.shape
+    K = model.num_modes
+    valid = jnp.ones((B, T), bool) if lengths is None else jnp.arange(T)[None] < lengths[:, None]
+    ys_masked = jnp.where(valid[..., None], ys, jnp.nan)
+    key_init, key_iters = jax.random.split(key)
+
+    def start(k, y):  # the initial reference: one path of an unconditional RBPF, drawn by its final weights
+        k1, k2 = jax.random.split(k)
+        r = S.rbpf_params(k1, model.switching_params(T), y, num_particles)
+        return r.mode_paths[jax.random.categorical(k2, r.log_weights[-1])]
+
+    refs0 = jax.vmap(start)(jax.random.split(key_init, B), ys_masked)
+
+    def totals(m, refs, k):
+        params = m.switching_params(T)
+
+        def one(y, v, ref, kb):
+            r = S.conditional_rbpf_params(kb, params, y, ref, num_particles)
+            # Rao-Blackwellised over the N traced paths (equal weights), not only the new reference
+            tot = jax.vmap(lambda path: _path_totals(params, y, v, path, K))(r.mode_paths)
+            return r.reference, jax.tree_util.tree_map(lambda a: jnp.mean(a, axis=0), tot), r.log_likelihood
+
+        new_refs, tot, ll = jax.vmap(one)(ys_masked, valid, refs, jax.random.split(k, B))
+        return new_refs, jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), tot), jnp.sum(ll)
+
+    def step(carry, xs):
+        m, refs, acc = carry
+        i, k = xs
+        refs, tot, ll = totals(m, refs, k)
+        after = jnp.maximum(i - burn_in + 1, 1).astype(ys.dtype)
+        gamma = jnp.where(i < burn_in, 1.0, after ** (-step_exponent))
+        acc = jax.tree_util.tree_map(lambda a, s: (1.0 - gamma) * a + gamma * s, acc, tot)
+        if show:
+            prog.report(i, ll, prog.report_every(num_iters))
+        return (_m_step_totals(m, acc, fixed), refs, acc), ll
+
+    _, tot0, _ = totals(model, refs0, key_init)  # only for the statistics' shapes (scaled by 0: gamma_0 = 1)
+    acc0 = jax.tree_util.tree_map(jnp.zeros_like, tot0)
+    (fitted, _, _), history = lax.scan(step, (model, refs0, acc0),
+                                       (jnp.arange(num_iters), jax.random.split(key_iters, num_iters)))
+    return fitted, history
+
+
+def slds_particle_em(key, model, emissions, num_iters: int = 100, *, num_particles: int = 16, burn_in=None,
+                     step_exponent: float = 0.7, lengths=None, fixed=(), progress=None):
+    """Particle-Gibbs learning of a `ps.models.SLDS`: particle stochastic-approximation EM
+    (PSAEM; Lindsten 2013, Svensson, Schoen & Lindsten 2014) with the conditional RBPF with
+    ancestor sampling (`ps.switching.conditional_rbpf`) as its Markov kernel. Unlike variational
+    EM it makes no mean-field assumption: with decreasing step sizes it converges to a maximum of
+    the exact likelihood (the asymptotically exact alternative to `slds_variational_em`).
+
+    Iteration i, per sequence: one conditional-RBPF sweep from the current reference mode path;
+    for each of the N traced paths, a Kalman smoother gives the complete-data statistics
+    (x integrated out exactly); their average s_i enters the running statistics
+    S_i = (1 - g_i) S_{i-1} + g_i s_i with g_i = 1 for i < burn_in, then (i - burn_in + 1)^(-step_exponent);
+    the M-step is the closed-form maximiser at S_i (initial probabilities and moments, transition
+    counts, per-mode dynamics and emission regressions). The whole fit is one compiled `lax.scan`.
+    The first reference path is drawn from an unconditional `ps.switching.rbpf`.
+
+    Args:
+        key: a `jax.random` key.
+        model: the starting `SLDS` (not modified): Markov mode chain, Gaussian emissions, no inputs,
+            positive definite dynamics and emission covariances.
+        emissions: (T, p), (B, T, p) or a list of (T_b, p) arrays (padding beyond ``lengths`` is
+            left out); no missing values inside a sequence.
+        num_iters: iterations (static).
+        num_particles: N >= 2 particles per sequence (static); 10-30 is usual with ancestor sampling.
+        burn_in: iterations with step size 1 (pure stochastic EM) before the step sizes decrease
+            (static; default ``num_iters // 4``).
+        step_exponent: in (0.5, 1]: the decay of the step sizes after burn-in.
+        lengths: (B,) true lengths of a padded batch.
+        fixed: field names held at their current values, e.g. ``("emission_matrices",)``.
+        progress: show a progress bar (default: when num_iters >= 100).
+
+    Returns:
+        ``(fitted_model, history)``: ``history[i]`` (shape (num_iters,)) is the conditional
+        filter's log normalising-constant estimate at iteration i, summed over the batch: a
+        progress diagnostic (biased towards the reference path), not a likelihood; for a
+        likelihood use `ps.switching.rbpf` at the fitted model.
+
+    Raises:
+        ValueError: naming the argument: a recurrent model or one with Poisson emissions or
+            inputs, missing values, unknown ``fixed`` names, sequences shorter than 2 steps,
+            ``num_particles`` < 2, ``burn_in`` outside [0, num_iters], ``step_exponent`` outside (0.5, 1].
+    """
+    if not isinstance(model, AbstractSwitchingSSM) or model.is_recurrent:
+        raise ValueError(f"model: expected a switching linear dynamical system with a Markov mode chain "
+                         f"(ps.models.SLDS), got {type(model).__name__}")
+    if model.emission_family != "gaussian":
+        raise ValueError(f"model: particle-Gibbs EM needs Gaussian emissions (the conditional RBPF runs a Kalman "
+                         f"filter per particle); the model has {model.emission_family} emissions")
+    num_iters = checks.positive_int(num_iters, "num_iters")
+    num_particles = checks.positive_int(num_particles, "num_particles")
+    if num_particles < 2:
+        raise ValueError(f"num_particles: expected an int >= 2, got {num_particles}")
+    burn_in = num_iters // 4 if burn_in is None else burn_in
+    if isinstance(burn_in, bool) or not isinstance(burn_in, (int, np.integer)) or not 0 <= burn_in <= num_iters:
+        raise ValueError(f"burn_in: expected an int in [0, num_iters = {num_iters}], got {burn_in!r}")
+    if checks.is_concrete(step_exponent) and not 0.5 < float(step_exponent) <= 1.0:
+        raise ValueError(f"step_exponent: expected a float in (0.5, 1], got {step_exponent!r}")
+    fixed, ys, lengths_b = _em_arguments(model, emissions, lengths, fixed, fields=_FIELDS, class_name="SLDS",
+                                         method="particle-Gibbs EM", markov=True,
+                                         psd_fields=(("dynamics_covs", model.dynamics_covs),
+                                                     ("emission_covs", model.emission_covs)))
+    model = checks.unify_dtypes(model, ys)
+    show = prog.default_enabled(progress, num_iters)
+    with prog.progress_bar(num_iters, "particle EM", show):
+        fitted, history = _fit_particle(key, model, ys, lengths_b, jnp.asarray(step_exponent, ys.dtype),
+                                        num_iters=num_iters, num_particles=num_particles, burn_in=int(burn_in),
+                                        fixed=fixed, show=show)
     return fitted, history
 
 

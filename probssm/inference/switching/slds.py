@@ -48,6 +48,7 @@ from probssm.inference.smc.resampling import resample as _resample
 
 __all__ = ["ExactResult", "MixtureFilterResult", "RBPFResult", "exact", "exact_log_likelihood", "exact_params",
            "imm", "imm_params", "gpb2", "gpb2_params", "rbpf", "rbpf_params", "most_likely_modes",
+           "ConditionalRBPFResult", "conditional_rbpf", "conditional_rbpf_params",
            "StructuredVIResult", "structured_vi", "structured_vi_params", "check_arguments", "MAX_PATHS"]
 
 MAX_PATHS = 4096  # default limit on K^T for `exact`
@@ -368,6 +369,124 @@ def rbpf_params(key, params: SwitchingParams, emissions, num_particles: int, *, 
 
 
 # ----------------------------------------------------------------------------------------------
+# Conditional RBPF with ancestor sampling (the particle-Gibbs kernel on mode paths)
+# ----------------------------------------------------------------------------------------------
+class ConditionalRBPFResult(NamedTuple):
+    """One conditional-RBPF sweep (a leading B axis for a batch)."""
+
+    reference: jax.Array  # (T,) int the new mode path: one traced path, drawn uniformly
+    mode_paths: jax.Array  # (N, T) int every final particle's traced mode path (slot 0 ends on the old reference)
+    log_likelihood: jax.Array  # () the conditional filter's log normalising-constant estimate (biased: a diagnostic)
+
+
+def _masked_information(H, d, R, y, mask):
+    """H^T R^-1 H and H^T R^-1 (y - d) of the observed entries of y (missing ones carry nothing)."""
+    obs = mask.astype(y.dtype)
+    H = H * obs[:, None]
+    R = R * obs[:, None] * obs[None, :] + jnp.diag(1.0 - obs)
+    r = jnp.where(mask, y - d, 0.0)
+    Rinv_H = psd_solve(R, H)
+    return H.T @ Rinv_H, Rinv_H.T @ r
+
+
+def _backward_information(sysp: LinearGaussianParams, ys, masks):
+    """Along one mode path's system: (Omega_t, lambda_t), t = 1..T-1, with
+    p(y_{t:T-1} | x_{t-1}, path) proportional to exp(-x^T Omega_t x / 2 + x^T lambda_t) (the
+    constant does not depend on x_{t-1}). Row T-1 of the output is t = T-1; row 0 is unused.
+
+    With J_t = Omega_{t+1} + H_t^T R_t^-1 H_t, h_t = lambda_{t+1} + H_t^T R_t^-1 (y_t - d_t) (the
+    information of y_{t:} about x_t) and x_t = F x_{t-1} + b + N(0, Q):
+    Omega_t = F^T J (I + Q J)^-1 F and lambda_t = F^T (I + J Q)^-1 (h - J b).
+    """
+    T, d = ys.shape[0], sysp.initial_mean.shape[-1]
+    eye = jnp.eye(d, dtype=ys.dtype)
+
+    def step(carry, t):
+        Om, lam = carry
+        p = kalman.params_at(sysp, t)
+        J0, h0 = _masked_information(p.emission_matrix, p.emission_offset, p.emission_cov, ys[t], masks[t])
+        J, h = Om + J0, lam + h0
+        M = eye + p.transition_cov @ J  # I + Q J
+        F = p.transition_matrix
+        Om_new = F.T @ jnp.linalg.solve(M.T, J).T @ F  # F^T J (I + Q J)^-1 F
+        lam_new = F.T @ jnp.linalg.solve(M.T, h - J @ p.transition_offset)
+        Om_new = 0.5 * (Om_new + Om_new.T)
+        return (Om_new, lam_new), (Om_new, lam_new)
+
+    zeros = (jnp.zeros((d, d), ys.dtype), jnp.zeros((d,), ys.dtype))
+    _, (Oms, lams) = lax.scan(step, zeros, jnp.arange(1, T), reverse=True)
+    return jnp.concatenate([Oms[:1], Oms]), jnp.concatenate([lams[:1], lams])
+
+
+def _log_gauss_information(m, P, Om, lam):
+    """log of the integral of N(x; m, P) exp(-x^T Om x / 2 + x^T lam) dx."""
+    G = jnp.eye(m.shape[-1], dtype=m.dtype) + P @ Om  # I + P Om (eigenvalues >= 1)
+    sol = jnp.linalg.solve(G, jnp.stack([m, P @ lam], axis=1))
+    v, w = sol[:, 0], sol[:, 1]
+    _, logdet = jnp.linalg.slogdet(G)
+    return -0.5 * logdet - 0.5 * m @ (Om @ v) + v @ lam + 0.5 * lam @ w
+
+
+def conditional_rbpf_params(key, params: SwitchingParams, emissions, reference, num_particles: int, *,
+                            ancestor_sampling: bool = True) -> ConditionalRBPFResult:
+    """`conditional_rbpf` on the arrays of one sequence (traceable; ``num_particles`` and
+    ``ancestor_sampling`` static). Markov mode chain only."""
+    ys = jnp.asarray(emissions)
+    T = ys.shape[0]
+    N = int(num_particles)
+    ref = jnp.asarray(reference, jnp.int32)
+    masks = ~jnp.isnan(ys)
+    logA = jnp.log(_steps(params, T))
+    key0, key_scan, key_pick = jax.random.split(key, 3)
+    if ancestor_sampling:
+        Oms, lams = _backward_information(path_system(params.systems, ref), ys, masks)
+    else:
+        Oms = lams = jnp.zeros((T,), ys.dtype)  # unused
+    sys0 = step_systems(params.systems, 0)
+    m0, P0, l0 = _update_modes(sys0.initial_mean, sys0.initial_cov, sys0, ys[0], masks[0])
+    la0 = jnp.log(params.initial_probs) + l0
+    z0 = _categorical(key0, jnp.broadcast_to(la0, (N, la0.shape[0]))).at[0].set(ref[0])
+    carry0 = (z0, m0[z0], P0[z0])
+
+    def step(carry, xs):
+        z, m, P = carry
+        t, k, Om, lam = xs
+        k_anc, k_z, k_as = jax.random.split(k, 3)
+        sys = step_systems(params.systems, t)
+        mij, Pij, lij = jax.vmap(lambda a, b: _all_modes(a, b, sys, ys[t], masks[t]))(m, P)
+        la = logA[t][z] + lij  # (N, K) log p(z_t = j, y_t | particle i); the weights at t-1 are equal
+        lv = logsumexp(la, axis=1)
+        ll_t = logsumexp(lv) - math.log(N)
+        a = _categorical(k_anc, jnp.broadcast_to(lv, (N, N)))
+        z_new = _categorical(k_z, la[a])
+        if ancestor_sampling:
+            # p(z'_t | z^i_{t-1}) p(y_{t:} | z^i_{0:t-1}, z'_{t:}, y_{:t-1}), up to a constant in i
+            las = logA[t][z, ref[t]] + jax.vmap(lambda mi, Pi: _log_gauss_information(mi, Pi, Om, lam))(m, P)
+            a0 = _categorical(k_as, las[None])[0]
+        else:
+            a0 = jnp.asarray(0, a.dtype)
+        a = a.at[0].set(a0)
+        z_new = z_new.at[0].set(ref[t])
+        return (z_new, mij[a, z_new], Pij[a, z_new]), (z_new, a.astype(jnp.int32), ll_t)
+
+    xs = (jnp.arange(1, T), jax.random.split(key_scan, T - 1), Oms[1:], lams[1:])
+    _, (zs, anc, lls) = lax.scan(step, carry0, xs)
+    ll = logsumexp(la0) + jnp.sum(lls)  # summed at the end: a float32 running total would lose digits
+    modes = jnp.concatenate([z0[None], zs])
+    ancestors = jnp.concatenate([jnp.arange(N, dtype=jnp.int32)[None], anc])
+
+    def back(idx, xs):
+        z_t, a_t = xs
+        return a_t[idx], z_t[idx]
+
+    _, traced = lax.scan(back, jnp.arange(N, dtype=jnp.int32), (modes, ancestors), reverse=True)
+    mode_paths = traced.T
+    # fully adapted: the final weights are equal, so the new reference is a uniform pick
+    new_ref = mode_paths[jax.random.randint(key_pick, (), 0, N)]
+    return ConditionalRBPFResult(new_ref, mode_paths, ll)
+
+
+# ----------------------------------------------------------------------------------------------
 # Structured variational inference q(z) q(x)
 # ----------------------------------------------------------------------------------------------
 class StructuredVIResult(NamedTuple):
@@ -649,6 +768,9 @@ def _run(model, ys, inputs, lengths, key, *, kind, batched, inputs_batched, opti
             return gpb2_params(params, y, model=model, inputs=u)
         if kind == "rbpf":
             return rbpf_params(k, params, y, **opts)
+        if kind == "conditional_rbpf":
+            k, ref = k
+            return conditional_rbpf_params(k, params, y, ref, **opts)
         if kind == "structured_vi":
             return structured_vi_params(params, y, **opts)
         raise AssertionError(kind)
@@ -657,6 +779,10 @@ def _run(model, ys, inputs, lengths, key, *, kind, batched, inputs_batched, opti
     if kind == "rbpf":
         keys = jax.random.split(key, ys.shape[0]) if batched else key
         return batch.map(one, keys, extra_axes=(0 if batched else None,))
+    if kind == "conditional_rbpf":
+        key, reference = key
+        keys = jax.random.split(key, ys.shape[0]) if batched else key
+        return batch.map(one, (keys, reference), extra_axes=(0 if batched else None,))
     return batch.map(one, None)
 
 
@@ -789,6 +915,74 @@ def rbpf(key, model, emissions, num_particles: int, *, inputs=None, lengths=None
     ess_threshold = C.check_ess_threshold(ess_threshold)
     return _call("rbpf", model, emissions, inputs, lengths, key=key, markov=True, num_particles=num_particles,
                  resampling=resampling, ess_threshold=ess_threshold)
+
+
+def conditional_rbpf(key, model, emissions, reference, num_particles: int, *, inputs=None, lengths=None,
+                     ancestor_sampling: bool = True) -> ConditionalRBPFResult:
+    """One sweep of the conditional Rao-Blackwellised particle filter with ancestor sampling: the
+    particle-Gibbs kernel on mode paths of a switching linear system (Lindsten, Jordan & Schoen,
+    JMLR 2014; the Rao-Blackwellised form of Svensson, Lindsten & Schoen 2014). It leaves
+    p(z_{0:T-1} | y) invariant; x is integrated out exactly by a Kalman filter per particle.
+
+    Slot 0 of the particle system is pinned to the ``reference`` mode path; the other N - 1
+    particles run the fully adapted RBPF of `rbpf` (multinomial resampling at every step). With
+    ``ancestor_sampling``, slot 0's parent at step t is redrawn with probability proportional to
+    A[z^i_{t-1}, z'_t] p(y_{t:T-1} | z^i_{0:t-1}, z'_{t:T-1}, y_{0:t-1}): the second factor is the
+    integral of particle i's filtered Gaussian against a backward information filter run once along
+    the reference, so the chain mixes even where the paths coalesce. The new reference is one of the
+    N traced paths, picked uniformly (the final weights of a fully adapted filter are equal).
+
+    The loop (the backward filter first: p(y_{t:} | x_{t-1}, z'_{t:}) as exp(-x^T Om_t x / 2 + x^T lam_t))::
+
+        slot 0: z'_0;  slots i >= 1: z_0^i ~ p(z_0 | y_0)
+        for t in 1..T-1:
+            a_ij = A[z^i, j] p(y_t | z_t = j, z^i, y_{:t-1})              (K Kalman steps per particle)
+            slots i >= 1: parent ~ sum_j a_ij;  z_t^i ~ a_{parent, .}
+            slot 0: z_t = z'_t;  parent ~ A[z^i, z'_t] * integral N(x; m^i, P^i) exp(-x^T Om_t x / 2 + x^T lam_t)
+
+    Particle Gibbs learning (`ps.learn.slds_particle_em`) iterates this kernel.
+
+    Args:
+        key: a `jax.random` key (one per sequence is split from it for a batch).
+        model: an `AbstractSwitchingSSM` with a Markov mode chain and Gaussian emissions.
+        emissions, inputs, lengths: as `exact` (NaN = missing; padding is missing).
+        reference: (T,) int mode path in [0, K), (B, T) for a batch: the current state of the chain
+            (e.g. ``rbpf(...).mode_paths[0]`` or `most_likely_modes`).
+        num_particles: N >= 2 (slot 0 is the reference).
+        ancestor_sampling: redraw the reference's ancestry (default); without it the kernel is plain
+            conditional SMC, still invariant but slow to move the early modes.
+
+    Returns:
+        `ConditionalRBPFResult`: reference (T,) the new mode path, mode_paths (N, T) all traced
+        paths (for Rao-Blackwellised estimates: average over them), log_likelihood () a diagnostic.
+
+    Raises:
+        ValueError: naming the argument: as `rbpf`, and a ``reference`` of the wrong shape or with
+            modes outside [0, K).
+    """
+    num_particles = C.check_num_particles(num_particles)
+    if not isinstance(ancestor_sampling, bool):
+        raise ValueError(f"ancestor_sampling: expected True or False, got {ancestor_sampling!r}")
+    b = check_arguments(model, emissions, inputs, lengths, markov=True)
+    reference = _check_reference(reference, b, model.num_modes)
+    return _run(model, b.emissions, b.inputs, b.lengths, (key, reference), kind="conditional_rbpf", batched=b.batched,
+                inputs_batched=b.inputs_batched, options=(("ancestor_sampling", ancestor_sampling),
+                                                          ("num_particles", num_particles)))
+
+
+def _check_reference(reference, batch: Batch, num_modes: int):
+    """A (T,) / (B, T) int mode path matching the data; ValueError naming ``reference``."""
+    expected = (batch.emissions.shape[0], batch.num_timesteps) if batch.batched else (batch.num_timesteps,)
+    shape = tuple(np.shape(reference))
+    if shape != expected:
+        raise ValueError(f"reference: expected a mode path of shape {expected}, got shape {shape}")
+    if not jnp.issubdtype(jnp.asarray(reference).dtype, jnp.integer):
+        raise ValueError(f"reference: expected integer modes, got dtype {jnp.asarray(reference).dtype}")
+    if checks.is_concrete(reference):
+        r = np.asarray(reference)
+        if (r < 0).any() or (r >= num_modes).any():
+            raise ValueError(f"reference: modes must lie in [0, {num_modes}), got values in [{r.min()}, {r.max()}]")
+    return jnp.asarray(reference, jnp.int32)
 
 
 def _viterbi_pairwise(log_pi, logA, pair, length=None):
