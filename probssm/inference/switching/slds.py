@@ -14,6 +14,8 @@ x_0 | z_0 = k ~ N(m_k, P_k).
   approximations (measured errors in their docstrings).
 * `rbpf` samples mode paths from the exact one-step predictive (the locally optimal proposal)
   with an exact Kalman filter per particle; exp(log-likelihood) is unbiased.
+* `conditional_rbpf`: one particle-Gibbs sweep (the RBPF conditioned on a reference mode path,
+  with ancestor sampling); it leaves p(z | y) invariant (`ps.learn.slds_particle_em` iterates it).
 * `most_likely_modes`: Viterbi on GPB2's (or IMM's) mode potentials, or the exact MAP path.
 
 With one mode every engine is the Kalman filter (same kernels). NaN observations are missing
