@@ -18,25 +18,17 @@ from scipy import stats
 
 import probssm as ps
 from reference import kalman_filter_numpy, one_mode
+from test_switching_laplace import random_slds
 
 K, D, P, T = 2, 2, 2, 5
 
 
 def tiny_slds(seed=3, noise=10.0):
-    """A 2-mode SLDS with overlapping modes (a spread-out path posterior: 26 of its 32 paths have
-    posterior mass above 1 / 4000)."""
-    rng = np.random.default_rng(seed)
-    A = rng.dirichlet(np.ones(K) * 2, size=K) + 2 * np.eye(K)
-    A /= A.sum(1, keepdims=True)
-    L = rng.normal(size=(K, D, D)) * 0.3
-    F = np.stack([0.9 * np.linalg.qr(rng.normal(size=(D, D)))[0] for _ in range(K)])
-    Lq = rng.normal(size=(K, D, D)) * 0.3
-    Lr = rng.normal(size=(K, P, P)) * 0.2
-    return ps.models.SLDS(rng.dirichlet(np.ones(K)), A, rng.normal(size=(K, D)),
-                          L @ np.swapaxes(L, 1, 2) + 0.5 * np.eye(D), F, Lq @ np.swapaxes(Lq, 1, 2) + 0.1 * np.eye(D),
-                          rng.normal(size=(K, P, D)), noise * (Lr @ np.swapaxes(Lr, 1, 2) + 0.2 * np.eye(P)),
-                          dynamics_offsets=0.3 * rng.normal(size=(K, D)),
-                          emission_offsets=0.3 * rng.normal(size=(K, P)))
+    """A 2-mode SLDS with overlapping modes (small offsets, emission noise scaled by ``noise``: a
+    spread-out path posterior, 26 of the 32 paths of the invariance test above 1 / 4000)."""
+    m = random_slds(seed, K=K, d=D, p=P)
+    return eqx.tree_at(lambda m: (m.dynamics_offsets, m.emission_offsets, m.emission_covs), m,
+                       (0.3 * m.dynamics_offsets, 0.3 * m.emission_offsets, noise * m.emission_covs))
 
 
 def path_posterior(model, y):
