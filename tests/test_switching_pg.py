@@ -198,3 +198,19 @@ def test_particle_em_reaches_the_exact_likelihood_maximum_that_variational_em_mi
     assert min(lls) > exact(true), lls  # the maximum likelihood lies above the truth's
     assert abs(lls[0] - lls[1]) < 0.5, lls  # two chains agree: the stochastic approximation converged
     assert min(lls) > exact(vi) + 10.0, (lls, exact(vi))
+
+
+def test_particle_em_under_a_users_jit_and_vmap():
+    start = tiny_slds(12, noise=1.0)
+    _, y = ps.sample(jax.random.key(8), tiny_slds(11, noise=0.2), 12)
+
+    def fit(key, ys):
+        fitted, history = ps.learn.slds_particle_em(key, start, ys, 3, num_particles=4, burn_in=1)
+        return fitted.dynamics_matrices, history
+
+    keys = jax.random.split(jax.random.key(9), 2)
+    A, h = jax.jit(jax.vmap(fit, in_axes=(0, None)))(keys, y)
+    assert A.shape == (2,) + start.dynamics_matrices.shape and h.shape == (2, 3)
+    A1, h1 = fit(keys[1], y)
+    np.testing.assert_allclose(A[1], A1, atol=1e-10)
+    np.testing.assert_allclose(h[1], h1, rtol=1e-10)
