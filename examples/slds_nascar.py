@@ -12,10 +12,10 @@
 # Mode 0 turns clockwise around (+2, 0) when x > 2, mode 1 around (-2, 0) when x < -2;
 # in between, mode 2 drives right along the top (y > 0) and mode 3 left along the bottom.
 #
-# We simulate T = 10000 steps and fit, from one initialisation (PCA of y to 2-D, k-means on
-# the projection, an ARHMM on it), (a) the ARHMM itself, (b) a plain SLDS by variational EM
-# and by particle-Gibbs EM and (c) the recurrent SLDS by Laplace-EM, then score each
-# segmentation against the true modes after Hungarian matching.
+# We simulate T = 10000 steps and fit, from one initialisation (`ps.learn.init_slds`: PCA of y
+# to 2-D, k-means on the projection, an ARHMM on it), (a) a plain SLDS by variational EM and by
+# particle-Gibbs EM and (b) the recurrent SLDS by Laplace-EM, then score each segmentation
+# against the true modes after Hungarian matching.
 
 # %%
 import os
@@ -24,15 +24,12 @@ import time
 import jax
 
 jax.config.update("jax_enable_x64", True)
-import jax.numpy as jnp  # noqa: E402
 import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.optimize import linear_sum_assignment  # noqa: E402
-from sklearn.cluster import KMeans  # noqa: E402
-from sklearn.linear_model import LogisticRegression  # noqa: E402
 
 import probssm as ps  # noqa: E402
 
@@ -77,53 +74,15 @@ def accuracy(z_hat, z=z_true):
     return overlap[rows, cols].sum() / len(z)
 
 
-# %% Initialisation: PCA to 2-D, k-means on the projection, an ARHMM on it.
-yc = np.asarray(y) - np.asarray(y).mean(0)
-_, _, Vt = np.linalg.svd(yc, full_matrices=False)
-x_pca = yc @ Vt[:D].T
-C0, d0 = Vt[:D].T, np.asarray(y).mean(0)
-R0 = np.cov((yc - x_pca @ C0.T).T) + 1e-4 * np.eye(P)
-z_km = KMeans(K, n_init=10, random_state=0).fit_predict(x_pca)
+# %% Initialisation (`ps.learn.init_slds`): PCA to 2-D, k-means on the projection, an ARHMM
+# fitted to it; its segmentation gives the per-mode dynamics, the transition counts and, for the
+# recurrent model, a logistic regression of the next mode on x_{t-1}.
+slds0 = ps.learn.init_slds(y, K, D)
+rslds0 = ps.learn.init_slds(y, K, D, recurrent=True)
+z_init = np.asarray(ps.switching.structured_vi(slds0, y, 10).mode_probs.argmax(-1))
+print(f"initial SLDS (the ARHMM's segmentation) accuracy {accuracy(z_init):.3f}")
 
-
-def regressions(x, z):
-    """Per-mode least squares x_t ~ A_k x_{t-1} + b_k over the steps labelled k."""
-    As, bs, Qs = [], [], []
-    for k in range(K):
-        idx = np.nonzero(z[1:] == k)[0] + 1
-        X = np.column_stack([x[idx - 1], np.ones(len(idx))])
-        coef, *_ = np.linalg.lstsq(X, x[idx], rcond=None)
-        res = x[idx] - X @ coef
-        As.append(coef[:D].T)
-        bs.append(coef[D])
-        Qs.append(np.cov(res.T) + 1e-6 * np.eye(D))
-    return np.stack(As), np.stack(bs), np.stack(Qs)
-
-
-def counts_matrix(z):
-    c = np.ones((K, K))  # one pseudo-count per pair
-    np.add.at(c, (z[:-1], z[1:]), 1)
-    return c / c.sum(1, keepdims=True)
-
-
-A0, b0, Q0 = regressions(x_pca, z_km)
-lags = ps.lagged_inputs(jnp.asarray(x_pca), 1)
-arhmm0 = ps.models.ARHMM(np.ones(K) / K, counts_matrix(z_km), A0, b0, Q0)
-arhmm, _ = ps.learn.em(arhmm0, jnp.asarray(x_pca), 50, inputs=lags)
-z_arhmm = np.asarray(ps.hmm.smoother(arhmm, jnp.asarray(x_pca), inputs=lags).smoothed_probs.argmax(-1))
-print(f"k-means accuracy {accuracy(z_km):.3f}, ARHMM accuracy {accuracy(z_arhmm):.3f}")
-
-# %% The SLDS and the rSLDS start from the ARHMM's segmentation.
-A1, b1, Q1 = regressions(x_pca, z_arhmm)
-common = dict(initial_means=x_pca[0], initial_covs=np.eye(D), dynamics_matrices=A1, dynamics_offsets=b1,
-              dynamics_covs=Q1, emission_matrices=C0, emission_offsets=d0, emission_covs=R0)
-slds0 = ps.models.SLDS(initial_probs=np.ones(K) / K, transition_matrix=counts_matrix(z_arhmm), **common)
-# recurrence-only start: a multinomial logistic regression of z_t on x_{t-1}
-logreg = LogisticRegression(C=10.0, max_iter=1000).fit(x_pca[:-1], z_arhmm[1:])
-rslds0 = ps.models.RecurrentSLDS(initial_probs=np.ones(K) / K, recurrence_weights=logreg.coef_,
-                                 recurrence_biases=logreg.intercept_, **common)
-
-# %% (b) plain SLDS by variational EM; (c) recurrent SLDS by Laplace-EM.
+# %% (a) plain SLDS by variational EM; (b) recurrent SLDS by Laplace-EM.
 t0 = time.time()
 slds, slds_elbos = ps.learn.em(slds0, y, NUM_SLDS_ITERS)
 z_slds = np.asarray(ps.switching.structured_vi(slds, y, 10).mode_probs.argmax(-1))
@@ -140,7 +99,7 @@ post = ps.switching.laplace(rslds, y, 10)
 z_rslds = np.asarray(post.mode_probs.argmax(-1))
 print(f"rSLDS: {time.time() - t0:.1f} s, ELBO {float(rslds_elbos[-1]):.1f}, accuracy {accuracy(z_rslds):.3f}")
 
-results = {"k-means": accuracy(z_km), "ARHMM": accuracy(z_arhmm), "SLDS": accuracy(z_slds),
+results = {"initial SLDS": accuracy(z_init), "SLDS": accuracy(z_slds),
            "SLDS (particle Gibbs)": accuracy(z_slds_pg), "rSLDS": accuracy(z_rslds)}
 for name, acc in results.items():
     print(f"{name:22s} segmentation accuracy {acc:.3f}")

@@ -26,8 +26,9 @@ from probssm.learn.em_slds import *  # noqa: E402,F401,F403
 from probssm.learn.em_ctmc import *  # noqa: E402,F401,F403
 from probssm.learn.em_hsmm import *  # noqa: E402,F401,F403
 from probssm.learn.em_grass import *  # noqa: E402,F401,F403
+from probssm.learn.init_slds import init_slds  # noqa: E402
 
-__all__ += [*em_slds.__all__, *em_ctmc.__all__, *em_hsmm.__all__, *em_grass.__all__]
+__all__ += [*em_slds.__all__, *em_ctmc.__all__, *em_hsmm.__all__, *em_grass.__all__, "init_slds"]
 # Stochastic-gradient HMC (the sampler of free-form variational inference for GPSSMs).
 from probssm.learn import sghmc  # noqa: E402
 from probssm.learn.sghmc import *  # noqa: E402,F401,F403
