@@ -51,11 +51,12 @@ from jax import lax
 from jax.scipy.linalg import solve_triangular
 
 from probssm.core import checks, params as P, progress as prog
+from probssm.inference.smc.csmc import conditional_smc_sequence
 from probssm.learn.sghmc import sghmc_init, sghmc_step
 from probssm.models.gpssm import AbstractSparseGPSSM
 
 __all__ = ["free_form_vi", "GPSSMVIFit", "GPSSMVIHistory", "FunctionMoments", "transition_function_moments",
-           "gpssm_simulate"]
+           "gpssm_simulate", "gpssm_particle_gibbs"]
 
 _LOG_2PI = float(np.log(2.0 * np.pi))
 # q(U)'s own parameters: the free-form posterior replaces them (they are refitted from the samples)
@@ -548,3 +549,143 @@ def gpssm_simulate(key, model: AbstractSparseGPSSM, inducing_outputs, x0, num_st
         raise ValueError(f"x0: expected shape ({dx},), got {tuple(x0.shape)}")
     u = _check_inputs(model, inputs, num_steps)
     return _simulate(model, U, x0, jax.random.split(key, U.shape[0]), u, num_steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Particle Gibbs over (x, U) with stochastic-approximation learning of theta
+
+
+def _whitened_posterior_draw(key, model, x, inputs):
+    """A draw of the whitened inducing outputs V (M, d_x), U = L V, from p(V | x, theta): given
+    the states every transition is a linear-Gaussian observation of V,
+    x_t[j] - mu_j(x_{t-1}) = w_t^T V[:, j] + N(0, s_t^2 + q_j) with w_t = L^{-1} k(Z, x_{t-1}) and
+    s_t^2 the sparse-GP conditional variance, so V[:, j] | x ~ N(A^{-1} W D^{-1} r_j, A^{-1}) with
+    A = I + W D^{-1} W^T (one M x M Cholesky per output)."""
+    L = _gram_chol(model)
+    X = _gp_inputs(model, x[:-1], None if inputs is None else inputs[1:])
+    W = solve_triangular(L, model.kernel.gram(model.inducing_inputs, X), lower=True)  # (M, T-1)
+    within = jnp.maximum(model.kernel.diag(X) - jnp.sum(W * W, axis=0), 0.0)
+    resid = x[1:] - _mean_fn(model, x[:-1])  # (T-1, d_x)
+    dx, M = x.shape[1], W.shape[0]
+    q = jnp.broadcast_to(model.transition_noise, (dx,))
+    eye = jnp.eye(M, dtype=x.dtype)
+
+    def one(r_j, q_j, k):
+        prec = 1.0 / (within + q_j)
+        chol = jnp.linalg.cholesky(eye + (W * prec) @ W.T)
+        mean = jax.scipy.linalg.cho_solve((chol, True), W @ (prec * r_j))
+        return mean + solve_triangular(chol.T, jax.random.normal(k, (M,), x.dtype), lower=False)
+
+    return jax.vmap(one, in_axes=(1, 0, 0), out_axes=1)(resid, q, jax.random.split(key, dx))
+
+
+@eqx.filter_jit
+def _fit_particle_gibbs(model, y, inputs, key, learning_rate, *, fixed, num_iters, num_particles, num_samples,
+                        show):
+    spec = P.spec(model, fixed)
+    params = P.to_unconstrained(model, spec)
+    k_init, k_run = jax.random.split(key)
+    vs, xs = _initial_states(model, y, 1, k_init)
+    every = prog.report_every(num_iters)
+    total = num_iters + num_samples
+
+    def iteration(carry, xs_):
+        params, adam, v, x, kept = carry
+        r, k = xs_
+        k_x, k_v = jax.random.split(k)
+        m = P.from_unconstrained(model, spec, params)
+        # x | U, y: one conditional-SMC sweep with ancestor sampling on the model conditioned on U
+        sweep = conditional_smc_sequence(k_x, m.with_inducing_outputs(_gram_chol(m) @ v), y, inputs, reference=x,
+                                         num_particles=num_particles)
+        x = sweep.reference
+        v = _whitened_posterior_draw(k_v, m, x, inputs)  # U | x: conjugate
+        # theta: an Adam step along grad log p(y, x, V | theta) at the draw (Fisher's identity: its
+        # expectation under p(x, V | y, theta) is the gradient of log p(y | theta))
+        value, grads = jax.value_and_grad(lambda p: log_joint(P.from_unconstrained(model, spec, p), v, x, y,
+                                                             inputs))(params)
+        new_params, new_adam = _adam_ascent(params, grads, adam, learning_rate)
+        fitting = r < num_iters
+        params, adam = jax.tree_util.tree_map(lambda a, b: jnp.where(fitting, a, b), (new_params, new_adam),
+                                              (params, adam))
+        slot = jnp.clip(r - num_iters, 0, num_samples - 1)
+        kept = jax.tree_util.tree_map(
+            lambda buf, pos: jnp.where(r >= num_iters, lax.dynamic_update_index_in_dim(buf, pos, slot, 0), buf),
+            kept, (v, x))
+        if show:
+            prog.report(jnp.clip(r, 0, num_iters - 1), value, every)
+        return (params, adam, v, x, kept), value
+
+    kept = (jnp.zeros((num_samples,) + vs.shape[1:], vs.dtype), jnp.zeros((num_samples,) + xs.shape[1:], xs.dtype))
+    carry = (params, _ADAM.init(params), vs[0], xs[0], kept)
+    (params, _, _, _, (v_kept, x_kept)), values = lax.scan(iteration, carry,
+                                                           (jnp.arange(total), jax.random.split(k_run, total)))
+    fitted = P.from_unconstrained(model, spec, params)
+    U = jnp.einsum("mn,snj->smj", _gram_chol(fitted), v_kept)
+    mean, tril = _sample_moments(U)
+    fitted = eqx.tree_at(lambda m: (m.inducing_mean, m.inducing_scale_tril), fitted, (mean, tril))
+    return fitted, GPSSMVIHistory(values[:num_iters], U, x_kept)
+
+
+def gpssm_particle_gibbs(key, model: AbstractSparseGPSSM, emissions, num_iters: int, *, inputs=None,
+                         num_particles: int = 32, num_samples: int = 200, learning_rate: float = 1e-2, fixed=(),
+                         progress: Optional[bool] = None) -> GPSSMVIFit:
+    """Learn a `GPSSM`'s transition function by particle Gibbs (Frigola, Lindsten, Schoen &
+    Rasmussen, NeurIPS 2013, with inducing points): a Gibbs sampler over the states and the
+    inducing outputs, with the hyperparameters learned along the way by stochastic approximation.
+
+    Each iteration:
+
+    1. x_{0:T-1} | U, y: one conditional-SMC sweep with ancestor sampling
+       (`ps.smc.conditional_smc_sequence`) on the model conditioned on U;
+    2. U | x: an exact draw from its Gaussian conditional (whitened, U = L V with L the Cholesky
+       factor of k(Z, Z));
+    3. theta (kernel, Z, Q, R, ... minus ``fixed``): one Adam step along
+       grad_theta log p(y, x, V | theta) at the draw. By Fisher's identity its expectation under
+       the sampler's target is grad log p(y | theta), so theta climbs the marginal likelihood while
+       (x, V) keep sampling its posterior.
+
+    After ``num_iters`` iterations theta is held and ``num_samples`` more iterations keep (U, x);
+    the fitted model's q(U) is set to their per-output mean and covariance.
+
+    Args:
+        key: a `jax.random` key.
+        model: the starting `GPSSM` (not modified).
+        emissions: (T, p), T >= 2; NaN entries are missing.
+        num_iters: iterations that move theta (static).
+        inputs: (T, d_u) when the model reads inputs (row t drives x_{t-1} -> x_t), else None.
+        num_particles: N >= 2 conditional-SMC particles (static).
+        num_samples: iterations kept after the fit (static).
+        learning_rate: Adam's learning rate on the unconstrained theta (> 0).
+        fixed: dotted paths held at their values (``inducing_mean`` and ``inducing_scale_tril``
+            are never learned by Adam: the samples are the posterior of U).
+        progress: progress bar (default: when num_iters >= 100).
+
+    Returns:
+        `GPSSMVIFit` ``(model, history)``: ``history.objective`` (num_iters,) is
+        log p(y, x, V | theta) at each iteration's draw (a diagnostic), ``history.inducing_outputs``
+        (num_samples, M, d_x) and ``history.states`` (num_samples, T, d_x) the kept draws; pass
+        them to `transition_function_moments`.
+
+    Raises:
+        ValueError: naming the argument, as `free_form_vi` (model, emissions, inputs, fixed), and
+            ``num_particles`` < 2, non-positive ``num_iters``, ``num_samples`` or ``learning_rate``.
+    """
+    _check_model(model)
+    num_iters = checks.positive_int(num_iters, "num_iters")
+    num_samples = checks.positive_int(num_samples, "num_samples")
+    num_particles = checks.positive_int(num_particles, "num_particles")
+    if num_particles < 2:
+        raise ValueError(f"num_particles: expected an int >= 2, got {num_particles}")
+    lr = checks.positive_float(learning_rate, "learning_rate")
+    y = _check_emissions(model, emissions)
+    u = _check_inputs(model, inputs, y.shape[0])
+    fixed = (fixed,) if isinstance(fixed, str) else tuple(fixed)
+    P.spec(model, fixed)  # unknown paths raise here, naming `fixed`
+    fixed = fixed + tuple(p for p in _Q_U_PATHS if p not in fixed)
+    if not P.spec(model, fixed).paths:
+        raise ValueError("fixed: every learnable array is fixed; nothing to fit")
+    show = prog.default_enabled(progress, num_iters)
+    with prog.progress_bar(num_iters, "GPSSM particle Gibbs", show):
+        out = _fit_particle_gibbs(model, y, u, key, jnp.asarray(lr, model.inducing_mean.dtype), fixed=fixed,
+                                  num_iters=num_iters, num_particles=num_particles, num_samples=num_samples, show=show)
+    return GPSSMVIFit(*out)

@@ -1,0 +1,123 @@
+"""Particle-Gibbs learning of a GPSSM's transition function (`ps.learn.gpssm_particle_gibbs`).
+
+Oracles: EM on the equivalent linear-Gaussian SSM for a linear-kernel GPSSM (tolerance from the
+posterior spread of the slope), and the kink function itself (acceptance: RMSE <= 0.3).
+"""
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import probssm as ps
+from probssm.models.gpssm import GPSSM, ARDLinear, ARDSquaredExponential
+
+A, Q, R, T_LIN = 0.8, 0.1, 0.1, 200
+
+
+@pytest.fixture(scope="module")
+def linear_fits():
+    truth = ps.models.LinearGaussianSSM(jnp.zeros(1), jnp.eye(1), jnp.array([[A]]), jnp.array([[Q]]), jnp.eye(1),
+                                        jnp.array([[R]]))
+    _, y = ps.sample(jax.random.PRNGKey(0), truth, T_LIN)
+    start = ps.models.LinearGaussianSSM(jnp.zeros(1), jnp.eye(1), jnp.array([[0.3]]), jnp.array([[0.3]]), jnp.eye(1),
+                                        jnp.array([[0.3]]))
+    em_fit, _ = ps.learn.em(start, y, 200, fixed=("initial_mean", "initial_cov", "emission_matrix"), progress=False)
+    # f(x) = U x exactly: one inducing input at 1 with k(x, x') = v x x' (conditional variance 0)
+    model = GPSSM(ARDLinear(jnp.ones(1)), jnp.ones((1, 1)), jnp.zeros((1, 1)), 0.3, 0.3, mean_function="zero",
+                  jitter=1e-8)
+    fit, history = ps.learn.gpssm_particle_gibbs(jax.random.PRNGKey(1), model, y, 400, num_particles=16,
+                                                 num_samples=300, learning_rate=0.02,
+                                                 fixed=("initial_mean", "initial_cov", "inducing_inputs", "kernel"),
+                                                 progress=False)
+    return em_fit, fit, history
+
+
+def test_linear_kernel_particle_gibbs_learns_the_dynamics_em_finds(linear_fits):
+    """The slope of the learned f against EM's transition coefficient, within one posterior
+    standard deviation of the slope (sd of the U draws, ~0.04; the posterior mean and the MLE differ
+    by O(1/T), and the Monte Carlo error of the mean of 300 correlated draws with an effective size
+    >= 10 is <= 0.32 sd). The noise variances within 25% (their posterior sd from 200 steps is ~10%,
+    and q and r trade off)."""
+    em_fit, fit, history = linear_fits
+    a_em = float(em_fit.transition_matrix[0, 0])
+    points = jnp.array([[-1.0], [0.5], [1.0]])
+    moments = ps.learn.transition_function_moments(fit, history.inducing_outputs, points)
+    slopes = np.asarray(moments.mean[:, 0] / points[:, 0])
+    sd = float(jnp.std(history.inducing_outputs[:, 0, 0]))
+    assert 0.01 < sd < 0.1, sd
+    assert np.all(np.abs(slopes - a_em) < sd), (slopes, a_em, sd)
+    for gp, em in [(fit.transition_noise[0], em_fit.transition_cov[0, 0]), (fit.emission_noise[0], em_fit.emission_cov[0, 0])]:
+        assert abs(float(gp) - float(em)) < 0.25 * float(em), (float(gp), float(em))
+    assert history.inducing_outputs.shape == (300, 1, 1) and history.states.shape == (300, T_LIN, 1)
+    obj = np.asarray(history.objective)
+    assert obj.shape == (400,) and obj[-40:].mean() > obj[:40].mean() + 50.0
+    # the chain moves: the kept state paths are not all the same
+    assert float(jnp.std(history.states[:, 50, 0])) > 0.01
+
+
+def kink(x):
+    return 0.8 + (x + 0.2) * (1.0 - 5.0 / (1.0 + np.exp(-2.0 * x)))
+
+
+@pytest.mark.slow
+def test_particle_gibbs_recovers_the_kink():
+    # examples/gpssm_kink.py's data (seed 0) and settings; measured RMSE 0.138, band 100%
+    rng = np.random.default_rng(0)
+    T, M = 120, 16
+    x = np.zeros(T)
+    x[0] = rng.normal()
+    for t in range(1, T):
+        x[t] = kink(x[t - 1]) + np.sqrt(0.05) * rng.normal()
+    y = (x + np.sqrt(0.1) * rng.normal(size=T))[:, None]
+    Z = jnp.linspace(float(y.min()) - 0.5, float(y.max()) + 0.5, M)[:, None]
+    start = GPSSM(ARDSquaredExponential(jnp.ones(1), 1.0), Z, jnp.zeros((M, 1)), 0.1, 0.2, mean_function="zero")
+    fit, history = ps.learn.gpssm_particle_gibbs(jax.random.PRNGKey(1), start, y, 1500, num_particles=32,
+                                                 num_samples=500, fixed=("emission_offset", "initial_mean",
+                                                                         "initial_cov"), progress=False)
+    grid = np.linspace(-3.0, 1.0, 200)
+    fm = ps.learn.transition_function_moments(fit, history.inducing_outputs, jnp.asarray(grid)[:, None])
+    rmse = float(np.sqrt(np.mean((np.asarray(fm.mean[:, 0]) - kink(grid)) ** 2)))
+    assert rmse < 0.3, rmse
+
+
+def small():
+    model = GPSSM(ARDSquaredExponential(jnp.ones(1), 1.0), jnp.linspace(-2.0, 2.0, 4)[:, None], jnp.zeros((4, 1)),
+                  0.1, 0.1, mean_function="zero")
+    rng = np.random.default_rng(3)
+    x = np.zeros(20)
+    for t in range(1, 20):
+        x[t] = np.sin(2.0 * x[t - 1]) + 0.3 * rng.normal()
+    return model, jnp.asarray((x + 0.3 * rng.normal(size=20))[:, None])
+
+
+def test_particle_gibbs_under_jit_and_vmap_and_with_missing_data():
+    model, y = small()
+    y = y.at[4, 0].set(jnp.nan)
+
+    def fit(key):
+        f, h = ps.learn.gpssm_particle_gibbs(key, model, y, 5, num_particles=4, num_samples=3, progress=False)
+        return f.transition_noise, h.objective
+
+    keys = jax.random.split(jax.random.PRNGKey(2), 2)
+    q, obj = jax.jit(jax.vmap(fit))(keys)
+    assert q.shape == (2, 1) and obj.shape == (2, 5) and np.all(np.isfinite(obj))
+    q1, obj1 = fit(keys[1])
+    np.testing.assert_allclose(q[1], q1, rtol=1e-10)
+    np.testing.assert_allclose(obj[1], obj1, rtol=1e-10)
+
+
+def test_particle_gibbs_bad_input():
+    model, y = small()
+    key = jax.random.PRNGKey(0)
+    with pytest.raises(ValueError, match="num_particles"):
+        ps.learn.gpssm_particle_gibbs(key, model, y, 3, num_particles=1)
+    with pytest.raises(ValueError, match="learning_rate"):
+        ps.learn.gpssm_particle_gibbs(key, model, y, 3, learning_rate=0.0)
+    with pytest.raises(ValueError, match="fixed"):
+        ps.learn.gpssm_particle_gibbs(key, model, y, 3, fixed=("nope",))
+    with pytest.raises(ValueError, match="emissions"):
+        ps.learn.gpssm_particle_gibbs(key, model, y[:, :, None], 3)
+    bad = eqx.tree_at(lambda m: m.transition_noise, model, -model.transition_noise)
+    with pytest.raises(ValueError, match="transition_noise"):
+        ps.learn.gpssm_particle_gibbs(key, bad, y, 3)
