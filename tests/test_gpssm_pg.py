@@ -121,3 +121,60 @@ def test_particle_gibbs_bad_input():
     bad = eqx.tree_at(lambda m: m.transition_noise, model, -model.transition_noise)
     with pytest.raises(ValueError, match="transition_noise"):
         ps.learn.gpssm_particle_gibbs(key, bad, y, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# the collapsed variant of free-form VI (U integrated out of the SGHMC target)
+# ----------------------------------------------------------------------------------------------
+def test_collapsed_log_joint_integrates_u_out():
+    from probssm.learn.gpssm_vi import collapsed_log_joint, log_joint
+
+    rng = np.random.default_rng(4)
+    T = 6
+    x, y, u = (jnp.asarray(rng.normal(size=(T, 1))) for _ in range(3))
+    # M = 1: the integral over the whitened V of exp(log p(y, x, V)) by quadrature on a fine grid
+    model = GPSSM(ARDSquaredExponential(jnp.array([0.9, 1.2]), 1.3), jnp.array([[0.2, -0.1]]), jnp.zeros((1, 1)),
+                  0.07, 0.2, input_dim=1)
+    grid = jnp.linspace(-12.0, 12.0, 48001)
+    vals = jax.vmap(lambda v: log_joint(model, jnp.reshape(v, (1, 1)), x, y, u))(grid)
+    log_integral = float(jax.scipy.special.logsumexp(vals) + jnp.log(grid[1] - grid[0]))
+    np.testing.assert_allclose(float(collapsed_log_joint(model, x, y, u)), log_integral, rtol=1e-9)
+    # M = 4, two outputs: the transitions' dense Gaussian, N(r_j; 0, K_xZ K_ZZ^-1 K_Zx + diag(within) + q_j I)
+    model = GPSSM(ARDSquaredExponential(jnp.ones(2), 0.8), jnp.asarray(rng.normal(size=(4, 2))), jnp.zeros((4, 2)),
+                  jnp.array([0.05, 0.2]), 0.3, jitter=1e-8)
+    x = jnp.asarray(rng.normal(size=(T, 2)))
+    y = jnp.asarray(rng.normal(size=(T, 1)))
+    Z = np.asarray(model.inducing_inputs)
+    X = np.asarray(x[:-1])
+    Kzz = np.asarray(model.kernel.gram(Z, Z)) + 1e-8 * np.eye(4)
+    Kxz = np.asarray(model.kernel.gram(X, Z))
+    Qxx = Kxz @ np.linalg.solve(Kzz, Kxz.T)
+    within = np.asarray(model.kernel.diag(X)) - np.diag(Qxx)
+    trans = 0.0
+    for j, q in enumerate([0.05, 0.2]):
+        r = np.asarray(x[1:, j] - x[:-1, j])  # identity mean function
+        C = Qxx + np.diag(within + q)
+        trans += -0.5 * (r @ np.linalg.solve(C, r) + np.linalg.slogdet(2 * np.pi * C)[1])
+    rest = (float(model.initial().log_prob(x[0]))
+            + sum(float(model.emission(x[t], t).log_prob(y[t])) for t in range(T)))
+    np.testing.assert_allclose(float(collapsed_log_joint(model, x, y, None)), trans + rest, rtol=1e-10)
+
+
+def test_collapsed_free_form_vi_learns_the_linear_dynamics_em_finds(linear_fits):
+    em_fit, _, _ = linear_fits
+    truth = ps.models.LinearGaussianSSM(jnp.zeros(1), jnp.eye(1), jnp.array([[A]]), jnp.array([[Q]]), jnp.eye(1),
+                                        jnp.array([[R]]))
+    _, y = ps.sample(jax.random.PRNGKey(0), truth, T_LIN)
+    model = GPSSM(ARDLinear(jnp.ones(1)), jnp.ones((1, 1)), jnp.zeros((1, 1)), 0.3, 0.3, mean_function="zero",
+                  jitter=1e-8)
+    fit, history = ps.learn.free_form_vi(jax.random.PRNGKey(1), model, y, 400, method="collapsed", learning_rate=0.02,
+                                         num_samples=100,
+                                         fixed=("initial_mean", "initial_cov", "inducing_inputs", "kernel"),
+                                         progress=False)
+    a_em = float(em_fit.transition_matrix[0, 0])
+    slope = float(jnp.mean(history.inducing_outputs[:, 0, 0]))
+    sd = float(jnp.std(history.inducing_outputs[:, 0, 0]))  # posterior sd of the slope (same tolerance as above)
+    assert 0.01 < sd < 0.1 and abs(slope - a_em) < sd, (slope, a_em, sd)
+    assert abs(float(fit.transition_noise[0]) - float(em_fit.transition_cov[0, 0])) < 0.25 * float(
+        em_fit.transition_cov[0, 0])
+    assert history.inducing_outputs.shape == (400, 1, 1)  # 4 chains x 100 kept rounds, U drawn given each x

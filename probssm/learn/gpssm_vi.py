@@ -26,6 +26,14 @@ which keeps the sampler's scales fixed while Z and the kernel move (q is then fr
         theta = Adam step along mean over chains of grad_theta log p(y, x, U | theta)
     num_samples rounds of sghmc_steps steps (theta fixed), keeping (U, x) after each
 
+Collapsed (``method="collapsed"``): U is integrated out of the chains' target, which becomes
+log p(y, x | theta) (`collapsed_log_joint`: per output a Gaussian in the transitions' residuals
+with covariance W^T W + D, evaluated by Woodbury in O(T M^2)); the chains run over x alone and
+each kept x gets one exact draw of U from its Gaussian conditional.
+
+Particle Gibbs (`gpssm_particle_gibbs`): the states by conditional SMC with ancestor sampling, U
+by its exact conditional, theta by an Adam step along the complete-data gradient at each draw.
+
 PRSSM (Doerr et al., ICML 2018): q(U) = N(m_U, S) (the model's ``inducing_mean`` and
 ``inducing_scale_tril``) and q(x) the prior's own dynamics with U integrated out per step::
 
@@ -72,7 +80,7 @@ class GPSSMVIHistory(NamedTuple):
     Attributes:
         objective: (num_iters,) per iteration: "free_form": the mean over the chains of
             log p(y, x, U | theta) (the ELBO without the entropy of q, which particles do not
-            give); "prssm": the ELBO estimate. Both computed before that iteration's Adam step.
+            give); "collapsed": the same of log p(y, x | theta); "prssm": the ELBO estimate. Both computed before that iteration's Adam step.
         inducing_outputs: (S, M, d_x) samples of U at the fitted theta ("free_form": chains x
             num_samples; "prssm": draws from q(U)).
         states: (S, T, d_x) the matching samples of x_{0:T-1} ("prssm": trajectories of q(x)).
@@ -158,6 +166,36 @@ def log_joint(model, whitened, x, y, inputs):
     return prior + _initial_log_pdf(model, x[0]) + trans + _emission_log_lik(model, x, y)
 
 
+def collapsed_log_joint(model, x, y, inputs):
+    """log p(y, x | theta) with U integrated out, x (T, d_x), y (T, p).
+
+    Given the states the transitions are a linear-Gaussian observation of the whitened U = L V,
+    V ~ N(0, I): per output j, r_j = x_{1:}[:, j] - mu_j(x_{:-1}) ~ N(0, W^T W + D_j) with
+    W = L^{-1} k(Z, x_{:-1}) (M, T-1) and D_j = diag(s_t^2 + q_j) (the conditional GP variance plus
+    the process noise). Woodbury and the matrix determinant lemma keep it O(T M^2):
+    r^T C^{-1} r = sum r^2 / D - |chol(A)^{-1} W (r / D)|^2 and log|C| = sum log D + log|A|,
+    A = I + W D^{-1} W^T.
+    """
+    L = _gram_chol(model)
+    X = _gp_inputs(model, x[:-1], None if inputs is None else inputs[1:])
+    W = solve_triangular(L, model.kernel.gram(model.inducing_inputs, X), lower=True)  # (M, T-1)
+    within = jnp.maximum(model.kernel.diag(X) - jnp.sum(W * W, axis=0), 0.0)
+    resid = x[1:] - _mean_fn(model, x[:-1])
+    q = jnp.broadcast_to(model.transition_noise, (x.shape[1],))
+    eye = jnp.eye(W.shape[0], dtype=x.dtype)
+
+    def one(r, q_j):
+        D = within + q_j
+        chol = jnp.linalg.cholesky(eye + (W / D) @ W.T)
+        b = solve_triangular(chol, W @ (r / D), lower=True)
+        quad = jnp.sum(r * r / D) - b @ b
+        logdet = jnp.sum(jnp.log(D)) + 2.0 * jnp.sum(jnp.log(jnp.diag(chol)))
+        return -0.5 * (quad + logdet + r.shape[0] * _LOG_2PI)
+
+    trans = jnp.sum(jax.vmap(one, in_axes=(1, 0))(resid, q))
+    return _initial_log_pdf(model, x[0]) + trans + _emission_log_lik(model, x, y)
+
+
 def _prssm_trajectory(model, key, num_timesteps, inputs):
     """One reparameterised trajectory of q(x): x_0 ~ N(m_1, P_1), then the U-marginal moments."""
     k0, k1 = jax.random.split(key)
@@ -224,7 +262,7 @@ def _sample_moments(U):
 
 @eqx.filter_jit
 def _fit_free_form(model, y, inputs, key, scalars, *, fixed, num_iters, num_chains, sghmc_steps, warmup_rounds,
-                   num_samples, show):
+                   num_samples, show, collapsed=False):
     step_size, friction, learning_rate = scalars
     spec = P.spec(model, fixed)
     params = P.to_unconstrained(model, spec)
@@ -235,8 +273,15 @@ def _fit_free_form(model, y, inputs, key, scalars, *, fixed, num_iters, num_chai
     first, last = warmup_rounds, warmup_rounds + num_iters   # rounds [first, last) take Adam steps
     total = last + num_samples
 
-    def target(m, position):
+    def objective(m, position):
+        if collapsed:  # log p(y, x | theta): U integrated out
+            return collapsed_log_joint(m, position[1], y, inputs)
         return log_joint(m, position[0], position[1], y, inputs)
+
+    def target(m, position):
+        if collapsed:  # V is left to its N(0, I) prior (it does not enter) and redrawn given x at the end
+            return objective(m, position) - 0.5 * jnp.sum(position[0] ** 2)
+        return objective(m, position)
 
     def sghmc_round(m, states, key):
         grad = jax.grad(lambda pos: target(m, pos))
@@ -250,7 +295,7 @@ def _fit_free_form(model, y, inputs, key, scalars, *, fixed, num_iters, num_chai
 
     def mean_target(params, positions):
         m = P.from_unconstrained(model, spec, params)
-        return jnp.mean(jax.vmap(lambda v, x: target(m, (v, x)))(*positions))
+        return jnp.mean(jax.vmap(lambda v, x: objective(m, (v, x)))(*positions))
 
     # Warm-up, fitting and keeping samples are one scan over rounds (one copy of the sampler in the
     # compiled graph): every round moves the chains; only the fitting rounds move theta, and the
@@ -277,8 +322,12 @@ def _fit_free_form(model, y, inputs, key, scalars, *, fixed, num_iters, num_chai
     (params, _, _, (vs, xs)), values = lax.scan(round_, carry, (jnp.arange(total), jax.random.split(k_run, total)))
     fitted = P.from_unconstrained(model, spec, params)
     L = _gram_chol(fitted)
-    U = jnp.einsum("mn,scnj->scmj", L, vs).reshape((-1,) + vs.shape[2:])   # (S * chains, M, d_x)
     xs = xs.reshape((-1,) + xs.shape[2:])
+    vs = vs.reshape((-1,) + vs.shape[2:])
+    if collapsed:  # U | x is Gaussian: one exact draw per kept state path
+        keys = jax.random.split(jax.random.fold_in(k_run, 1), xs.shape[0])
+        vs = jax.vmap(lambda k, x: _whitened_posterior_draw(k, fitted, x, inputs))(keys, xs)
+    U = jnp.einsum("mn,snj->smj", L, vs)   # (S * chains, M, d_x)
     mean, tril = _sample_moments(U)
     fitted = eqx.tree_at(lambda m: (m.inducing_mean, m.inducing_scale_tril), fitted, (mean, tril))
     return fitted, GPSSMVIHistory(values[first:last], U, xs)
@@ -387,7 +436,9 @@ def free_form_vi(key, model: AbstractSparseGPSSM, emissions, num_iters: int, *, 
             ``("emission_offset", "initial_mean", "initial_cov")``). For "free_form"
             ``inducing_mean`` and ``inducing_scale_tril`` are never learned by Adam (the particles
             are q(U)); they are set from the samples at the end.
-        method: "free_form" or "prssm".
+        method: "free_form", "collapsed" (the chains run over x alone, with U integrated out of
+            the target by `collapsed_log_joint`; U is drawn exactly given each kept x at the end) or
+            "prssm".
         progress: progress bar (default: when num_iters >= 100).
 
     Returns:
@@ -421,24 +472,24 @@ def free_form_vi(key, model: AbstractSparseGPSSM, emissions, num_iters: int, *, 
     lr = checks.positive_float(learning_rate, "learning_rate")
     if eps * alpha > 1.0:
         raise ValueError(f"friction: expected step_size * friction <= 1, got {eps} * {alpha} = {eps * alpha:.3g}")
-    if method not in ("free_form", "prssm"):
-        raise ValueError(f"method: expected 'free_form' or 'prssm', got {method!r}")
+    if method not in ("free_form", "collapsed", "prssm"):
+        raise ValueError(f"method: expected 'free_form', 'collapsed' or 'prssm', got {method!r}")
     y = _check_emissions(model, emissions)
     u = _check_inputs(model, inputs, y.shape[0])
     fixed = (fixed,) if isinstance(fixed, str) else tuple(fixed)
     P.spec(model, fixed)  # unknown paths raise here, naming `fixed`
-    if method == "free_form":
+    if method != "prssm":
         fixed = fixed + tuple(p for p in _Q_U_PATHS if p not in fixed)
     if not P.spec(model, fixed).paths:
         raise ValueError("fixed: every learnable array is fixed; nothing to fit")
     dtype = model.inducing_mean.dtype
     scalars = tuple(jnp.asarray(v, dtype) for v in (eps, alpha, lr))
     show = prog.default_enabled(progress, num_iters)
-    with prog.progress_bar(num_iters, "GPSSM VI" if method == "free_form" else "PRSSM", show):
-        if method == "free_form":
+    with prog.progress_bar(num_iters, "PRSSM" if method == "prssm" else "GPSSM VI", show):
+        if method != "prssm":
             out = _fit_free_form(model, y, u, key, scalars, fixed=fixed, num_iters=num_iters, num_chains=num_chains,
                                  sghmc_steps=sghmc_steps, warmup_rounds=-(-num_warmup // sghmc_steps),
-                                 num_samples=num_samples, show=show)
+                                 num_samples=num_samples, show=show, collapsed=method == "collapsed")
         else:
             out = _fit_prssm(model, y, u, key, scalars, fixed=fixed, num_iters=num_iters, num_chains=num_chains,
                              num_samples=num_samples, show=show)
