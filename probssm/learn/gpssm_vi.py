@@ -234,12 +234,13 @@ def _adam_ascent(params, grads, state, learning_rate):
     return jax.tree_util.tree_map(lambda p, u: p - learning_rate * u, params, updates), state
 
 
-def _initial_states(model, y, num_chains, key):
-    """x = C^+ (y - d) with missing entries at the offset (so they add 0), plus a small jitter per
-    chain; V = small noise. A start near the data keeps the first gradients in theta sensible."""
+def _initial_states(model, y, num_chains, key, start=None):
+    """x = ``start`` when given, else C^+ (y - d) with missing entries at the offset (so they add
+    0), plus a small jitter per chain; V = small noise. A start near the data keeps the first
+    gradients in theta sensible."""
     C = model.emission_matrix
     filled = jnp.where(jnp.isnan(y), model.emission_offset, y)
-    x = (filled - model.emission_offset) @ jnp.linalg.pinv(C).T
+    x = (filled - model.emission_offset) @ jnp.linalg.pinv(C).T if start is None else start
     kx, kv = jax.random.split(key)
     T, dx = x.shape
     M = model.num_inducing
@@ -261,13 +262,13 @@ def _sample_moments(U):
 
 
 @eqx.filter_jit
-def _fit_free_form(model, y, inputs, key, scalars, *, fixed, num_iters, num_chains, sghmc_steps, warmup_rounds,
-                   num_samples, show, collapsed=False):
+def _fit_free_form(model, y, inputs, key, scalars, start, *, fixed, num_iters, num_chains, sghmc_steps,
+                   warmup_rounds, num_samples, show, collapsed=False):
     step_size, friction, learning_rate = scalars
     spec = P.spec(model, fixed)
     params = P.to_unconstrained(model, spec)
     k_init, k_mom, k_run = jax.random.split(key, 3)
-    vs, xs = _initial_states(model, y, num_chains, k_init)
+    vs, xs = _initial_states(model, y, num_chains, k_init, start)
     states = jax.vmap(sghmc_init)(jax.random.split(k_mom, num_chains), (vs, xs))
     every = prog.report_every(num_iters)
     first, last = warmup_rounds, warmup_rounds + num_iters   # rounds [first, last) take Adam steps
@@ -409,10 +410,21 @@ def _check_inputs(model, inputs, num_timesteps):
     return u.astype(model.inducing_mean.dtype)
 
 
+def _check_initial_states(model, initial_states, num_timesteps):
+    if initial_states is None:
+        return None
+    x = jnp.asarray(initial_states)
+    dx = model.state_dim
+    if x.shape != (num_timesteps, dx):
+        raise ValueError(f"initial_states: expected shape ({num_timesteps}, {dx}) (T, d_x), got {tuple(x.shape)}")
+    checks.finite(x, "initial_states")
+    return x.astype(model.inducing_mean.dtype)
+
+
 def free_form_vi(key, model: AbstractSparseGPSSM, emissions, num_iters: int, *, inputs=None, num_chains: int = 4,
                  sghmc_steps: int = 5, num_warmup: int = 200, num_samples: int = 50, step_size: float = 0.02,
                  friction: float = 5.0, learning_rate: float = 1e-2, fixed=(), method: str = "free_form",
-                 progress: Optional[bool] = None) -> GPSSMVIFit:
+                 initial_states=None, progress: Optional[bool] = None) -> GPSSMVIFit:
     """Fit a `GPSSM` by free-form variational inference (SGHMC particles) or the PRSSM baseline.
 
     Args:
@@ -439,6 +451,8 @@ def free_form_vi(key, model: AbstractSparseGPSSM, emissions, num_iters: int, *, 
         method: "free_form", "collapsed" (the chains run over x alone, with U integrated out of
             the target by `collapsed_log_joint`; U is drawn exactly given each kept x at the end) or
             "prssm".
+        initial_states: (T, d_x) where the chains start ("free_form", "collapsed"), e.g. the
+            smoothed states of a linear-Gaussian fit; None: x = C^+ (y - d).
         progress: progress bar (default: when num_iters >= 100).
 
     Returns:
@@ -450,7 +464,7 @@ def free_form_vi(key, model: AbstractSparseGPSSM, emissions, num_iters: int, *, 
             (also after ``eqx.tree_at``); emissions not (T, model.emission_dim), T < 2, inf or all
             NaN; inputs of the wrong shape (or given to a model that reads none); num_iters < 1;
             non-positive step_size, friction or learning_rate, step_size * friction > 1; an unknown
-            method or fixed path.
+            method or fixed path; initial_states not (T, d_x) or not finite.
 
     The first call compiles; later calls with data and settings of the same shapes (new values of
     the data, key, step_size, friction, learning_rate included) reuse the compiled loop.
@@ -476,6 +490,7 @@ def free_form_vi(key, model: AbstractSparseGPSSM, emissions, num_iters: int, *, 
         raise ValueError(f"method: expected 'free_form', 'collapsed' or 'prssm', got {method!r}")
     y = _check_emissions(model, emissions)
     u = _check_inputs(model, inputs, y.shape[0])
+    start = _check_initial_states(model, initial_states, y.shape[0])
     fixed = (fixed,) if isinstance(fixed, str) else tuple(fixed)
     P.spec(model, fixed)  # unknown paths raise here, naming `fixed`
     if method != "prssm":
@@ -487,7 +502,7 @@ def free_form_vi(key, model: AbstractSparseGPSSM, emissions, num_iters: int, *, 
     show = prog.default_enabled(progress, num_iters)
     with prog.progress_bar(num_iters, "PRSSM" if method == "prssm" else "GPSSM VI", show):
         if method != "prssm":
-            out = _fit_free_form(model, y, u, key, scalars, fixed=fixed, num_iters=num_iters, num_chains=num_chains,
+            out = _fit_free_form(model, y, u, key, scalars, start, fixed=fixed, num_iters=num_iters, num_chains=num_chains,
                                  sghmc_steps=sghmc_steps, warmup_rounds=-(-num_warmup // sghmc_steps),
                                  num_samples=num_samples, show=show, collapsed=method == "collapsed")
         else:
@@ -631,12 +646,12 @@ def _whitened_posterior_draw(key, model, x, inputs):
 
 
 @eqx.filter_jit
-def _fit_particle_gibbs(model, y, inputs, key, learning_rate, *, fixed, num_iters, num_particles, num_samples,
-                        show):
+def _fit_particle_gibbs(model, y, inputs, key, learning_rate, start, *, fixed, num_iters, num_particles,
+                        num_samples, show):
     spec = P.spec(model, fixed)
     params = P.to_unconstrained(model, spec)
     k_init, k_run = jax.random.split(key)
-    vs, xs = _initial_states(model, y, 1, k_init)
+    vs, xs = _initial_states(model, y, 1, k_init, start)
     every = prog.report_every(num_iters)
     total = num_iters + num_samples
 
@@ -679,7 +694,7 @@ def _fit_particle_gibbs(model, y, inputs, key, learning_rate, *, fixed, num_iter
 
 def gpssm_particle_gibbs(key, model: AbstractSparseGPSSM, emissions, num_iters: int, *, inputs=None,
                          num_particles: int = 32, num_samples: int = 200, learning_rate: float = 1e-2, fixed=(),
-                         progress: Optional[bool] = None) -> GPSSMVIFit:
+                         initial_states=None, progress: Optional[bool] = None) -> GPSSMVIFit:
     """Learn a `GPSSM`'s transition function by particle Gibbs (Frigola, Lindsten, Schoen &
     Rasmussen, NeurIPS 2013, with inducing points): a Gibbs sampler over the states and the
     inducing outputs, with the hyperparameters learned along the way by stochastic approximation.
@@ -709,6 +724,7 @@ def gpssm_particle_gibbs(key, model: AbstractSparseGPSSM, emissions, num_iters: 
         learning_rate: Adam's learning rate on the unconstrained theta (> 0).
         fixed: dotted paths held at their values (``inducing_mean`` and ``inducing_scale_tril``
             are never learned by Adam: the samples are the posterior of U).
+        initial_states: (T, d_x) the first reference path; None: x = C^+ (y - d).
         progress: progress bar (default: when num_iters >= 100).
 
     Returns:
@@ -718,8 +734,9 @@ def gpssm_particle_gibbs(key, model: AbstractSparseGPSSM, emissions, num_iters: 
         them to `transition_function_moments`.
 
     Raises:
-        ValueError: naming the argument, as `free_form_vi` (model, emissions, inputs, fixed), and
-            ``num_particles`` < 2, non-positive ``num_iters``, ``num_samples`` or ``learning_rate``.
+        ValueError: naming the argument, as `free_form_vi` (model, emissions, inputs, fixed,
+            initial_states), and ``num_particles`` < 2, non-positive ``num_iters``, ``num_samples``
+            or ``learning_rate``.
     """
     _check_model(model)
     num_iters = checks.positive_int(num_iters, "num_iters")
@@ -730,6 +747,7 @@ def gpssm_particle_gibbs(key, model: AbstractSparseGPSSM, emissions, num_iters: 
     lr = checks.positive_float(learning_rate, "learning_rate")
     y = _check_emissions(model, emissions)
     u = _check_inputs(model, inputs, y.shape[0])
+    start = _check_initial_states(model, initial_states, y.shape[0])
     fixed = (fixed,) if isinstance(fixed, str) else tuple(fixed)
     P.spec(model, fixed)  # unknown paths raise here, naming `fixed`
     fixed = fixed + tuple(p for p in _Q_U_PATHS if p not in fixed)
@@ -737,6 +755,6 @@ def gpssm_particle_gibbs(key, model: AbstractSparseGPSSM, emissions, num_iters: 
         raise ValueError("fixed: every learnable array is fixed; nothing to fit")
     show = prog.default_enabled(progress, num_iters)
     with prog.progress_bar(num_iters, "GPSSM particle Gibbs", show):
-        out = _fit_particle_gibbs(model, y, u, key, jnp.asarray(lr, model.inducing_mean.dtype), fixed=fixed,
+        out = _fit_particle_gibbs(model, y, u, key, jnp.asarray(lr, model.inducing_mean.dtype), start, fixed=fixed,
                                   num_iters=num_iters, num_particles=num_particles, num_samples=num_samples, show=show)
     return GPSSMVIFit(*out)
