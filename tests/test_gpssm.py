@@ -235,7 +235,7 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
     with pytest.raises(ValueError, match="inducing_scale_tril"):
         GPSSM(k, Z, mU, 0.1, 0.1, inducing_scale_tril=np.eye(3)[None])      # (1, M, M): d_x = 2
     with pytest.raises(ValueError, match="mean_function"):
-        GPSSM(k, Z, mU, 0.1, 0.1, mean_function="linear")
+        GPSSM(k, Z, mU, 0.1, 0.1, mean_function="quadratic")
     with pytest.raises(ValueError, match="inducing_outputs"):
         GPSSM(k, Z, mU, 0.1, 0.1).with_inducing_outputs(np.zeros((2, 2)))
     # checks where inference starts: a model changed by eqx.tree_at

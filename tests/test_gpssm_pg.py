@@ -217,3 +217,39 @@ def test_initial_states_start_the_chains():
         ps.learn.gpssm_particle_gibbs(jax.random.PRNGKey(3), model, y, 4, initial_states=y[:-1])
     with pytest.raises(ValueError, match="initial_states"):
         ps.learn.free_form_vi(jax.random.PRNGKey(3), model, y, 4, initial_states=y.at[0, 0].set(jnp.nan))
+
+
+# ----------------------------------------------------------------------------------------------
+# the linear mean function f(x, u) = A [x; u] + b + g(x, u)
+# ----------------------------------------------------------------------------------------------
+def test_linear_mean_function_matches_the_protocol_and_reduces_to_identity():
+    from probssm.learn.gpssm_vi import collapsed_log_joint, log_joint
+
+    rng = np.random.default_rng(5)
+    T, M = 6, 5
+    kern = ARDSquaredExponential(jnp.array([0.8, 1.1, 1.3]), 1.2)
+    Z = jnp.asarray(rng.normal(size=(M, 3)))
+    common = dict(input_dim=1, initial_mean=jnp.array([0.2, -0.1]))
+    V, x = jnp.asarray(rng.normal(size=(M, 2))), jnp.asarray(rng.normal(size=(T, 2)))
+    y, u = jnp.asarray(rng.normal(size=(T, 1))), jnp.asarray(rng.normal(size=(T, 1)))
+    ident = GPSSM(kern, Z, jnp.zeros((M, 2)), 0.07, 0.2, **common)
+    lin0 = GPSSM(kern, Z, jnp.zeros((M, 2)), 0.07, 0.2, mean_function="linear", **common)  # A = [I 0], b = 0
+    for fn in (lambda m: log_joint(m, V, x, y, u), lambda m: collapsed_log_joint(m, x, y, u)):
+        np.testing.assert_allclose(float(fn(lin0)), float(fn(ident)), rtol=1e-12)
+    A, b = jnp.asarray(rng.normal(size=(2, 3))), jnp.asarray(rng.normal(size=2))
+    lin = GPSSM(kern, Z, jnp.zeros((M, 2)), 0.07, 0.2, mean_function="linear", mean_weights=A, mean_offset=b,
+                **common)
+    L = np.linalg.cholesky(np.asarray(kern.gram(Z, Z)) + lin.jitter * np.eye(M))
+    m = lin.with_inducing_outputs(jnp.asarray(L) @ V)
+    expected = (-0.5 * float(jnp.sum(V ** 2)) - 0.5 * V.size * np.log(2 * np.pi) + float(m.initial().log_prob(x[0]))
+                + sum(float(m.transition(x[t - 1], t, u[t]).log_prob(x[t])) for t in range(1, T))
+                + sum(float(m.emission(x[t], t).log_prob(y[t])) for t in range(T)))
+    np.testing.assert_allclose(float(log_joint(lin, V, x, y, u)), expected, rtol=1e-10)
+    # the mean itself: A [x; u] + b plus the GP conditional mean
+    mean, _ = lin.conditional_moments(x[0], u[1], jnp.zeros((M, 2)))
+    np.testing.assert_allclose(mean, A @ jnp.concatenate([x[0], u[1]]) + b, rtol=1e-12)
+    with pytest.raises(ValueError, match="mean_weights"):
+        GPSSM(kern, Z, jnp.zeros((M, 2)), 0.07, 0.2, mean_weights=A, **common)
+    bad = eqx.tree_at(lambda mm: mm.mean_weights, lin, A[:, :2])
+    with pytest.raises(ValueError, match="mean_weights"):
+        ps.learn.gpssm_particle_gibbs(jax.random.PRNGKey(0), bad, y, 2, inputs=u)

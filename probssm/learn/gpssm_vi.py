@@ -127,7 +127,10 @@ def _gp_inputs(model, x_prev, u_next):
     return x_prev if model.num_inputs == 0 else jnp.concatenate([x_prev, u_next.astype(x_prev.dtype)], axis=-1)
 
 
-def _mean_fn(model, x):
+def _mean_fn(model, x, X):
+    """mu at the states x (N, d_x) with GP inputs X (N, d_x + d_u) (the linear mean reads X)."""
+    if model.mean_function == "linear":
+        return X @ model.mean_weights.T + model.mean_offset
     return x if model.mean_function == "identity" else jnp.zeros_like(x)
 
 
@@ -159,7 +162,7 @@ def log_joint(model, whitened, x, y, inputs):
     L = _gram_chol(model)
     X = _gp_inputs(model, x[:-1], None if inputs is None else inputs[1:])
     W = solve_triangular(L, model.kernel.gram(model.inducing_inputs, X), lower=True)  # L^{-1} K_Zx  (M, T-1)
-    mean = _mean_fn(model, x[:-1]) + W.T @ whitened                                    # a^T U = W^T V
+    mean = _mean_fn(model, x[:-1], X) + W.T @ whitened                                    # a^T U = W^T V
     var = jnp.maximum(model.kernel.diag(X) - jnp.sum(W * W, axis=0), 0.0)[:, None] + model.transition_noise
     prior = -0.5 * jnp.sum(whitened ** 2) - 0.5 * whitened.size * _LOG_2PI
     trans = jnp.sum(_normal_logpdf(x[1:], mean, var))
@@ -180,7 +183,7 @@ def collapsed_log_joint(model, x, y, inputs):
     X = _gp_inputs(model, x[:-1], None if inputs is None else inputs[1:])
     W = solve_triangular(L, model.kernel.gram(model.inducing_inputs, X), lower=True)  # (M, T-1)
     within = jnp.maximum(model.kernel.diag(X) - jnp.sum(W * W, axis=0), 0.0)
-    resid = x[1:] - _mean_fn(model, x[:-1])
+    resid = x[1:] - _mean_fn(model, x[:-1], X)
     q = jnp.broadcast_to(model.transition_noise, (x.shape[1],))
     eye = jnp.eye(W.shape[0], dtype=x.dtype)
 
@@ -518,7 +521,7 @@ def _function_moments(model, U, X):
     A = solve_triangular(L.T, W, lower=False)                                          # K_ZZ^{-1} K_ZX
     within = jnp.maximum(model.kernel.diag(X) - jnp.sum(W * W, axis=0), 0.0)           # (N,)
     means = jnp.einsum("mn,smj->snj", A, U)                                            # (S, N, d_x)
-    base = _mean_fn(model, X[:, :model.state_dim])
+    base = _mean_fn(model, X[:, :model.state_dim], X)
     return FunctionMoments(base + jnp.mean(means, axis=0), within[:, None] + jnp.var(means, axis=0))
 
 
@@ -631,7 +634,7 @@ def _whitened_posterior_draw(key, model, x, inputs):
     X = _gp_inputs(model, x[:-1], None if inputs is None else inputs[1:])
     W = solve_triangular(L, model.kernel.gram(model.inducing_inputs, X), lower=True)  # (M, T-1)
     within = jnp.maximum(model.kernel.diag(X) - jnp.sum(W * W, axis=0), 0.0)
-    resid = x[1:] - _mean_fn(model, x[:-1])  # (T-1, d_x)
+    resid = x[1:] - _mean_fn(model, x[:-1], X)  # (T-1, d_x)
     dx, M = x.shape[1], W.shape[0]
     q = jnp.broadcast_to(model.transition_noise, (dx,))
     eye = jnp.eye(M, dtype=x.dtype)

@@ -296,7 +296,11 @@ class GPSSM(AbstractSparseGPSSM):
         emission_matrix: C (p, d_x); None: e_1^T (1, d_x), the first state coordinate.
         emission_offset: d (p,), default zeros.
         learn_emission_matrix: False (default): C is fixed (not a learnable parameter).
-        mean_function: "identity" (default, f(x) = x + g(x)) or "zero" (f = g).
+        mean_function: "identity" (default, f(x) = x + g(x)), "zero" (f = g) or "linear"
+            (f(x, u) = A [x; u] + b + g(x, u), with A = ``mean_weights`` and b = ``mean_offset``
+            learnable: a linear-Gaussian model when g = 0, so a GP fit can start at a linear one).
+        mean_weights: A (d_x, d_x + d_u) of the linear mean function; default [I 0].
+        mean_offset: b (d_x,) of the linear mean function; default zeros.
         jitter: added to the diagonal of k(Z, Z) (absolute, static), default 1e-6.
 
     Raises:
@@ -324,6 +328,8 @@ class GPSSM(AbstractSparseGPSSM):
     emission_offset: jax.Array = eqx.field(metadata=REAL)
     emission_noise: jax.Array = eqx.field(metadata=POSITIVE)
     inducing_sample: Optional[jax.Array]  # the U the transition conditions on; None: m_U
+    mean_weights: Optional[jax.Array] = eqx.field(metadata=REAL)  # "linear" mean function only
+    mean_offset: Optional[jax.Array] = eqx.field(metadata=REAL)
     num_inputs: int = eqx.field(static=True)
     mean_function: str = eqx.field(static=True)
     jitter: float = eqx.field(static=True)
@@ -331,7 +337,7 @@ class GPSSM(AbstractSparseGPSSM):
     def __init__(self, kernel, inducing_inputs, inducing_mean, transition_noise, emission_noise, *,
                  inducing_scale_tril=None, input_dim: int = 0, initial_mean=None, initial_cov=None,
                  emission_matrix=None, emission_offset=None, learn_emission_matrix: bool = False,
-                 mean_function: str = "identity", jitter: float = 1e-6):
+                 mean_function: str = "identity", jitter: float = 1e-6, mean_weights=None, mean_offset=None):
         kernel = _as_input_kernel(kernel)
         input_dim = _check_input_dim(input_dim)
         mU = checks.array(_float(inducing_mean, "inducing_mean"), "inducing_mean", (2,), "(M, d_x)")
@@ -342,8 +348,11 @@ class GPSSM(AbstractSparseGPSSM):
         Z = checks.array(_float(inducing_inputs, "inducing_inputs", dtype), "inducing_inputs", (2,), "(M, d_x + d_u)")
         checks.shape(Z, "inducing_inputs", (M, dx + input_dim),
                      f"(M, d_x + d_u) = ({M}, {dx + input_dim}) (M from inducing_mean, d_x = {dx}, d_u = input_dim = {input_dim})")
-        if mean_function not in ("identity", "zero"):
-            raise ValueError(f"mean_function: expected 'identity' or 'zero', got {mean_function!r}")
+        if mean_function not in ("identity", "zero", "linear"):
+            raise ValueError(f"mean_function: expected 'identity', 'zero' or 'linear', got {mean_function!r}")
+        if mean_function != "linear" and (mean_weights is not None or mean_offset is not None):
+            raise ValueError("mean_weights: only the 'linear' mean function has weights and an offset; "
+                             f"got mean_function={mean_function!r}")
         if not isinstance(jitter, (int, float)) or isinstance(jitter, bool) or not (jitter >= 0 and np.isfinite(jitter)):
             raise ValueError(f"jitter: expected a non-negative finite number, got {jitter!r}")
         if not isinstance(learn_emission_matrix, (bool, np.bool_)):
@@ -369,6 +378,13 @@ class GPSSM(AbstractSparseGPSSM):
         self.emission_offset = d
         self.emission_noise = r
         self.inducing_sample = None
+        if mean_function == "linear":
+            default = jnp.concatenate([jnp.eye(dx, dtype=dtype), jnp.zeros((dx, input_dim), dtype)], axis=1)
+            self.mean_weights = default if mean_weights is None else _float(mean_weights, "mean_weights", dtype)
+            self.mean_offset = (jnp.zeros(dx, dtype) if mean_offset is None
+                                else _float(mean_offset, "mean_offset", dtype))
+        else:
+            self.mean_weights = self.mean_offset = None
         self.num_inputs = input_dim
         self.mean_function = mean_function
         self.jitter = float(jitter)
@@ -410,7 +426,10 @@ class GPSSM(AbstractSparseGPSSM):
         K = self.kernel.gram(Z, Z) + self.jitter * jnp.eye(Z.shape[0], dtype=Z.dtype)
         return jnp.linalg.cholesky(K)
 
-    def _mean_fn(self, z_prev):
+    def _mean_fn(self, z_prev, x):
+        """mu at z_prev; ``x`` the GP input (z_prev, u) the linear mean reads."""
+        if self.mean_function == "linear":
+            return self.mean_weights @ x + self.mean_offset
         return z_prev if self.mean_function == "identity" else jnp.zeros_like(z_prev)
 
     def conditional_moments(self, z_prev, inputs=None, inducing_outputs=None):
@@ -424,7 +443,7 @@ class GPSSM(AbstractSparseGPSSM):
         v = solve_triangular(L, kzx, lower=True)
         a = cho_solve((L, True), kzx)
         var = jnp.maximum(self.kernel.diag(x)[0] - v @ v, 0.0)
-        return self._mean_fn(z_prev) + a @ U, jnp.full((self.state_dim,), var)
+        return self._mean_fn(z_prev, x[0]) + a @ U, jnp.full((self.state_dim,), var)
 
     def marginal_moments(self, z_prev, inputs=None):
         """Mean (d_x,) and variance (d_x,) of f(x_{t-1}, u_t) with U integrated out under q(U)
@@ -502,6 +521,11 @@ def _check_gpssm_arrays(model: GPSSM, name: str) -> None:
     checks.finite(model.inducing_inputs, f"{name}.inducing_inputs")
     checks.finite(model.inducing_mean, f"{name}.inducing_mean")
     checks.finite(L, f"{name}.inducing_scale_tril")
+    if model.mean_function == "linear":
+        checks.shape(model.mean_weights, f"{name}.mean_weights", (dx, D), f"(d_x, d_x + d_u) = ({dx}, {D})")
+        checks.shape(model.mean_offset, f"{name}.mean_offset", (dx,), f"({dx},)")
+        checks.finite(model.mean_weights, f"{name}.mean_weights")
+        checks.finite(model.mean_offset, f"{name}.mean_offset")
     if model.inducing_sample is not None:
         checks.shape(model.inducing_sample, f"{name}.inducing_sample", (M, dx), f"(M, d_x) = ({M}, {dx})")
         checks.finite(model.inducing_sample, f"{name}.inducing_sample")
