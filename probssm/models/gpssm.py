@@ -8,8 +8,9 @@ GPSSM (Frigola et al. 2014; Fan, Bonilla, O'Kane, Sisson, ICML 2023)::
 
 with one independent GP g_j ~ GP(0, k) per state dimension j (one kernel and one set of inducing
 inputs shared by all outputs), mean function ``mu`` the identity by default (so f(x) = x + g(x),
-as the system-identification papers write the residual dynamics) or zero. The GP is represented
-by M inducing inputs Z (M, d_x + d_u) and inducing outputs U = g(Z) (M, d_x) with a variational
+as the system-identification papers write the residual dynamics), zero, or linear,
+mu(x, u) = A [x; u] + b with A and b learnable (the model is then linear-Gaussian when g = 0).
+The GP is represented by M inducing inputs Z (M, d_x + d_u) and inducing outputs U = g(Z) (M, d_x) with a variational
 Gaussian ``q(U) = prod_j N(U[:, j]; m_j, L_j L_j^T)`` (``inducing_mean`` (M, d_x), ``inducing_scale_tril``
 (d_x, M, M)). Given U the transition is the sparse-GP predictive conditional p(g(x) | U)::
 
