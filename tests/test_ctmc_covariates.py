@@ -103,10 +103,12 @@ def test_mle_with_a_group_indicator_equals_separate_fits_per_group():
     times = np.tile(grid, (300, 1))
     states = np.concatenate(data)
     group = np.repeat([0.0, 1.0], 150)[:, None]
-    fitted, _ = ps.learn.mle(start, (times, states, group), 300, progress=False)
+    # L-BFGS converges here by step ~22 (the log-likelihood is then constant to 1e-9), so 60 steps leave a 3x
+    # margin; the fitted generators equal those after 300 steps to machine precision
+    fitted, _ = ps.learn.mle(start, (times, states, group), 60, progress=False)
     base = ps.models.MarkovJumpProcess(G0, PI, structure=structure)
     for g in range(2):
-        own, _ = ps.learn.mle(base, (times[:150], data[g]), 300, progress=False)
+        own, _ = ps.learn.mle(base, (times[:150], data[g]), 60, progress=False)
         got = np.asarray(fitted.generator(np.array([float(g)])))
         np.testing.assert_allclose(got, np.asarray(own.generator()), rtol=1e-5, atol=1e-8)
 
