@@ -5,6 +5,17 @@ import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 
+# Most of the suite's time is XLA compilation. A persistent compilation cache (keyed by the
+# compiled program, the compile options and the backend, so a hit is the same executable) lets
+# repeated runs, the xdist workers, the sharding subprocesses and the tutorial kernels reuse what
+# was compiled before. Set through the environment so those child processes inherit it;
+# PROBSSM_TEST_XLA_CACHE=0 turns it off, PROBSSM_TEST_XLA_CACHE=<dir> moves it.
+_xla_cache = os.environ.get("PROBSSM_TEST_XLA_CACHE",
+                            os.path.join(os.path.expanduser("~"), ".cache", "probssm-tests-xla"))
+if _xla_cache != "0":
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _xla_cache)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
 import jax
 
 jax.config.update("jax_enable_x64", True)
