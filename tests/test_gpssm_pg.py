@@ -10,27 +10,20 @@ import numpy as np
 import pytest
 
 import probssm as ps
-from probssm.models.gpssm import GPSSM, ARDLinear, ARDSquaredExponential
+from probssm.models.gpssm import GPSSM, ARDSquaredExponential
+from test_gpssm_vi import linear_problem
 
-A, Q, R, T_LIN = 0.8, 0.1, 0.1, 200
+T_LIN = 200  # the length of test_gpssm_vi.linear_problem's data
 
 
 @pytest.fixture(scope="module")
 def linear_fits():
-    truth = ps.models.LinearGaussianSSM(jnp.zeros(1), jnp.eye(1), jnp.array([[A]]), jnp.array([[Q]]), jnp.eye(1),
-                                        jnp.array([[R]]))
-    _, y = ps.sample(jax.random.PRNGKey(0), truth, T_LIN)
-    start = ps.models.LinearGaussianSSM(jnp.zeros(1), jnp.eye(1), jnp.array([[0.3]]), jnp.array([[0.3]]), jnp.eye(1),
-                                        jnp.array([[0.3]]))
-    em_fit, _ = ps.learn.em(start, y, 200, fixed=("initial_mean", "initial_cov", "emission_matrix"), progress=False)
-    # f(x) = U x exactly: one inducing input at 1 with k(x, x') = v x x' (conditional variance 0)
-    model = GPSSM(ARDLinear(jnp.ones(1)), jnp.ones((1, 1)), jnp.zeros((1, 1)), 0.3, 0.3, mean_function="zero",
-                  jitter=1e-8)
+    y, em_fit, model = linear_problem()
     fit, history = ps.learn.gpssm_particle_gibbs(jax.random.PRNGKey(1), model, y, 400, num_particles=16,
                                                  num_samples=300, learning_rate=0.02,
                                                  fixed=("initial_mean", "initial_cov", "inducing_inputs", "kernel"),
                                                  progress=False)
-    return em_fit, fit, history
+    return em_fit, fit, history, y
 
 
 def test_linear_kernel_particle_gibbs_learns_the_dynamics_em_finds(linear_fits):
@@ -39,7 +32,7 @@ def test_linear_kernel_particle_gibbs_learns_the_dynamics_em_finds(linear_fits):
     by O(1/T), and the Monte Carlo error of the mean of 300 correlated draws with an effective size
     >= 10 is <= 0.32 sd). The noise variances within 25% (their posterior sd from 200 steps is ~10%,
     and q and r trade off)."""
-    em_fit, fit, history = linear_fits
+    em_fit, fit, history, _ = linear_fits
     a_em = float(em_fit.transition_matrix[0, 0])
     points = jnp.array([[-1.0], [0.5], [1.0]])
     moments = ps.learn.transition_function_moments(fit, history.inducing_outputs, points)
@@ -182,12 +175,8 @@ def test_collapsed_log_joint_integrates_u_out():
 
 
 def test_collapsed_free_form_vi_learns_the_linear_dynamics_em_finds(linear_fits):
-    em_fit, _, _ = linear_fits
-    truth = ps.models.LinearGaussianSSM(jnp.zeros(1), jnp.eye(1), jnp.array([[A]]), jnp.array([[Q]]), jnp.eye(1),
-                                        jnp.array([[R]]))
-    _, y = ps.sample(jax.random.PRNGKey(0), truth, T_LIN)
-    model = GPSSM(ARDLinear(jnp.ones(1)), jnp.ones((1, 1)), jnp.zeros((1, 1)), 0.3, 0.3, mean_function="zero",
-                  jitter=1e-8)
+    em_fit, _, _, y = linear_fits
+    model = linear_problem()[2]
     fit, history = ps.learn.free_form_vi(jax.random.PRNGKey(1), model, y, 400, method="collapsed", learning_rate=0.02,
                                          num_samples=100,
                                          fixed=("initial_mean", "initial_cov", "inducing_inputs", "kernel"),

@@ -82,17 +82,24 @@ def test_log_joint_equals_protocol_densities_and_drops_missing_entries():
 A, Q, R, T_LIN = 0.8, 0.1, 0.1, 200
 
 
-@pytest.fixture(scope="module")
-def linear_fits():
+def linear_problem():
+    """Data from x_t = A x_{t-1} + N(0, Q), y_t = x_t + N(0, R); EM's fit of the linear-Gaussian SSM;
+    and a GPSSM whose f(x) = U x exactly (one inducing input at 1, k(x, x') = v x x': conditional
+    variance 0). Shared with tests/test_gpssm_pg.py."""
     truth = ps.models.LinearGaussianSSM(jnp.zeros(1), jnp.eye(1), jnp.array([[A]]), jnp.array([[Q]]), jnp.eye(1),
                                         jnp.array([[R]]))
     _, y = ps.sample(jax.random.PRNGKey(0), truth, T_LIN)
     start = ps.models.LinearGaussianSSM(jnp.zeros(1), jnp.eye(1), jnp.array([[0.3]]), jnp.array([[0.3]]), jnp.eye(1),
                                         jnp.array([[0.3]]))
     em_fit, _ = ps.learn.em(start, y, 200, fixed=("initial_mean", "initial_cov", "emission_matrix"), progress=False)
-    # f(x) = U x exactly: one inducing input at 1 with k(x, x') = v x x' (conditional variance 0)
     model = GPSSM(ARDLinear(jnp.ones(1)), jnp.ones((1, 1)), jnp.zeros((1, 1)), 0.3, 0.3, mean_function="zero",
                   jitter=1e-8)
+    return y, em_fit, model
+
+
+@pytest.fixture(scope="module")
+def linear_fits():
+    y, em_fit, model = linear_problem()
     fit, history = free_form_vi(jax.random.PRNGKey(1), model, y, 400, learning_rate=0.02, num_samples=100,
                                 fixed=("initial_mean", "initial_cov", "inducing_inputs", "kernel"), progress=False)
     return em_fit, fit, history
