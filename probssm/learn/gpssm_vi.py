@@ -152,6 +152,19 @@ def _initial_log_pdf(model, x0):
     return -0.5 * (x0.shape[0] * _LOG_2PI + w @ w) - jnp.sum(jnp.log(jnp.diag(L)))
 
 
+def _transition_terms(model, x, inputs):
+    """The transitions x_{t-1} -> x_t given x (T, d_x) as a regression on the whitened U = L V:
+    x_t - mu(x_{t-1}) = W[:, t]^T V + N(0, within_t + q), with W = L^{-1} k(Z, X) (M, T-1), X the
+    GP inputs (x_{t-1}, u_t), within the sparse-GP conditional variance. Returns (W, within,
+    residuals (T-1, d_x), q (d_x,))."""
+    L = _gram_chol(model)
+    X = _gp_inputs(model, x[:-1], None if inputs is None else inputs[1:])
+    W = solve_triangular(L, model.kernel.gram(model.inducing_inputs, X), lower=True)
+    within = jnp.maximum(model.kernel.diag(X) - jnp.sum(W * W, axis=0), 0.0)
+    resid = x[1:] - _mean_fn(model, x[:-1], X)
+    return W, within, resid, jnp.broadcast_to(model.transition_noise, (x.shape[1],))
+
+
 def log_joint(model, whitened, x, y, inputs):
     """log p(y, x, U | theta) with U = L V (``whitened`` V (M, d_x)), x (T, d_x), y (T, p).
 
@@ -159,13 +172,9 @@ def log_joint(model, whitened, x, y, inputs):
     which does not depend on (V, x), so both target the same posterior. The transitions are
     independent given x, so all T-1 of them are evaluated at once (no scan).
     """
-    L = _gram_chol(model)
-    X = _gp_inputs(model, x[:-1], None if inputs is None else inputs[1:])
-    W = solve_triangular(L, model.kernel.gram(model.inducing_inputs, X), lower=True)  # L^{-1} K_Zx  (M, T-1)
-    mean = _mean_fn(model, x[:-1], X) + W.T @ whitened                                    # a^T U = W^T V
-    var = jnp.maximum(model.kernel.diag(X) - jnp.sum(W * W, axis=0), 0.0)[:, None] + model.transition_noise
+    W, within, resid, q = _transition_terms(model, x, inputs)
     prior = -0.5 * jnp.sum(whitened ** 2) - 0.5 * whitened.size * _LOG_2PI
-    trans = jnp.sum(_normal_logpdf(x[1:], mean, var))
+    trans = jnp.sum(_normal_logpdf(resid, W.T @ whitened, within[:, None] + q))  # a^T U = W^T V
     return prior + _initial_log_pdf(model, x[0]) + trans + _emission_log_lik(model, x, y)
 
 
@@ -179,12 +188,7 @@ def collapsed_log_joint(model, x, y, inputs):
     r^T C^{-1} r = sum r^2 / D - |chol(A)^{-1} W (r / D)|^2 and log|C| = sum log D + log|A|,
     A = I + W D^{-1} W^T.
     """
-    L = _gram_chol(model)
-    X = _gp_inputs(model, x[:-1], None if inputs is None else inputs[1:])
-    W = solve_triangular(L, model.kernel.gram(model.inducing_inputs, X), lower=True)  # (M, T-1)
-    within = jnp.maximum(model.kernel.diag(X) - jnp.sum(W * W, axis=0), 0.0)
-    resid = x[1:] - _mean_fn(model, x[:-1], X)
-    q = jnp.broadcast_to(model.transition_noise, (x.shape[1],))
+    W, within, resid, q = _transition_terms(model, x, inputs)
     eye = jnp.eye(W.shape[0], dtype=x.dtype)
 
     def one(r, q_j):
@@ -630,13 +634,8 @@ def _whitened_posterior_draw(key, model, x, inputs):
     x_t[j] - mu_j(x_{t-1}) = w_t^T V[:, j] + N(0, s_t^2 + q_j) with w_t = L^{-1} k(Z, x_{t-1}) and
     s_t^2 the sparse-GP conditional variance, so V[:, j] | x ~ N(A^{-1} W D^{-1} r_j, A^{-1}) with
     A = I + W D^{-1} W^T (one M x M Cholesky per output)."""
-    L = _gram_chol(model)
-    X = _gp_inputs(model, x[:-1], None if inputs is None else inputs[1:])
-    W = solve_triangular(L, model.kernel.gram(model.inducing_inputs, X), lower=True)  # (M, T-1)
-    within = jnp.maximum(model.kernel.diag(X) - jnp.sum(W * W, axis=0), 0.0)
-    resid = x[1:] - _mean_fn(model, x[:-1], X)  # (T-1, d_x)
+    W, within, resid, q = _transition_terms(model, x, inputs)
     dx, M = x.shape[1], W.shape[0]
-    q = jnp.broadcast_to(model.transition_noise, (dx,))
     eye = jnp.eye(M, dtype=x.dtype)
 
     def one(r_j, q_j, k):
