@@ -423,8 +423,9 @@ def _fit_particle(key, model, ys, lengths, step_exponent, *, num_iters, num_part
             prog.report(i, ll, prog.report_every(num_iters))
         return (_m_step_totals(m, acc, fixed), refs, acc), ll
 
-    _, tot0, _ = totals(model, refs0, key_init)  # only for the statistics' shapes (scaled by 0: gamma_0 = 1)
-    acc0 = jax.tree_util.tree_map(jnp.zeros_like, tot0)
+    # zero running statistics (gamma_0 = 1 overwrites them); eval_shape: no sweep is run for the shapes
+    shapes = jax.eval_shape(lambda: totals(model, refs0, key_init)[1])
+    acc0 = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     (fitted, _, _), history = lax.scan(step, (model, refs0, acc0),
                                        (jnp.arange(num_iters), jax.random.split(key_iters, num_iters)))
     return fitted, history
