@@ -242,3 +242,19 @@ def test_linear_mean_function_matches_the_protocol_and_reduces_to_identity():
     bad = eqx.tree_at(lambda mm: mm.mean_weights, lin, A[:, :2])
     with pytest.raises(ValueError, match="mean_weights"):
         ps.learn.gpssm_particle_gibbs(jax.random.PRNGKey(0), bad, y, 2, inputs=u)
+
+
+def test_collapsed_under_jit_and_vmap_and_a_bad_tree_at_model():
+    model, y = small()
+    kw = dict(method="collapsed", num_chains=2, sghmc_steps=2, num_warmup=2, num_samples=2, progress=False)
+
+    def fit(key):
+        return ps.learn.free_form_vi(key, model, y, 3, **kw).history.objective
+
+    keys = jax.random.split(jax.random.PRNGKey(4), 2)
+    obj = jax.jit(jax.vmap(fit))(keys)
+    assert obj.shape == (2, 3) and np.all(np.isfinite(obj))
+    np.testing.assert_allclose(obj[1], fit(keys[1]), rtol=1e-10)
+    bad = eqx.tree_at(lambda m: m.emission_noise, model, -model.emission_noise)
+    with pytest.raises(ValueError, match="emission_noise"):
+        ps.learn.free_form_vi(jax.random.PRNGKey(0), bad, y, 3, **kw)
