@@ -70,6 +70,15 @@ def test_transition_equals_dense_sparse_gp_conditional(se_setup):
         S = s["LU"] @ np.swapaxes(s["LU"], -1, -2)
         np.testing.assert_allclose(np.asarray(mean), x[:dx] + g, atol=1e-8)
         np.testing.assert_allclose(np.asarray(var), v + np.einsum("m,jmn,n->j", a, S, a), atol=1e-8)
+    # whitened_factors computed once (as a PRSSM trajectory does), all states at once under the
+    # user's jit + vmap: the same moments as one call per state
+    X = jnp.asarray(s["X"])
+    batched = jax.jit(lambda m, X: jax.vmap(lambda r: m.marginal_moments(r[:dx], r[dx:], m.whitened_factors()))(X))
+    means, variances = batched(model, X)
+    for r, mean_r, var_r in zip(X, means, variances):
+        mean, var = model.marginal_moments(r[:dx], r[dx:])
+        np.testing.assert_allclose(np.asarray(mean_r), np.asarray(mean), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(var_r), np.asarray(var), rtol=1e-12, atol=1e-12)
 
 
 def test_conditional_interpolates_inducing_outputs_and_prior_kl(se_setup):

@@ -160,25 +160,6 @@ def test_second_call_does_not_recompile_and_vmap_over_keys():
         np.testing.assert_allclose(np.asarray(batched[i]), np.asarray(single), rtol=1e-8)
 
 
-def test_prssm_step_moments_equal_marginal_moments():
-    """The PRSSM trajectory factors K_ZZ once (`_whitened_marginal`); its per-step moments must
-    equal `GPSSM.marginal_moments` (which refactors) for a model with inputs, a linear mean and a
-    non-trivial q(U)."""
-    from probssm.learn.gpssm_vi import _marginal_from_factors, _whitened_marginal
-    rng = np.random.default_rng(5)
-    M, dx = 6, 2
-    tril = np.tril(rng.normal(size=(dx, M, M)), -1) * 0.3 + np.eye(M) * rng.uniform(0.2, 1.0, size=(dx, 1, M))
-    model = GPSSM(ARDSquaredExponential(jnp.array([0.8, 1.3, 0.6]), 1.4), rng.normal(size=(M, dx + 1)),
-                  rng.normal(size=(M, dx)), 0.07, 0.2, input_dim=1, inducing_scale_tril=tril,
-                  mean_function="linear", mean_weights=rng.normal(size=(dx, dx + 1)), mean_offset=rng.normal(size=dx))
-    factors = _whitened_marginal(model)
-    for x, u in zip(rng.normal(size=(4, dx)), rng.normal(size=(4, 1))):
-        want = model.marginal_moments(jnp.asarray(x), jnp.asarray(u))
-        got = _marginal_from_factors(model, factors, jnp.asarray(x), jnp.asarray(u))
-        np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-10, atol=1e-12)
-        np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=1e-10, atol=1e-12)
-
-
 def test_prssm_and_missing_observations():
     model = small_model()
     y = small_data(4)

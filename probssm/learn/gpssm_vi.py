@@ -203,27 +203,6 @@ def collapsed_log_joint(model, x, y, inputs):
     return _initial_log_pdf(model, x[0]) + trans + _emission_log_lik(model, x, y)
 
 
-def _whitened_marginal(model):
-    """The factors the PRSSM step reuses at every x: L (chol of K_ZZ + jitter I), b = L^{-1} m_U
-    (M, d_x) and A_j = L^{-1} L_j (d_x, M, M). Why: `GPSSM.marginal_moments` refactors K_ZZ at
-    every call, which inside a T-step trajectory (and its gradient) dominated the PRSSM fit."""
-    L = _gram_chol(model)
-    b = solve_triangular(L, model.inducing_mean, lower=True)
-    A = solve_triangular(L[None], model.inducing_scale_tril, lower=True)
-    return L, b, A
-
-
-def _marginal_from_factors(model, factors, x_prev, u):
-    """`GPSSM.marginal_moments` of one state from `_whitened_marginal`'s factors: with
-    v = L^{-1} k_Z(x), mean = mu(x) + v^T b and var = k(x, x) - |v|^2 + |A_j^T v|^2 per output."""
-    L, b, A = factors
-    X = _gp_inputs(model, x_prev[None], None if u is None else u[None])
-    v = solve_triangular(L, model.kernel.gram(model.inducing_inputs, X)[:, 0], lower=True)
-    s = jnp.einsum("jmn,m->jn", A, v)
-    var = jnp.maximum(model.kernel.diag(X)[0] - v @ v, 0.0) + jnp.sum(s * s, axis=-1)
-    return _mean_fn(model, x_prev[None], X)[0] + v @ b, var
-
-
 def _prssm_trajectory(model, key, num_timesteps, inputs):
     """One reparameterised trajectory of q(x): x_0 ~ N(m_1, P_1), then the U-marginal moments."""
     k0, k1 = jax.random.split(key)
@@ -232,11 +211,11 @@ def _prssm_trajectory(model, key, num_timesteps, inputs):
     x0 = model.initial_mean + jnp.linalg.cholesky(model.initial_cov) @ jax.random.normal(k0, (dx,), dtype)
     eps = jax.random.normal(k1, (num_timesteps - 1, dx), dtype)
     rows = jnp.zeros((num_timesteps - 1, 0), dtype) if inputs is None else inputs[1:]
-    factors = _whitened_marginal(model)
+    factors = model.whitened_factors()   # once per trajectory, not per step (and per gradient step)
 
     def step(x_prev, xs):
         e, u = xs
-        mean, var = _marginal_from_factors(model, factors, x_prev, None if inputs is None else u)
+        mean, var = model.marginal_moments(x_prev, None if inputs is None else u, factors)
         x = mean + jnp.sqrt(var + model.transition_noise) * e
         return x, x
 

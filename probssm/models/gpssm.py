@@ -275,7 +275,8 @@ def _diag_normal(mean, var):
 
 class AbstractSparseGPSSM(SSM):
     """A state-space model whose transition is a sparse GP with inducing points: it answers
-    `conditional_moments` (f given U), `marginal_moments` (U integrated under q(U)), `prior_kl`,
+    `conditional_moments` (f given U), `marginal_moments` (U integrated under q(U); `whitened_factors`
+    computed once serve many states), `prior_kl`,
     `with_inducing_outputs`, and has ``inducing_inputs``, ``inducing_mean``, ``transition_noise``,
     ``emission_noise``. The free-form VI and PRSSM learners (`ps.learn.free_form_vi`) read only this."""
 
@@ -446,22 +447,32 @@ class GPSSM(AbstractSparseGPSSM):
         var = jnp.maximum(self.kernel.diag(x)[0] - v @ v, 0.0)
         return self._mean_fn(z_prev, x[0]) + a @ U, jnp.full((self.state_dim,), var)
 
-    def marginal_moments(self, z_prev, inputs=None):
-        """Mean (d_x,) and variance (d_x,) of f(x_{t-1}, u_t) with U integrated out under q(U)
-        (the sparse variational GP predictive), without the transition noise."""
-        mean, var = self.conditional_moments(z_prev, inputs, self.inducing_mean)
-        x = _gp_input(z_prev, inputs, self.num_inputs)[None]
+    def whitened_factors(self):
+        """(L, b, A): L the Cholesky factor of k(Z, Z) + jitter I, b = L^{-1} m_U (M, d_x) and
+        A_j = L^{-1} L_j (d_x, M, M), q(U) in the basis that whitens p(U). Computed once and passed
+        to `marginal_moments` for many states (a PRSSM trajectory), they spare a factorisation of
+        k(Z, Z) per state."""
         L = self._gram_chol()
-        a = cho_solve((L, True), self.kernel.gram(self.inducing_inputs, x)[:, 0])
-        s = jnp.einsum("jmn,m->jn", self.inducing_scale_tril, a)  # L_j^T a
-        return mean, var + jnp.sum(s * s, axis=-1)
+        b = solve_triangular(L, self.inducing_mean, lower=True)
+        A = solve_triangular(L[None], self.inducing_scale_tril, lower=True)
+        return L, b, A
+
+    def marginal_moments(self, z_prev, inputs=None, factors=None):
+        """Mean (d_x,) and variance (d_x,) of f(x_{t-1}, u_t) with U integrated out under q(U)
+        (the sparse variational GP predictive), without the transition noise. With
+        v = L^{-1} k(Z, x): mean = mu(x) + v^T b, variance = k(x, x) - |v|^2 + |A_j^T v|^2 per
+        output. ``factors``: `whitened_factors()` computed once for many states (None: here)."""
+        L, b, A = self.whitened_factors() if factors is None else factors
+        x = _gp_input(z_prev, inputs, self.num_inputs)[None]
+        v = solve_triangular(L, self.kernel.gram(self.inducing_inputs, x)[:, 0], lower=True)
+        s = jnp.einsum("jmn,m->jn", A, v)
+        var = jnp.maximum(self.kernel.diag(x)[0] - v @ v, 0.0) + jnp.sum(s * s, axis=-1)
+        return self._mean_fn(z_prev, x[0]) + v @ b, var
 
     def prior_kl(self) -> jax.Array:
         """KL(q(U) || p(U)) = sum_j KL(N(m_j, L_j L_j^T) || N(0, k(Z, Z) + jitter I)) (scalar)."""
-        L = self._gram_chol()
+        L, b, A = self.whitened_factors()
         M = self.num_inducing
-        A = solve_triangular(L[None], self.inducing_scale_tril, lower=True)  # L^{-1} L_j
-        b = solve_triangular(L, self.inducing_mean, lower=True)  # L^{-1} m_j as columns
         logdet_p = 2.0 * jnp.sum(jnp.log(jnp.diag(L)))
         logdet_q = 2.0 * jnp.sum(jnp.log(jnp.abs(jnp.diagonal(self.inducing_scale_tril, axis1=-2, axis2=-1))), -1)
         per = 0.5 * (jnp.sum(A * A, axis=(-2, -1)) + jnp.sum(b * b, axis=0) - M + logdet_p - logdet_q)
