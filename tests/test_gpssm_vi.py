@@ -202,6 +202,9 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
         (dict(model=eqx.tree_at(lambda m: m.transition_noise, model, jnp.array([-0.1]))), "transition_noise"),
         (dict(model=eqx.tree_at(lambda m: m.kernel.lengthscales, model, jnp.array([0.0]))), "lengthscales"),
         (dict(model=eqx.tree_at(lambda m: m.inducing_inputs, model, jnp.zeros((4, 2)))), "inducing_inputs"),
+        # the q(U) factor PRSSM whitens (`GPSSM.whitened_factors`), made invalid after construction
+        (dict(method="prssm", model=eqx.tree_at(lambda m: m.inducing_scale_tril, model, -model.inducing_scale_tril)),
+         "inducing_scale_tril"),
     ]
     for change, name in cases:
         kwargs = dict(model=model, emissions=y, num_iters=3)
