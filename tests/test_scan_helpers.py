@@ -1,4 +1,5 @@
 """New public helpers: scan_in_place equals lax.scan (forward, reverse, under jit and vmap);
+cumsum equals numpy's cumulative sum (floats to rounding, integers exactly, under jit and vmap);
 normalise_with_ess equals normalise plus the ESS; step_with_keys under jit and vmap; and the
 particle filter's check of a tree_at-made model with a bad value (names the field)."""
 import numpy as np
@@ -9,7 +10,7 @@ import equinox as eqx
 from jax import lax
 
 import probssm as ps
-from probssm.core.scan import scan_in_place, two_level_size
+from probssm.core.scan import cumsum, scan_in_place, two_level_size
 from probssm.inference.smc import common as C
 
 
@@ -31,6 +32,20 @@ def test_scan_in_place_equals_lax_scan_under_jit_and_vmap(reverse):
     for a, b in zip(jax.tree_util.tree_leaves(vref), jax.tree_util.tree_leaves(vgot)):
         np.testing.assert_allclose(b, a, rtol=1e-12)
     assert two_level_size(1) == 8 and two_level_size(10_000) == 100
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 256, 257, 1000])
+def test_cumsum_equals_numpy_under_jit_and_vmap(n):
+    """Lengths around the block of 16 and its square (two levels of row totals)."""
+    rng = np.random.default_rng(n)
+    x = rng.uniform(size=(3, n))
+    k = rng.integers(0, 1000, size=(3, n)).astype(np.int32)
+    got = jax.jit(jax.vmap(cumsum))(jnp.asarray(x))
+    np.testing.assert_allclose(got, np.cumsum(x, axis=1), rtol=1e-13)
+    got_int = jax.jit(jax.vmap(cumsum))(jnp.asarray(k))
+    assert got_int.dtype == jnp.int32
+    np.testing.assert_array_equal(got_int, np.cumsum(k, axis=1))
+    np.testing.assert_allclose(cumsum(jnp.asarray(x[0], jnp.float32)), np.cumsum(x[0]), rtol=1e-5)
 
 
 def test_normalise_with_ess_under_jit_and_vmap():

@@ -15,6 +15,53 @@ def two_level_size(num_timesteps: int) -> int:
     return max(8, int(math.isqrt(max(num_timesteps, 1))))
 
 
+_CUMSUM_BLOCK = 16
+
+
+def cumsum(values):
+    """Inclusive cumulative sum of a 1-d array, as ``jnp.cumsum`` (integers exactly).
+
+    Why not ``jnp.cumsum``: on CPU it lowers to a log-depth associative scan, about 5 ns per entry
+    at N = 1e4 (30 times a plain sum). Here the array is cut into rows of 16 entries, each row
+    summed by one matrix product with an upper-triangular matrix of ones, and the row totals
+    are carried the same way (recursively): 4x faster at N = 1e4, 1.6x at N = 1e3. Floats are
+    summed in their own dtype (the order of the additions differs from a sequential sum's, within
+    rounding); integers in float64 when x64 is on (exact below 2^53), else in float32 (exact
+    below 2^24, and longer integer arrays fall back to ``jnp.cumsum``).
+    """
+    values = jnp.asarray(values)
+    n = values.shape[0]
+    if jnp.issubdtype(values.dtype, jnp.inexact):
+        return _blocked_cumsum(values)
+    work = jnp.result_type(float)
+    if jnp.dtype(work).itemsize < 8 and n >= 2 ** 24:
+        return jnp.cumsum(values)
+    return jnp.round(_blocked_cumsum(values.astype(work))).astype(values.dtype)
+
+
+def cumulative_weights(weights, fast: bool = False):
+    """Normalised inclusive cumulative weights, with the last entry exactly one.
+
+    ``fast``: the blocked matrix-product sum (`cumsum`, 4x faster than
+    ``jnp.cumsum`` at N = 1e4 on CPU), whose entries need not be exactly flat across a zero
+    weight: only for callers that never hand a zero-weight particle on (they repair or reject
+    such draws)."""
+    c = cumsum(weights) if fast else jnp.cumsum(weights)
+    total = c[-1]
+    c = c / jnp.where(total > 0, total, 1.0)
+    return c.at[-1].set(1.0)
+
+
+def _blocked_cumsum(v):
+    n, b = v.shape[0], _CUMSUM_BLOCK
+    if n <= b:
+        return v @ jnp.triu(jnp.ones((n, n), v.dtype))
+    rows = -(-n // b)
+    within = jnp.pad(v, (0, rows * b - n)).reshape(rows, b) @ jnp.triu(jnp.ones((b, b), v.dtype))
+    totals = within[:, -1]
+    return (within + (_blocked_cumsum(totals) - totals)[:, None]).reshape(-1)[:n]
+
+
 def scan_in_place(f, init, xs, length=None, reverse=False):
     """`lax.scan` whose per-step outputs are written into carried buffers in place.
 

@@ -33,6 +33,7 @@ from probssm.core import checks
 from probssm.core.batching import Batch, as_batch
 from probssm.core.bounded import AbstractBoundedTransitionSSM
 from probssm.core.protocol import SSM
+from probssm.core.scan import cumulative_weights
 
 __all__ = [
     "row", "observation", "log_prob_of", "emission_log_prob", "transition_log_prob", "gaussian_params", "sample_dist",
@@ -314,12 +315,7 @@ def weights_of(normed_log_weights):
     return jnp.exp(normed_log_weights)
 
 
-def cumulative(weights):
-    """Normalised inclusive cumulative weights, with the last entry exactly one."""
-    c = jnp.cumsum(weights)
-    total = c[-1]
-    c = c / jnp.where(total > 0, total, 1.0)
-    return c.at[-1].set(1.0)
+cumulative = cumulative_weights
 
 
 # ----------------------------------------------------------------------------------------------

@@ -90,7 +90,7 @@ def _weight_draws(weights, uniforms):
     from probssm.inference.smc.resampling import ancestors_from_counts
 
     num = weights.shape[0]
-    c = C.cumulative(weights)
+    c = C.cumulative(weights, fast=True)  # zero-weight draws are rejected by the caller
     slots = jnp.arange(num, dtype=jnp.int32)
     out = []
     for r in range(uniforms.shape[0]):

@@ -18,15 +18,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from probssm.core.scan import cumsum, cumulative_weights as cumulative
+
 __all__ = ["systematic", "stratified", "multinomial", "residual", "resample", "SCHEMES", "ancestors_from_counts"]
-
-
-def _cumulative(weights):
-    """Normalised inclusive cumulative weights, with the last entry exactly one."""
-    c = jnp.cumsum(weights)
-    total = c[-1]
-    c = c / jnp.where(total > 0, total, 1.0)
-    return c.at[-1].set(1.0)
 
 
 def ancestors_from_counts(n, num_particles: int, weights=None):
@@ -62,7 +56,7 @@ def _pin_zero_weights(n, weights, num_particles):
 def _read_counts(n, num_particles):
     n = n.at[-1].set(num_particles)
     hist = jnp.zeros(num_particles + 1, jnp.int32).at[n].add(1)
-    return jnp.minimum(jnp.cumsum(hist[:num_particles]), num_particles - 1)
+    return jnp.minimum(cumsum(hist[:num_particles]), num_particles - 1)
 
 
 def systematic(key, weights):
@@ -71,7 +65,7 @@ def systematic(key, weights):
     n_i = #{k : (k + U) < N C_i} = ceil(N C_i - U).
     """
     num = weights.shape[0]
-    c = _cumulative(weights)
+    c = cumulative(weights, fast=True)  # zero-weight offspring are repaired below
     u = jax.random.uniform(key, (), dtype=c.dtype)
     n = jnp.ceil(num * c - u)
     return ancestors_from_counts(n, num, weights)
@@ -84,7 +78,7 @@ def stratified(key, weights):
     below it when U_m < x - m, later points never do, so n_i = m + [U_m < x - m].
     """
     num = weights.shape[0]
-    c = _cumulative(weights)
+    c = cumulative(weights, fast=True)  # zero-weight offspring are repaired below
     u = jax.random.uniform(key, (num,), dtype=c.dtype)
     x = num * c
     m = jnp.floor(x)
@@ -97,15 +91,28 @@ def multinomial(key, weights):
     """Multinomial resampling: N independent draws from the weights.
 
     The sorted uniforms come from normalised cumulative exponential spacings (O(N),
-    no sort); they are merged into the cumulative weights with one search.
+    no sort); they are merged into the cumulative weights with one search. A float
+    cumulative sum need not be exactly flat across a zero weight (neither ``jnp.cumsum``'s
+    tree order nor the blocked sum guarantees it), so a draw that lands on a zero-weight
+    particle is moved to the nearest positive-weight particle before it (after it, when there
+    is none before); that repair runs only when such a draw occurs.
     """
     num = weights.shape[0]
-    c = _cumulative(weights)
+    c = cumulative(weights, fast=True)
     e = jax.random.exponential(key, (num + 1,), dtype=c.dtype)
-    s = jnp.cumsum(e)
+    s = cumsum(e)
     u = s[:-1] / s[-1]
-    a = jnp.searchsorted(c, u, side="right")
-    return jnp.minimum(a, num - 1).astype(jnp.int32)
+    a = jnp.minimum(jnp.searchsorted(c, u, side="right"), num - 1).astype(jnp.int32)
+    return jax.lax.cond(jnp.any(weights[a] <= 0), lambda: _nearest_positive(weights)[a], lambda: a)
+
+
+def _nearest_positive(weights):
+    """For every index, itself when its weight is positive, else the last positive-weight index
+    before it, else the first one after it."""
+    idx = jnp.arange(weights.shape[0], dtype=jnp.int32)
+    pos = weights > 0
+    before = jax.lax.cummax(jnp.where(pos, idx, -1))
+    return jnp.where(before >= 0, before, jnp.argmax(pos).astype(jnp.int32))
 
 
 def residual(key, weights):
@@ -115,20 +122,20 @@ def residual(key, weights):
     Expected offspring: floor(N w_i) + R * r_i / R = N w_i.
     """
     num = weights.shape[0]
-    c = _cumulative(weights)
+    c = cumulative(weights, fast=True)  # zero-weight offspring are repaired below
     w = jnp.diff(c, prepend=jnp.zeros((1,), c.dtype))
     nw = num * jnp.clip(w, 0.0, None)
     copies = jnp.floor(nw)
     resid = nw - copies
     r = num - jnp.sum(copies)  # number of slots left, in [0, N)
-    rc = jnp.cumsum(resid)
+    rc = cumsum(resid)
     rc = rc / jnp.where(rc[-1] > 0, rc[-1], 1.0)
     u = jax.random.uniform(key, (num,), dtype=c.dtype)
     x = r * rc
     m = jnp.floor(x)
     mi = jnp.clip(m.astype(jnp.int32), 0, num - 1)
     extra_cum = jnp.where(m < r, m + (u[mi] < x - m), r)  # inclusive cumulative extra offspring
-    n = jnp.cumsum(copies) + extra_cum
+    n = cumsum(copies) + extra_cum
     return ancestors_from_counts(jnp.round(n), num, weights)
 
 
