@@ -10,7 +10,7 @@ import equinox as eqx
 from jax import lax
 
 import probssm as ps
-from probssm.core.scan import cumsum, scan_in_place, two_level_size
+from probssm.core.scan import cumsum, cumulative_weights, scan_in_place, two_level_size
 from probssm.inference.smc import common as C
 
 
@@ -46,6 +46,20 @@ def test_cumsum_equals_numpy_under_jit_and_vmap(n):
     assert got_int.dtype == jnp.int32
     np.testing.assert_array_equal(got_int, np.cumsum(k, axis=1))
     np.testing.assert_allclose(cumsum(jnp.asarray(x[0], jnp.float32)), np.cumsum(x[0]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_cumulative_weights_under_jit_and_vmap_and_bad_shapes(fast):
+    w = np.random.default_rng(0).uniform(size=(3, 100))
+    w[:, 10:20] = 0.0
+    got = jax.jit(jax.vmap(lambda v: cumulative_weights(v, fast=fast)))(jnp.asarray(w))
+    ref = np.cumsum(w, axis=1) / w.sum(1, keepdims=True)
+    np.testing.assert_allclose(got, ref, rtol=1e-13)
+    assert np.all(np.asarray(got)[:, -1] == 1.0)
+    with pytest.raises(ValueError, match="weights: expected a 1-d array"):
+        cumulative_weights(jnp.ones((2, 3)), fast=fast)
+    with pytest.raises(ValueError, match="values: expected a 1-d array"):
+        cumsum(jnp.ones((2, 3)))
 
 
 def test_normalise_with_ess_under_jit_and_vmap():

@@ -29,7 +29,7 @@ def cumsum(values):
     rounding); integers in float64 when x64 is on (exact below 2^53), else in float32 (exact
     below 2^24, and longer integer arrays fall back to ``jnp.cumsum``).
     """
-    values = jnp.asarray(values)
+    values = _one_dimensional(values, "values")
     n = values.shape[0]
     if jnp.issubdtype(values.dtype, jnp.inexact):
         return _blocked_cumsum(values)
@@ -46,10 +46,19 @@ def cumulative_weights(weights, fast: bool = False):
     ``jnp.cumsum`` at N = 1e4 on CPU), whose entries need not be exactly flat across a zero
     weight: only for callers that never hand a zero-weight particle on (they repair or reject
     such draws)."""
+    weights = _one_dimensional(weights, "weights")
     c = cumsum(weights) if fast else jnp.cumsum(weights)
     total = c[-1]
     c = c / jnp.where(total > 0, total, 1.0)
     return c.at[-1].set(1.0)
+
+
+def _one_dimensional(a, name):
+    """The array itself; a ValueError naming ``name`` unless it is 1-d (a static check: tracing is fine)."""
+    a = jnp.asarray(a)
+    if a.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-d array (N,), got shape {tuple(a.shape)}")
+    return a
 
 
 def _blocked_cumsum(v):
