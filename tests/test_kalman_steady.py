@@ -34,7 +34,7 @@ def problem():
 
 def steady_steps(model, y, u=None):
     params = model.linear_gaussian_params(y.shape[0], u)
-    flags = kalman._steady_forward(params, jnp.asarray(y), True)[3]
+    flags = kalman._steady_forward(params, jnp.asarray(y))[3]
     return int(np.sum(np.asarray(flags)))
 
 

@@ -678,8 +678,9 @@ def _filter(params, ys, masks, parallel, chunk_size, mode="none", diffuse=None, 
 # stabilisable system) to the fixed point of the Riccati equation. The filter runs in blocks of
 # _STEADY_BLOCK steps: a block runs the full recursion until the filtered covariance of its last
 # step differs from the step before by at most rtol * max|P| (elementwise; rtol =
-# `steady_state_rtol(dtype)`), and every later block uses the constant gain, so a step is three
-# matrix-vector products. The smoother does the same backwards: its gain E is constant where the
+# `steady_state_rtol(dtype)`), and every later block uses the constant gain: the means of those
+# steps are then one affine recurrence (one matrix-vector product a step), run after the blocked
+# covariance recursion by a plain scan or in parallel. The smoother does the same backwards: its gain E is constant where the
 # filter's covariances are, and its covariance recursion converges going back from the end.
 # The deviation from the full recursion is the distance of the covariances from their fixed point
 # at the switch, about rtol * rho / (1 - rho) relative for a contraction rate rho of the
@@ -771,14 +772,16 @@ def _read_block(buf, start, size):
     return jnp.roll(lax.dynamic_slice_in_dim(buf, off, size), off - start, axis=0)
 
 
-def _steady_forward(params: LinearGaussianParams, ys, with_means: bool):
-    """Blocked filter (see above) over steps t = 1..T-1; block j holds t = 1 + j S .. (j + 1) S.
+def _steady_forward(params: LinearGaussianParams, ys):
+    """Blocked covariance recursion (see above) over steps t = 1..T-1; block j holds
+    t = 1 + j S .. (j + 1) S.
 
-    Returns the filtered means and covariances (T, d), (T, d, d), the blocked
-    (num_blocks, S, d) predicted means and (num_blocks, S) ``steady`` flags, the final gain and
-    the log-likelihood. ``with_means=False`` skips the means of steady blocks (the parallel
-    form computes them with `affine_recurrence`): the means there are left zero, the
-    log-likelihood stops at the last full block and the mean carried out of it is returned."""
+    Full blocks run the whole filter; once converged, later blocks only record their steady
+    covariance. Returns the filtered means and covariances (T, d), (T, d, d) (the means of
+    steady blocks left zero: `_steady_filter_blocks` fills them in), the blocked
+    (num_blocks, S, d) predicted means (zero in steady blocks) and (num_blocks, S) ``steady``
+    flags, the final gain, the mean carried out of the last full block and the log-likelihood
+    up to there."""
     F, Q, H, R = params.transition_matrix, params.transition_cov, params.emission_matrix, params.emission_cov
     p0 = _at(params, 0)
     m0, P0, ll0 = _update_joseph(p0.initial_mean, p0.initial_cov, H, p0.emission_offset, R, ys[0], None)
@@ -806,21 +809,9 @@ def _steady_forward(params: LinearGaussianParams, ys, with_means: bool):
         return (m, P, ll, conv, _steady_gain(P, F, Q, H, R)), (ms, Ps, mps)
 
     def steady(state, x):
-        m, P, ll, conv, g = state
-        if with_means:
-            def step(c, xx):
-                m, ll = c
-                y, b, d, valid = xx
-                mp = mm(F, m) + b
-                v = y - mm(H, mp) - d
-                w = mm(g.Linv, v)
-                m2 = mp + mm(g.K, v)
-                return (jnp.where(valid, m2, m), ll + jnp.where(valid, g.const - 0.5 * (w @ w), 0.0)), (m2, mp)
-
-            (m, ll), (ms, mps) = lax.scan(step, (m, ll), x[:4])
-        else:
-            ms = mps = jnp.zeros((size, dim), m.dtype)
-        return (m, P, ll, conv, g), (ms, jnp.broadcast_to(g.P, (size, dim, dim)), mps)
+        g = state[4]
+        ms = mps = jnp.zeros((size, dim), g.P.dtype)
+        return state, (ms, jnp.broadcast_to(g.P, (size, dim, dim)), mps)
 
     def block(carry, x):
         state, means, covs = carry
@@ -888,26 +879,38 @@ def affine_recurrence(A, u, chunk_size: Optional[int] = None):
     return x.reshape(-1, dim)[:n]
 
 
+def _affine_scan(A, u):
+    """x_i = A x_{i-1} + u_i (x_{-1} = 0), sequentially: one matrix-vector product per step."""
+    def step(x, u_t):
+        x = mm(A, x) + u_t
+        return x, x
+
+    return lax.scan(step, jnp.zeros_like(u[0]), u)[1]
+
+
 def _steady_filter_blocks(params: LinearGaussianParams, ys, parallel, chunk_size):
-    """`_steady_forward` with the means of steady steps filled in (in parallel when asked)."""
-    means, covs, mps, flags, g, m_last, ll = _steady_forward(params, ys, with_means=not parallel)
-    if parallel:
-        F, H = params.transition_matrix, params.emission_matrix
-        n = ys.shape[0] - 1
-        bs, ds = _offsets(params, n)
-        flat = flags.reshape(-1)[:n]
-        KH = mm(g.K, H)
-        u = bs - bs @ KH.T + (ys[1:] - ds) @ g.K.T  # (I - K H) b + K (y - d)
-        # the mean carried out of the last full block enters the recurrence just before the first
-        # steady step (when there is none, nothing of the recurrence is used)
-        before = jnp.maximum(jnp.argmax(flat) - 1, 0)
-        u = jnp.where(flat[:, None], u, 0.0).at[before].add(jnp.where(flat[before], 0.0, m_last))
-        x = affine_recurrence(F - KH @ F, u, _steady_chunk(chunk_size))
-        means = means.at[1:].set(jnp.where(flat[:, None], x, means[1:]))
-        mp = means[:-1] @ F.T + bs
-        w = (ys[1:] - mp @ H.T - ds) @ g.Linv.T
-        ll = ll + jnp.sum(jnp.where(flat, g.const - 0.5 * jnp.sum(w * w, axis=-1), 0.0))
-        mps = jnp.where(flags[..., None], _blocks(mp, flags.shape[0]), mps)
+    """`_steady_forward` with the means of steady steps filled in afterwards: with a constant gain
+    K the filtered mean is the affine recurrence m_t = (F - K H F) m_{t-1} + (I - K H) b_t +
+    K (y_t - d_t), run by a plain scan (one matrix-vector product per step, no per-block work)
+    or in parallel; predictions and the log-likelihood of steady steps are then block products."""
+    means, covs, mps, flags, g, m_last, ll = _steady_forward(params, ys)
+    F, H = params.transition_matrix, params.emission_matrix
+    n = ys.shape[0] - 1
+    bs, ds = _offsets(params, n)
+    flat = flags.reshape(-1)[:n]
+    KH = mm(g.K, H)
+    u = bs - bs @ KH.T + (ys[1:] - ds) @ g.K.T  # (I - K H) b + K (y - d)
+    # the mean carried out of the last full block enters the recurrence just before the first
+    # steady step (when there is none, nothing of the recurrence is used)
+    before = jnp.maximum(jnp.argmax(flat) - 1, 0)
+    u = jnp.where(flat[:, None], u, 0.0).at[before].add(jnp.where(flat[before], 0.0, m_last))
+    closed_loop = F - KH @ F
+    x = affine_recurrence(closed_loop, u, _steady_chunk(chunk_size)) if parallel else _affine_scan(closed_loop, u)
+    means = means.at[1:].set(jnp.where(flat[:, None], x, means[1:]))
+    mp = means[:-1] @ F.T + bs
+    w = (ys[1:] - mp @ H.T - ds) @ g.Linv.T
+    ll = ll + jnp.sum(jnp.where(flat, g.const - 0.5 * jnp.sum(w * w, axis=-1), 0.0))
+    mps = jnp.where(flags[..., None], _blocks(mp, flags.shape[0]), mps)
     return means, covs, mps, flags, g, ll
 
 
@@ -1465,7 +1468,7 @@ def check_arguments(model, emissions, inputs=None, lengths=None, extra_steps: in
         raise ValueError(
             f"model: expected a linear-Gaussian model (AbstractLinearGaussianSSM), got {type(model).__name__}"
         )
-    checks.once_per_model(model, "parameters", model.check_parameters)
+    checks.once_per_model(model, "parameters", lambda: model.check_parameters())
     p = model.emission_dim
     if isinstance(emissions, (list, tuple)):
         for i, y in enumerate(emissions):
