@@ -90,19 +90,23 @@ def chol_inv(covs):
 def mahalanobis(y, means, covs):
     """(T, K) squared Mahalanobis distances of rows of y to each state, and (K,) sum log diag chol.
 
-    Expanded as y'Py - 2 y'P m + m'P m (two matrix products; several times faster than
-    whitening every row for every state), with y and the means centred on the mean of the
+    Expanded as y'Py - 2 y'P m + m'P m, all in one matrix product of per-row features
+    (the D (D + 1) / 2 distinct products y_i y_j, then y) with per-state weights (several
+    times faster than whitening every row for every state; the symmetric packing saves 40%
+    of the full D^2 product at D = 5), with y and the means centred on the mean of the
     means to limit cancellation.
     """
-    T, D = y.shape
-    K = means.shape[0]
+    D = y.shape[-1]
     centre = jnp.mean(means, 0)
     yc, mc = y - centre, means - centre
     Linv, logdet_half = chol_inv(covs)
     P = jnp.einsum("kji,kjl->kil", Linv, Linv)
     Pm = jnp.einsum("kij,kj->ki", P, mc)
-    yy = (yc[:, :, None] * yc[:, None, :]).reshape(T, D * D)
-    maha = yy @ P.reshape(K, D * D).T - 2.0 * (yc @ Pm.T) + jnp.sum(mc * Pm, -1)[None]
+    rows, cols = np.triu_indices(D)
+    off_diagonal_twice = jnp.asarray(np.where(rows == cols, 1.0, 2.0), P.dtype)
+    features = jnp.concatenate([yc[:, rows] * yc[:, cols], yc], 1)
+    weights = jnp.concatenate([P[:, rows, cols] * off_diagonal_twice, -2.0 * Pm], 1)
+    maha = features @ weights.T + jnp.sum(mc * Pm, -1)[None]
     return jnp.maximum(maha, 0.0), logdet_half
 
 
