@@ -46,7 +46,7 @@ def _check_model(gp) -> None:
     if not isinstance(gp, AbstractMarkovianGP):
         raise ValueError(f"gp: expected a GP in state-space form (e.g. ps.models.MarkovianGP), got "
                          f"{type(gp).__name__}")
-    checks.once_per_model(gp, "parameters", gp.check_parameters)
+    checks.once_per_model(gp, "parameters", lambda: gp.check_parameters())
 
 
 def _as_series(y, p: int, T: int, name: str = "y") -> jax.Array:

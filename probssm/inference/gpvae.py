@@ -186,7 +186,7 @@ def predict_one(model: MarkovianGPVAE, t, y, t_new) -> Prediction:
 # ----------------------------------------------------------------------------------------------
 def _check_model(model) -> None:
     check_model(model)
-    checks.once_per_model(model, "parameters", model.check_parameters)
+    checks.once_per_model(model, "parameters", lambda: model.check_parameters())
 
 
 def _check_t(t, T: int, B, name: str):

@@ -181,7 +181,7 @@ def prepare(model, emissions, inputs=None, lengths=None, plausibility=None) -> t
     lead = (batch.batch_size,) if batch.batched else ()
     pl = check_plausibility(plausibility, lead + (T, model.num_states), ys.dtype)
     # the model's own checks first: they name its parameters, not those of the chain it expands to
-    checks.once_per_model(model, "parameters", model.check_parameters)
+    checks.once_per_model(model, "parameters", lambda: model.check_parameters())
     checks.once_per_model(model, ("discrete", T), lambda: check_params(model, batch))
     return batch, pl
 

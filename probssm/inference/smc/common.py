@@ -405,7 +405,7 @@ def sequence_keys(key, batch: Batch):
 def check_model(model):
     if not isinstance(model, SSM):
         raise ValueError(f"model: expected a probssm SSM, got {type(model).__name__}")
-    checks.once_per_model(model, "parameters", model.check_parameters)
+    checks.once_per_model(model, "parameters", lambda: model.check_parameters())
 
 
 def check_num_particles(num_particles, name="num_particles"):

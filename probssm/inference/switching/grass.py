@@ -393,7 +393,7 @@ def check_model(model, method: str = "exact", max_joint_states: int = MAX_JOINT_
         raise ValueError(f"model: expected a graph-switching model (ps.models.GRASS), got {type(model).__name__}")
     if method not in GRASS_METHODS:
         raise ValueError(f"method: expected one of {GRASS_METHODS}, got {method!r}")
-    checks.once_per_model(model, "parameters", model.check_parameters)
+    checks.once_per_model(model, "parameters", lambda: model.check_parameters())
     S = model.num_joint_states
     if method == "exact" and S > max_joint_states:
         raise ValueError(f"model: method='exact' runs a chain over K^N 2^E = {model.num_modes}^{model.num_objects} "

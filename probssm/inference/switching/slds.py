@@ -722,7 +722,7 @@ def check_arguments(model, emissions, inputs=None, lengths=None, *, markov: bool
     if gaussian and model.emission_family != "gaussian":
         raise ValueError(f"model: this engine needs Gaussian emissions; the model has {model.emission_family} "
                          "emissions (use ps.switching.laplace, and ps.learn.em for Laplace-EM)")
-    checks.once_per_model(model, "parameters", model.check_parameters)
+    checks.once_per_model(model, "parameters", lambda: model.check_parameters())
     p = model.emission_dim
     batch = batching.as_batch(emissions, inputs, lengths)
     if batch.emissions.shape[-1] != p:
