@@ -224,7 +224,53 @@ def _chunks(a, num_chunks, size, fill):
     return a.reshape((num_chunks, size) + a.shape[1:])
 
 
-def _forward_two_level(pi, A, b, valid):
+def _time_major(a):
+    """(C, S, ...) chunked arrays <-> (S, C, ...): the two-level passes scan over S."""
+    return jnp.swapaxes(a, 0, 1)
+
+
+def _chunk_cores(A, b, valid):
+    """Per chunk j of the two-level form (steps s..e), the product shared by both passes,
+
+        P_j = D_s A_{s+1} D_{s+1} ... A_e D_e   (D_t = diag(b_t); padded steps skipped),
+
+    normalised to unit sum: the forward pass maps p -> p P_j A_{e+1} across the chunk and the
+    backward pass beta -> A_s P_j beta, so one O(T K^3) product serves both (the smoother's
+    costliest phase, done once instead of twice). Returns ``(forward, backward)`` maps, each
+    (num_chunks, K, K) and defined up to scale."""
+    T, K = b.shape
+    size = two_level_size(T)
+    num_chunks = -(-T // size)
+    tv = A.ndim == 3
+    v = jnp.ones(T, bool) if valid is None else valid
+    bs = _chunks(b, num_chunks, size, 1.0)
+    vs = _chunks(v, num_chunks, size, False)
+    A_c = _chunks(A, num_chunks, size, 0.0) if tv else None
+    eye = jnp.eye(K, dtype=b.dtype)
+
+    def core(b_c, A_c, v_c):
+        def step(P, xs):
+            b_t, A_t, v_t = xs
+            P_next = P @ ((A_t if tv else A) * b_t[None, :])
+            return jnp.where(v_t, P_next / jnp.sum(P_next), P), None
+
+        start = jnp.where(v_c[0], eye * b_c[0][None, :], eye)
+        return lax.scan(step, start / jnp.sum(start), (b_c[1:], None if A_c is None else A_c[1:], v_c[1:]))[0]
+
+    P = jax.vmap(core, in_axes=(0, 0 if tv else None, 0))(bs, A_c, vs)
+    # the transition out of each chunk (into step (j + 1) size) and into it (from step j size - 1)
+    after = jnp.minimum((jnp.arange(num_chunks) + 1) * size, T - 1)
+    after_valid = ((jnp.arange(num_chunks) + 1) * size < T) & v[after]
+    A_after = A[after] if tv else A
+    forward = jnp.where(after_valid[:, None, None], P @ A_after, P)
+    starts = jnp.arange(num_chunks) * size
+    into_valid = v[starts] & (starts > 0)
+    A_into = A[starts] if tv else A
+    backward = jnp.where(into_valid[:, None, None], A_into @ P, P)
+    return forward, backward
+
+
+def _forward_two_level(pi, A, b, valid, G=None):
     """Forward pass in three phases over chunks of c ~ sqrt(T) steps (scan-then-propagate).
 
     The predicted distribution moves through step t by p -> normalise(p diag(b_t) A_{t+1})
@@ -233,7 +279,8 @@ def _forward_two_level(pi, A, b, valid):
     2) a short sequential scan over the chunks carries the predicted distribution to every
     chunk start; 3) every chunk, in parallel, runs the ordinary scaled forward pass from its
     start, which gives exact filtered probabilities and normalisers. Work O(T K^3 + T K^2),
-    span O(sqrt(T)); one compiled body per phase whatever T is."""
+    span O(sqrt(T)); one compiled body per phase whatever T is. ``G``: the chunks' forward
+    maps when already computed (`_chunk_cores`)."""
     T, K = b.shape
     size = two_level_size(T)
     num_chunks = -(-T // size)
@@ -244,18 +291,8 @@ def _forward_two_level(pi, A, b, valid):
     vs = _chunks(v, num_chunks, size, False)
     vns = _chunks(vn, num_chunks, size, False)
     A_next = _chunks(_next_transitions(A), num_chunks, size, 0.0) if tv else None
-    eye = jnp.eye(K, dtype=b.dtype)
-
-    def chunk_product(b_c, A_c, v_c, vn_c):
-        def step(G, xs):
-            b_t, A_t, v_t, vn_t = xs
-            M_t = jnp.where(vn_t, A_t if tv else A, eye) * b_t[:, None]
-            G = jnp.where(v_t, G @ M_t, G)
-            return G / jnp.sum(G), None
-
-        return lax.scan(step, eye / K, (b_c, A_c, v_c, vn_c))[0]
-
-    G = jax.vmap(chunk_product, in_axes=(0, 0 if tv else None, 0, 0))(bs, A_next, vs, vns)
+    if G is None:
+        G = _chunk_cores(A, b, valid)[0]
 
     def chain(p, G_j):
         q = p @ G_j
@@ -263,26 +300,27 @@ def _forward_two_level(pi, A, b, valid):
 
     _, starts = lax.scan(chain, pi, G)
 
-    def run(p0, b_c, A_c, v_c, vn_c):
-        def step(p, xs):
-            b_t, A_t, v_t, vn_t = xs
-            a = p * b_t
-            c = a.sum()
-            alpha = a / c
-            p_next = jnp.where(vn_t, jnp.sum(alpha[:, None] * (A_t if tv else A), 0), alpha)
-            return p_next, (alpha, jnp.where(v_t, c, 1.0))
+    # every chunk's ordinary pass, all chunks at once in time-major layout: the carry is (C, K)
+    # and a step is one (C, K) x (K, K) product (2-3x faster on CPU than vmapping a per-chunk scan)
+    def step(p, xs):
+        b_t, A_t, v_t, vn_t = xs
+        a = p * b_t
+        c = a.sum(-1, keepdims=True)
+        alpha = a / c
+        moved = jnp.einsum("ck,ckj->cj", alpha, A_t) if tv else alpha @ A
+        p_next = jnp.where(vn_t[:, None], moved, alpha)
+        return p_next, (alpha, jnp.where(v_t, c[:, 0], 1.0))
 
-        return lax.scan(step, p0, (b_c, A_c, v_c, vn_c))[1]
+    xs = (_time_major(bs), None if A_next is None else _time_major(A_next), _time_major(vs), _time_major(vns))
+    alphas, cs = lax.scan(step, starts, xs)[1]
+    return _time_major(alphas).reshape(-1, K)[:T], _time_major(cs).reshape(-1)[:T]
 
-    alphas, cs = jax.vmap(run, in_axes=(0, 0, 0 if tv else None, 0, 0))(starts, bs, A_next, vs, vns)
-    return alphas.reshape(-1, K)[:T], cs.reshape(-1)[:T]
 
-
-def _backward_two_level(A, b, cs, valid):
+def _backward_two_level(A, b, cs, valid, H=None):
     """Backward pass in the same three phases: beta_{t-1} = A_t (b_t beta_t / c_t) is linear in
-    beta_t, so a chunk is a product of K x K matrices; the boundary betas are carried from the
-    end, and every chunk runs the scaled backward pass from its boundary. Betas are returned
-    normalised per step (each chunk's scale is arbitrary)."""
+    beta_t, so a chunk is a product of K x K matrices (``H``, from `_chunk_cores` unless given);
+    the boundary betas are carried from the end, and every chunk runs the scaled backward pass
+    from its boundary. Betas are returned normalised per step (each chunk's scale is arbitrary)."""
     T, K = b.shape
     size = two_level_size(T)
     num_chunks = -(-T // size)
@@ -294,17 +332,8 @@ def _backward_two_level(A, b, cs, valid):
     bcs = _chunks(bc, num_chunks, size, 1.0)
     vs = _chunks(step_valid, num_chunks, size, False)
     A_t = _chunks(A, num_chunks, size, 0.0) if tv else None
-    eye = jnp.eye(K, dtype=b.dtype)
-
-    def chunk_product(bc_c, A_c, v_c):
-        def step(H, xs):
-            bc_t, A_s, v_t = xs
-            H = jnp.where(v_t, H @ ((A_s if tv else A) * bc_t[None, :]), H)
-            return H / jnp.sum(H), None
-
-        return lax.scan(step, eye / K, (bc_c, A_c, v_c))[0]
-
-    H = jax.vmap(chunk_product, in_axes=(0, 0 if tv else None, 0))(bcs, A_t, vs)
+    if H is None:
+        H = _chunk_cores(A, b, valid)[1]
 
     def chain(beta, H_j):
         prev = H_j @ beta
@@ -314,16 +343,14 @@ def _backward_two_level(A, b, cs, valid):
     first, later = lax.scan(chain, jnp.ones(K, b.dtype) / K, H[1:], reverse=True)
     boundaries = jnp.concatenate([first[None], later])
 
-    def run(beta_last, bc_c, A_c, v_c):
-        def step(beta, xs):
-            bc_t, A_s, v_t = xs
-            prev = jnp.sum(jnp.swapaxes(A_s if tv else A, -1, -2) * (bc_t * beta)[:, None], 0)
-            prev = jnp.where(v_t, prev, beta)
-            return prev, beta
+    def step(beta, xs):  # all chunks at once, time-major as in `_forward_two_level`
+        bc_t, A_s, v_t = xs
+        u = bc_t * beta
+        prev = jnp.einsum("cij,cj->ci", A_s, u) if tv else u @ A.T
+        return jnp.where(v_t[:, None], prev, beta), beta
 
-        return lax.scan(step, beta_last, (bc_c, A_c, v_c), reverse=True)[1]
-
-    betas = jax.vmap(run, in_axes=(0, 0, 0 if tv else None, 0))(boundaries, bcs, A_t, vs).reshape(-1, K)[:T]
+    xs = (_time_major(bcs), None if A_t is None else _time_major(A_t), _time_major(vs))
+    betas = _time_major(lax.scan(step, boundaries, xs, reverse=True)[1]).reshape(-1, K)[:T]
     return betas / jnp.sum(betas, -1, keepdims=True)
 
 
@@ -344,11 +371,13 @@ def _transition_counts(A, b, alphas, betas, valid):
     return A * (alphas[:-1].T @ w)
 
 
-def _filter_one(params, plausibility, valid, parallel, chunk_size):
+def _filter_one(params, plausibility, valid, parallel, chunk_size, smooth=False):
     b, m = _prepare_params(params, plausibility, valid)
     A = params.transition_matrices
+    H = None
     if parallel and chunk_size == TWO_LEVEL:
-        alphas, cs = _forward_two_level(params.initial_probs, A, b, valid)
+        G, H = _chunk_cores(A, b, valid) if smooth else (None, None)
+        alphas, cs = _forward_two_level(params.initial_probs, A, b, valid, G)
         ll = jnp.sum(jnp.log(cs)) + jnp.sum(m)
     elif parallel:
         alphas, cs, log_z = _forward_parallel(params.initial_probs, A, b, valid, chunk_size)
@@ -356,15 +385,15 @@ def _filter_one(params, plausibility, valid, parallel, chunk_size):
     else:
         alphas, cs = _forward_sequential(params.initial_probs, A, b, valid)
         ll = jnp.sum(jnp.log(cs)) + jnp.sum(m)
-    return ll, alphas, cs, b
+    return ll, alphas, cs, b, H
 
 
 def _smooth_one(params, plausibility, valid, parallel, chunk_size):
-    ll, alphas, cs, b = _filter_one(params, plausibility, valid, parallel, chunk_size)
+    ll, alphas, cs, b, H = _filter_one(params, plausibility, valid, parallel, chunk_size, smooth=True)
     A = params.transition_matrices
     if parallel:
         if chunk_size == TWO_LEVEL:
-            betas = _backward_two_level(A, b, cs, valid)
+            betas = _backward_two_level(A, b, cs, valid, H)
         else:
             betas = _backward_parallel(A, b, valid, chunk_size)
         counts = _transition_counts(A, b, alphas, betas, valid)
@@ -422,7 +451,7 @@ def _viterbi_one(params, plausibility, valid):
 
 
 def _sample_one(key, params, plausibility, valid, num_samples):
-    _, alphas, _, _ = _filter_one(params, plausibility, valid, False, None)
+    _, alphas, _, _, _ = _filter_one(params, plausibility, valid, False, None)
     A = params.transition_matrices
     tv = A.ndim == 3
     T, K = alphas.shape
@@ -491,7 +520,7 @@ def filter_params(params: DiscreteParams, *, length=None, plausibility=None, par
     """
     params, plausibility = promote(params, plausibility)
     valid = _valid(params.log_likelihoods.shape[0], length)
-    ll, alphas, _, _ = _filter_one(params, plausibility, valid, bool(parallel), _core_chunk(chunk_size, parallel))
+    ll, alphas, _, _, _ = _filter_one(params, plausibility, valid, bool(parallel), _core_chunk(chunk_size, parallel))
     if valid is not None:
         alphas = jnp.where(valid[:, None], alphas, 0.0)
     return FilterResult(ll, alphas)
