@@ -1,6 +1,7 @@
 """The two-level parallel forward-backward (the CPU default of ``parallel=True``) against the
-sequential one: time-varying transitions, padding, missing data, float32 on a long sequence;
-and no re-tracing for new data of the same shape."""
+sequential one: time-varying transitions, padding (the length ending inside a chunk, at a
+chunk's last step and at its first), missing data, float32 on a long sequence; and no
+re-tracing for new data of the same shape."""
 import numpy as np
 import pytest
 import jax
@@ -21,7 +22,7 @@ def random_params(rng, T, K, time_varying):
 
 
 @pytest.mark.parametrize("time_varying", [False, True])
-@pytest.mark.parametrize("T,length", [(1, None), (50, None), (333, 200)])
+@pytest.mark.parametrize("T,length", [(1, None), (50, None), (333, 200), (333, 198), (333, 199)])
 def test_two_level_equals_sequential(time_varying, T, length):
     rng = np.random.default_rng(T + 7 * time_varying)
     params = random_params(rng, T, 4, time_varying)
