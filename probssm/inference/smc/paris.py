@@ -91,12 +91,12 @@ def _weight_draws(weights, uniforms):
 
     num = weights.shape[0]
     c = C.cumulative(weights, fast=True)  # zero-weight draws are rejected by the caller
-    slots = jnp.arange(num, dtype=jnp.int32)
     out = []
     for r in range(uniforms.shape[0]):
         a = ancestors_from_counts(jnp.ceil(num * c - uniforms[r, 0]), num)
         shift = jnp.minimum(jnp.floor(uniforms[r, 1] * num).astype(jnp.int32), num - 1)
-        out.append(a[lax.rem(slots + shift, jnp.int32(num))])
+        # the cyclic read as a slice of the doubled array (cheaper on CPU than a gather)
+        out.append(lax.dynamic_slice_in_dim(jnp.concatenate([a, a]), shift, num))
     return jnp.stack(out)
 
 
