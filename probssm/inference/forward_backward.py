@@ -270,17 +270,16 @@ def _chunk_cores(A, b, valid):
     return forward, backward
 
 
-def _forward_two_level(pi, A, b, valid, G=None):
+def _forward_two_level(pi, A, b, valid, G):
     """Forward pass in three phases over chunks of c ~ sqrt(T) steps (scan-then-propagate).
 
     The predicted distribution moves through step t by p -> normalise(p diag(b_t) A_{t+1})
-    (diag(b_t) alone when step t + 1 is padding). 1) Every chunk, in parallel, multiplies its
-    steps' matrices (a sequential scan of K x K products, vmapped over chunks, normalised);
-    2) a short sequential scan over the chunks carries the predicted distribution to every
-    chunk start; 3) every chunk, in parallel, runs the ordinary scaled forward pass from its
-    start, which gives exact filtered probabilities and normalisers. Work O(T K^3 + T K^2),
-    span O(sqrt(T)); one compiled body per phase whatever T is. ``G``: the chunks' forward
-    maps when already computed (`_chunk_cores`)."""
+    (diag(b_t) alone when step t + 1 is padding). 1) Every chunk's map ``G`` (C, K, K), the
+    product of its steps' matrices, computed in parallel by `_chunk_cores`; 2) a short
+    sequential scan over the chunks carries the predicted distribution to every chunk start;
+    3) every chunk, in parallel, runs the ordinary scaled forward pass from its start, which
+    gives exact filtered probabilities and normalisers. Work O(T K^3 + T K^2), span
+    O(sqrt(T)); one compiled body per phase whatever T is."""
     T, K = b.shape
     size = two_level_size(T)
     num_chunks = -(-T // size)
@@ -291,8 +290,6 @@ def _forward_two_level(pi, A, b, valid, G=None):
     vs = _chunks(v, num_chunks, size, False)
     vns = _chunks(vn, num_chunks, size, False)
     A_next = _chunks(_next_transitions(A), num_chunks, size, 0.0) if tv else None
-    if G is None:
-        G = _chunk_cores(A, b, valid)[0]
 
     def chain(p, G_j):
         q = p @ G_j
@@ -316,9 +313,9 @@ def _forward_two_level(pi, A, b, valid, G=None):
     return _time_major(alphas).reshape(-1, K)[:T], _time_major(cs).reshape(-1)[:T]
 
 
-def _backward_two_level(A, b, cs, valid, H=None):
+def _backward_two_level(A, b, cs, valid, H):
     """Backward pass in the same three phases: beta_{t-1} = A_t (b_t beta_t / c_t) is linear in
-    beta_t, so a chunk is a product of K x K matrices (``H``, from `_chunk_cores` unless given);
+    beta_t, so a chunk is a product of K x K matrices (``H``, from `_chunk_cores`);
     the boundary betas are carried from the end, and every chunk runs the scaled backward pass
     from its boundary. Betas are returned normalised per step (each chunk's scale is arbitrary)."""
     T, K = b.shape
@@ -332,8 +329,6 @@ def _backward_two_level(A, b, cs, valid, H=None):
     bcs = _chunks(bc, num_chunks, size, 1.0)
     vs = _chunks(step_valid, num_chunks, size, False)
     A_t = _chunks(A, num_chunks, size, 0.0) if tv else None
-    if H is None:
-        H = _chunk_cores(A, b, valid)[1]
 
     def chain(beta, H_j):
         prev = H_j @ beta
@@ -371,12 +366,14 @@ def _transition_counts(A, b, alphas, betas, valid):
     return A * (alphas[:-1].T @ w)
 
 
-def _filter_one(params, plausibility, valid, parallel, chunk_size, smooth=False):
+def _filter_one(params, plausibility, valid, parallel, chunk_size):
+    """Forward pass: (log-likelihood, alphas, normalisers, scaled likelihoods b, and the chunks'
+    backward maps of the two-level form (None otherwise; unused by a filter, so compiled away))."""
     b, m = _prepare_params(params, plausibility, valid)
     A = params.transition_matrices
     H = None
     if parallel and chunk_size == TWO_LEVEL:
-        G, H = _chunk_cores(A, b, valid) if smooth else (None, None)
+        G, H = _chunk_cores(A, b, valid)
         alphas, cs = _forward_two_level(params.initial_probs, A, b, valid, G)
         ll = jnp.sum(jnp.log(cs)) + jnp.sum(m)
     elif parallel:
@@ -389,7 +386,7 @@ def _filter_one(params, plausibility, valid, parallel, chunk_size, smooth=False)
 
 
 def _smooth_one(params, plausibility, valid, parallel, chunk_size):
-    ll, alphas, cs, b, H = _filter_one(params, plausibility, valid, parallel, chunk_size, smooth=True)
+    ll, alphas, cs, b, H = _filter_one(params, plausibility, valid, parallel, chunk_size)
     A = params.transition_matrices
     if parallel:
         if chunk_size == TWO_LEVEL:

@@ -680,8 +680,9 @@ def _filter(params, ys, masks, parallel, chunk_size, mode="none", diffuse=None, 
 # step differs from the step before by at most rtol * max|P| (elementwise; rtol =
 # `steady_state_rtol(dtype)`), and every later block uses the constant gain: the means of those
 # steps are then one affine recurrence (one matrix-vector product a step), run after the blocked
-# covariance recursion by a plain scan or in parallel. The smoother does the same backwards: its gain E is constant where the
-# filter's covariances are, and its covariance recursion converges going back from the end.
+# covariance recursion by a plain scan or in parallel. The smoother does the same backwards: its
+# gain E is constant where the filter's covariances are, and its covariance recursion converges
+# going back from the end.
 # The deviation from the full recursion is the distance of the covariances from their fixed point
 # at the switch, about rtol * rho / (1 - rho) relative for a contraction rate rho of the
 # recursion. Under vmap over a batch of sequences the covariance recursion is not batched (it
