@@ -389,6 +389,10 @@ def _smc_cases():
         Case("smc", "hmc_smc",
              lambda th, k: ps.smc.hmc_smc(k, lgssm(th), Y[:5], 8, num_mcmc_steps=1, num_integration_steps=2,
                                           max_stages=2)),
+        Case("smc", "hmc_smc_sequence",
+             lambda th, k: ps.smc.hmc_smc_sequence(k, lgssm(th), Y[:5], num_particles=8, num_mcmc_steps=1,
+                                                   num_integration_steps=2, max_stages=2,
+                                                   additive_functional=_FUNCTIONAL)),
     ]
     if hasattr(ps.smc, "smoother"):  # the one-call particle smoother of issue 15, item 4
         cases += [
@@ -639,7 +643,7 @@ CI_GRAD = {("kalman", "filter"), ("hmm", "filter"), ("gaussian", "filter[ukf]"),
            ("mcmc", "MarginalLikelihood"), ("dkf", "filter"), ("gp", "log_marginal_likelihood"),
            ("vi", "elbo"), ("ctmc", "panel_log_likelihood"), ("switching", "imm"), ("switching", "log_likelihood")}
 # The heaviest compilations of the jit/vmap walk run under make test-all only.
-SLOW_WALK = {("smc", "hmc_smc"), ("smc", "ppg_sequence")}
+SLOW_WALK = {("smc", "hmc_smc"), ("smc", "hmc_smc_sequence"), ("smc", "ppg_sequence")}
 
 
 def _params(cases, grad=False):

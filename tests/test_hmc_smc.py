@@ -4,7 +4,11 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+import equinox as eqx
+
 import probssm as ps
+from probssm.core import params as P
+from probssm.learn.score import score_functional
 
 T, N, R = 20, 200, 64  # steps, particles, independent runs (a batch of copies of one sequence)
 
@@ -95,3 +99,69 @@ def test_bad_input(informative_data):
         ps.smc.hmc_smc(key, model, y, 10, num_mcmc_steps=0)
     with pytest.raises(ValueError, match="emissions"):
         ps.smc.hmc_smc(key, model, np.asarray(y)[:, :1], 10)
+
+
+# ----------------------------------------------------------------------------------------------
+# additive functionals along the particle paths (the "hmc_smc" score of ps.learn.mle)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_score_along_the_paths_matches_the_kalman_gradient(informative_data):
+    """Fisher's identity in the informative regime: the path-space sum of grad log p(z, y) against
+    jax.grad of the Kalman log-likelihood; z-scores over R independent runs."""
+    model, y = informative_data
+    spec = P.spec(model, ("transition_offset", "emission_offset"))
+    params = P.to_unconstrained(model, spec)
+    exact = jax.grad(lambda p: ps.kalman.filter(P.from_unconstrained(model, spec, p), y).log_likelihood)(params)
+    est = runs(model, y, key=5, additive_functional=score_functional(model, spec, params)).estimate
+    for name in spec.paths:
+        z = z_scores(est[name], exact[name])
+        assert np.abs(z).max() < 4.5, (name, z)
+
+
+def _count_and_state():
+    """h_0 = (1, z_0), h_t = (1, z_t): the count is exact whatever the particles do."""
+    return ps.smc.AdditiveFunctional(initial=lambda z, y, u: (jnp.ones((), z.dtype), z),
+                                     step=lambda zp, z, t, y, u: (jnp.ones((), z.dtype), z))
+
+
+def test_functional_sums_every_step_and_drops_the_padding(informative_data):
+    model, y = informative_data
+    padded = jnp.stack([y, y.at[12:].set(0.0)])
+    res = ps.smc.hmc_smc(jax.random.PRNGKey(3), model, padded, 16, max_stages=3, lengths=jnp.array([T, 12]),
+                         additive_functional=_count_and_state())
+    count, states = res.estimate
+    np.testing.assert_array_equal(np.asarray(count), [T, 12])
+    assert states.shape == (2, 2) and np.all(np.isfinite(np.asarray(states)))
+    # without a functional there is no estimate
+    assert ps.smc.hmc_smc(jax.random.PRNGKey(3), model, y, 16, max_stages=3).estimate is None
+
+
+def test_sequence_core_inside_jit_vmap_equals_the_public_function(informative_data):
+    model, y = informative_data
+    keys = jax.random.split(jax.random.PRNGKey(4), 2)
+    f = _count_and_state()
+    core = jax.jit(jax.vmap(lambda k: ps.smc.hmc_smc_sequence(k, model, y, num_particles=16, max_stages=3,
+                                                              additive_functional=f)))(keys)
+    for i in range(2):
+        one = ps.smc.hmc_smc(keys[i], model, y, 16, max_stages=3, additive_functional=f)
+        np.testing.assert_allclose(np.asarray(core.log_likelihood[i]), np.asarray(one.log_likelihood), rtol=1e-10)
+        np.testing.assert_allclose(np.asarray(core.estimate[1][i]), np.asarray(one.estimate[1]), rtol=1e-10)
+
+
+def test_functional_and_score_bad_input(informative_data):
+    model, y = informative_data
+    key = jax.random.PRNGKey(0)
+    with pytest.raises(ValueError, match="additive_functional"):
+        ps.smc.hmc_smc(key, model, y, 10, additive_functional=3.0)
+    with pytest.raises(ValueError, match="num_particles"):
+        ps.smc.hmc_smc_sequence(key, model, y, num_particles=1)
+    with pytest.raises(ValueError, match="step_size"):
+        ps.smc.hmc_smc_sequence(key, model, y, num_particles=8, step_size=0.0)
+    # the learner checks the model it is given, also one made by eqx.tree_at
+    bad = eqx.tree_at(lambda m: m.transition_cov, model, -np.eye(2))
+    with pytest.raises(ValueError, match="transition_cov"):
+        ps.learn.mle(bad, y, 5, estimator="hmc_smc", key=key)
+    hmm = ps.models.HMM(np.array([0.5, 0.5]), np.array([[0.9, 0.1], [0.1, 0.9]]),
+                        ps.emissions.Gaussian(np.zeros((2, 2)), np.ones((2, 2, 2)) * np.eye(2)))
+    with pytest.raises(ValueError, match="model"):
+        ps.learn.mle(hmm, y, 5, estimator="hmc_smc", key=key)

@@ -439,6 +439,7 @@ def test_ppg_bias_below_paris_at_equal_cost(lg):
                  marks=pytest.mark.xfail(strict=True, reason="PaRIS score bias at N=100, T=300")),
     ("paris", 1000, "mcmc", 2),  # ten times the particles: the bias shrinks below the tolerance
     ("ppg", 100, "exact", 4),
+    ("hmc_smc", 100, "exact", 4),  # backward is a PaRIS / PPG setting, unused here
 ])
 def test_particle_mle_matches_em(estimator, num_particles, backward, num_seeds):
     fixed = ("initial_mean", "initial_cov", "emission_matrix", "transition_offset", "emission_offset")

@@ -1,5 +1,5 @@
 """Maximum likelihood by gradient-based optimisation (optax) for any model with an
-exact log-likelihood, or by particle estimates of the score (`estimator="paris"|"ppg"`).
+exact log-likelihood, or by particle estimates of the score (`estimator="paris"|"ppg"|"hmc_smc"`).
 
 The learnable arrays are those of the one parameter spec, `probssm.core.params`:
 every array field declared with a numpyro constraint, found recursively (emission
@@ -58,7 +58,7 @@ def exact_log_likelihood(model, emissions, inputs=None, lengths=None, diffuse=No
         return hmm.log_likelihood(model, emissions, inputs=inputs, lengths=lengths)
     raise ValueError(
         f"model: exact MLE needs a declared exact structure (linear-Gaussian or discrete), got "
-        f"{type(model).__name__}; use estimator='paris' or 'ppg' for other models"
+        f"{type(model).__name__}; use estimator='paris', 'ppg' or 'hmc_smc' for other models"
     )
 
 
@@ -89,9 +89,11 @@ def mle(model, emissions, num_iters: int = 200, *, inputs=None, lengths=None, op
             likelihoods. Any ``GradientTransformationExtraArgs`` receives ``value``, ``grad``
             and ``value_fn``.
         fixed: dotted paths of arrays (or sub-modules) to hold fixed, e.g. ``("emissions.covs",)``.
-        estimator: "exact" (Kalman / forward-backward likelihood), or "paris" / "ppg"
-            (particle estimates of the score; needs ``key``). PaRIS's self-normalisation bias
-            grows like T / N and shifts the fitted parameters on long sequences; PPG removes it.
+        estimator: "exact" (Kalman / forward-backward likelihood), or "paris" / "ppg" /
+            "hmc_smc" (particle estimates of the score; needs ``key``). PaRIS's
+            self-normalisation bias grows like T / N and shifts the fitted parameters on long
+            sequences; PPG removes it. "hmc_smc" (vector states) moves the particles by HMC
+            under likelihood tempering, for observations too informative for bootstrap proposals.
         progress: progress bar (default: when num_iters >= 100).
         key: a `jax.random` key; required by the particle estimators, unused by "exact".
 
@@ -101,7 +103,7 @@ def mle(model, emissions, num_iters: int = 200, *, inputs=None, lengths=None, op
     Example:
         >>> fitted, history = ps.learn.mle(hmm, y, 100, fixed=("emissions.covs",))
     """
-    if estimator in ("paris", "ppg"):
+    if estimator in ("paris", "ppg", "hmc_smc"):
         from probssm.learn.score import score_mle
 
         if key is None:
@@ -109,7 +111,7 @@ def mle(model, emissions, num_iters: int = 200, *, inputs=None, lengths=None, op
         return score_mle(model, emissions, num_iters, key=key, estimator=estimator, optimizer=optimizer,
                          fixed=fixed, progress=progress, inputs=inputs, **kwargs)
     if estimator != "exact":
-        raise ValueError(f"estimator: expected 'exact', 'paris' or 'ppg', got {estimator!r}")
+        raise ValueError(f"estimator: expected 'exact', 'paris', 'ppg' or 'hmc_smc', got {estimator!r}")
     from probssm.core.continuous_time import AbstractContinuousTimeSSM
 
     if isinstance(model, AbstractContinuousTimeSSM):

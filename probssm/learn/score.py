@@ -6,9 +6,12 @@ Fisher's identity writes the score as a smoothed additive functional::
     h_0 = grad [log p_theta(z_0) + log g_theta(y_0 | z_0)],
     h_t = grad [log f_theta(z_t | z_{t-1}) + log g_theta(y_t | z_t)],
 
-so PaRIS (one pass, O(1/N) bias) or PPG (conditional sweeps that carry a
+so PaRIS (one pass, O(1/N) bias), PPG (conditional sweeps that carry a
 reference path from one iteration to the next, the Markov-score-climbing flavour
-of stochastic approximation) estimate it, and optax climbs it. theta are the
+of stochastic approximation) or HMC-SMC (a tempered particle filter with HMC
+moves, the sum carried along its particle paths; for informative observations,
+where the bootstrap proposals of the other two degenerate) estimate it, and
+optax climbs it. theta are the
 model's learnable fields in unconstrained coordinates (numpyro ``biject_to`` of the
 constraint each field declares in its metadata), so constraints always hold.
 
@@ -29,6 +32,7 @@ from probssm.core import checks, params as P, progress as prog
 from probssm.inference.smc import common as C
 from probssm.inference.smc.csmc import conditional_smc_sequence, trace_ancestry
 from probssm.inference.smc.filter import check_proposal, particle_filter_sequence
+from probssm.inference.smc.hmc_smc import check_vector_state, hmc_smc_sequence
 from probssm.inference.smc.paris import AdditiveFunctional, paris_sequence, resolve_backward
 from probssm.inference.smc.ppg import ppg_sequence
 
@@ -101,6 +105,18 @@ def _ppg_score(key, model, spec, params, batch, refs, *, num_particles, num_back
     return _sum_batch(est, batch.batched), _sum_batch(ll, batch.batched), ref
 
 
+def _hmc_smc_score(key, model, spec, params, batch, *, num_particles):
+    m = P.from_unconstrained(model, spec, params)
+    functional = score_functional(model, spec, params)
+
+    def one(y, u, n, k):
+        r = hmc_smc_sequence(k, m, y, u, num_particles=num_particles, additive_functional=functional, length=n)
+        return r.estimate, r.log_likelihood
+
+    est, ll = batch.map(one, C.sequence_keys(key, batch), extra_axes=(0,))
+    return _sum_batch(est, batch.batched), _sum_batch(ll, batch.batched)
+
+
 def _initial_refs(key, model, batch, num_particles, proposal=None):
     """One path per sequence, traced back through a particle filter."""
     def one(y, u, n, k):
@@ -128,6 +144,8 @@ def _fit(key, model, batch, params, *, fixed, optimizer, num_iters, estimator, n
         if estimator == "paris":
             score, ll = _paris_score(k, model, spec, params, batch, num_particles=num_particles,
                                      num_backward=num_backward, backward=backward)
+        elif estimator == "hmc_smc":
+            score, ll = _hmc_smc_score(k, model, spec, params, batch, num_particles=num_particles)
         else:
             score, ll, refs = _ppg_score(k, model, spec, params, batch, refs, num_particles=num_particles,
                                          num_backward=num_backward, backward=backward)
@@ -161,8 +179,8 @@ def _fixed_paths(fixed) -> tuple:
 
 def _prepare(model, emissions, inputs, lengths, fixed, estimator, num_particles, num_backward, backward):
     C.check_model(model)
-    if estimator not in ("paris", "ppg"):
-        raise ValueError(f"estimator: expected 'paris' or 'ppg', got {estimator!r}")
+    if estimator not in ("paris", "ppg", "hmc_smc"):
+        raise ValueError(f"estimator: expected 'paris', 'ppg' or 'hmc_smc', got {estimator!r}")
     num_particles = C.check_num_particles(num_particles)
     num_backward = checks.positive_int(num_backward, "num_backward")
     fixed = _fixed_paths(fixed)
@@ -171,6 +189,8 @@ def _prepare(model, emissions, inputs, lengths, fixed, estimator, num_particles,
         raise ValueError("fixed: every learnable array is fixed; nothing to fit")
     resolve_backward(model, backward)
     batch = C.prepare(model, emissions, inputs, lengths)
+    if estimator == "hmc_smc":
+        check_vector_state(model, batch)
     return fixed, spec, num_particles, num_backward, batch
 
 
@@ -205,7 +225,7 @@ def _score_jit(key, model, batch, params, *, fixed, num_particles, num_backward,
 def score_mle(model, emissions, num_iters: int, *, key, estimator: str = "paris", num_particles: int = 500,
               optimizer=None, fixed=(), progress=None, inputs=None, lengths=None, num_backward: int = 2,
               backward: str = "auto"):
-    """Stochastic-gradient MLE with the particle score (PaRIS or PPG).
+    """Stochastic-gradient MLE with the particle score (PaRIS, PPG or HMC-SMC).
 
     Args:
         model: starting model; its learnable arrays (`probssm.core.params.spec`: every array
@@ -214,8 +234,11 @@ def score_mle(model, emissions, num_iters: int, *, key, estimator: str = "paris"
         emissions: (T, D), (B, T, D) or a list of (T_b, D) arrays; NaN marks missing steps.
         num_iters: gradient steps (one particle sweep each).
         key: a `jax.random` key (required).
-        estimator: "paris" (fresh PaRIS run each step) or "ppg" (one conditional PaRIS sweep per
-            step, the reference path carried across steps).
+        estimator: "paris" (fresh PaRIS run each step), "ppg" (one conditional PaRIS sweep per
+            step, the reference path carried across steps) or "hmc_smc" (a fresh `hmc_smc` run
+            each step with its default settings, the score summed along its particle paths; for
+            models with a real vector state). ``num_backward`` and ``backward`` are PaRIS / PPG
+            settings, unused by "hmc_smc".
         num_particles: N per sweep.
         optimizer: an optax optimiser (it receives minus the score per observation); default Adam
             with a decaying step, see `default_optimizer`.

@@ -22,9 +22,9 @@ from probssm.inference.smc.csmc import CSMCResult, conditional_smc, conditional_
 from probssm.inference.smc.ppg import PPGResult, ppg, ppg_sequence
 
 __all__ += ["CSMCResult", "conditional_smc", "conditional_smc_sequence", "PPGResult", "ppg", "ppg_sequence"]
-from probssm.inference.smc.hmc_smc import HMCSMCResult, hmc_smc
+from probssm.inference.smc.hmc_smc import HMCSMCResult, hmc_smc, hmc_smc_sequence
 
-__all__ += ["HMCSMCResult", "hmc_smc"]
+__all__ += ["HMCSMCResult", "hmc_smc", "hmc_smc_sequence"]
 from probssm.inference.smc.smoother import ParticleSmootherResult, smoother, smoother_sequence
 
 __all__ += ["ParticleSmootherResult", "smoother", "smoother_sequence"]
