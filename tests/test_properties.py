@@ -40,8 +40,9 @@ HMM_SHAPES = st.sampled_from([(1, 2), (7, 2), (7, 3)])  # (T, K)
 
 
 def raises_naming(arg: str):
-    """pytest.raises(ValueError) whose message starts with the argument's name."""
-    return pytest.raises(ValueError, match=rf"^{re.escape(arg)}")
+    """pytest.raises(ValueError) whose message starts with the argument's name (a model's field may
+    come as ``model.<field>``, the form of `SSM.check_parameters`)."""
+    return pytest.raises(ValueError, match=rf"^(model\.)?{re.escape(arg)}")
 
 
 # ----------------------------------------------------------------------------------------------

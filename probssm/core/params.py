@@ -93,10 +93,18 @@ def check_support(module, name: str = "model") -> None:
     """Raise ValueError naming the first declared scalar or elementwise parameter of ``module`` (a
     model, a likelihood, any equinox module) outside its support, e.g. ``model.sigma: expected
     values in Positive, got -1.0``. Real-valued fields and matrix constraints (PSD, simplex rows)
-    are left to each structure's own checks. Concrete values only (traced ones are skipped)."""
+    are left to each structure's own checks, except that a finite ``positive_definite`` field must
+    be symmetric without a negative eigenvalue (semi-definite passes: a structure may hold an
+    exactly singular covariance; infinite entries, a diffuse prior, are the structure's to check).
+    Concrete values only (traced ones are skipped)."""
     from probssm.core import checks
 
     for path, c, value in declared(module):
+        if c is constraints.positive_definite:
+            # an infinite entry is a diffuse prior (exact diffuse Kalman): left to the structure
+            if checks.is_concrete(value) and np.ndim(value) >= 2 and np.all(np.isfinite(np.asarray(value))):
+                checks.psd(value, f"{name}.{path}", strict=False)
+            continue
         if c is constraints.real or getattr(c, "event_dim", 0) != 0 or not checks.is_concrete(value):
             continue
         a = np.asarray(value)

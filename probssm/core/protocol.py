@@ -71,8 +71,8 @@ class SSM(eqx.Module):
         declared support (``positive``, ``interval``, ...; `probssm.core.params`), e.g.
         ``model.sigma: expected values in positive, got -1.0``. Engines call it where inference
         starts, so models made by ``eqx.tree_at``, ``tree_map`` or ``ps.load`` are checked too.
-        Real-valued fields and matrix constraints (PSD, simplex rows) are left to each structure's
-        own checks. Runs on
+        Real-valued fields and simplex rows are left to each structure's own checks; a
+        ``positive_definite`` matrix must be symmetric with no negative eigenvalue. Runs on
         concrete values only (a traced model is not checked)."""
         from probssm.core import params as P
 
