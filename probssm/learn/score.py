@@ -11,9 +11,9 @@ reference path from one iteration to the next, the Markov-score-climbing flavour
 of stochastic approximation) or HMC-SMC (a tempered particle filter with HMC
 moves, the sum carried along its particle paths; for informative observations,
 where the bootstrap proposals of the other two degenerate) estimate it, and
-optax climbs it. theta are the
-model's learnable fields in unconstrained coordinates (numpyro ``biject_to`` of the
-constraint each field declares in its metadata), so constraints always hold.
+optax climbs it. theta are the model's learnable fields in unconstrained
+coordinates (numpyro ``biject_to`` of the constraint each field declares in its
+metadata), so constraints always hold.
 
 The whole fit is one `lax.scan` compiled once; ``history`` holds the particle
 estimate of log p(y) at each iteration.
