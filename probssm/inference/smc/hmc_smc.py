@@ -248,8 +248,9 @@ def hmc_smc_sequence(key, model, emissions, inputs=None, *, num_particles: int, 
         model: an `SSM` with a real vector state (see `hmc_smc`).
         emissions: (T, D); NaN marks a missing step.
         inputs: None (the model's `default_inputs`) or (T, ...) rows.
-        num_particles, num_mcmc_steps, num_integration_steps, target_ess, max_stages,
-            target_accept, resampling: as for `hmc_smc` (static Python values, checked).
+        num_particles: N >= 2 (a static Python int, checked).
+        num_mcmc_steps, num_integration_steps, max_stages: as for `hmc_smc` (static, checked).
+        target_ess, target_accept, resampling: as for `hmc_smc` (static, checked).
         step_size: as for `hmc_smc` (may be traced).
         additive_functional: None, an `AdditiveFunctional` or a callable ``h(z_prev, z, t, y,
             inputs)``; its path-space estimate is ``estimate``.
