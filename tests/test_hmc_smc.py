@@ -157,10 +157,14 @@ def test_functional_and_score_bad_input(informative_data):
         ps.smc.hmc_smc_sequence(key, model, y, num_particles=1)
     with pytest.raises(ValueError, match="step_size"):
         ps.smc.hmc_smc_sequence(key, model, y, num_particles=8, step_size=0.0)
-    # the learner checks the model it is given, also one made by eqx.tree_at
+    # every entry point checks the model it is given, also one made by eqx.tree_at
     bad = eqx.tree_at(lambda m: m.transition_cov, model, -np.eye(2))
     with pytest.raises(ValueError, match="transition_cov"):
         ps.learn.mle(bad, y, 5, estimator="hmc_smc", key=key)
+    with pytest.raises(ValueError, match="transition_cov"):
+        ps.smc.hmc_smc(key, bad, y, 10, additive_functional=_count_and_state())
+    with pytest.raises(ValueError, match="transition_cov"):
+        ps.smc.hmc_smc_sequence(key, bad, y, num_particles=10, additive_functional=_count_and_state())
     hmm = ps.models.HMM(np.array([0.5, 0.5]), np.array([[0.9, 0.1], [0.1, 0.9]]),
                         ps.emissions.Gaussian(np.zeros((2, 2)), np.ones((2, 2, 2)) * np.eye(2)))
     with pytest.raises(ValueError, match="model"):

@@ -260,8 +260,11 @@ def hmc_smc_sequence(key, model, emissions, inputs=None, *, num_particles: int, 
     Returns:
         `HMCSMCResult` (no batch axis).
 
-    No checks of the model or the data: usable inside the caller's jit / vmap / grad.
+    The model's parameter values are checked when they are concrete (a model made by
+    ``eqx.tree_at`` with a bad value raises a ValueError naming the field); under the caller's
+    jit / vmap, where they are traced, that check is skipped. The data are not checked.
     """
+    C.check_model(model)
     cfg = _config(num_particles, num_mcmc_steps, num_integration_steps, target_ess, max_stages, target_accept,
                   resampling)
     functional = None if additive_functional is None else as_functional(additive_functional)
