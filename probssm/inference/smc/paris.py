@@ -286,6 +286,7 @@ def paris(key, model, emissions, additive_functional, num_particles: int, num_ba
         emissions: (T, D), (B, T, D) or a list of (T_b, D) arrays.
         additive_functional: `AdditiveFunctional(initial, step)` or a callable
             ``h(z_prev, z, t, y, inputs)`` (then the t = 0 term is zero); outputs any pytree.
+            Static: compiled once per function object, so pass the same one on every call.
         num_particles: N >= 2.
         num_backward: Ñ >= 1 backward draws per particle (2 is enough for O(1/N) bias... see
             Olsson & Westerborn).
