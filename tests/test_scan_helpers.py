@@ -92,3 +92,28 @@ def test_particle_filter_rejects_tree_at_model_with_bad_value():
     bad = eqx.tree_at(lambda m: m.sigma, model, -1.0)
     with pytest.raises(ValueError, match="sigma"):
         ps.smc.particle_filter(jax.random.PRNGKey(2), bad, jnp.ones((5, 1)), 16)
+
+
+def test_sequence_cores_check_a_concrete_model_made_by_tree_at():
+    # the single-sequence cores check a concrete model before tracing anything (no compilation
+    # here); under the caller's jit the parameters are traced and the check is skipped
+    model = ps.models.StochasticVolatility(-1.0, 0.95, 0.2)
+    bad = eqx.tree_at(lambda m: m.sigma, model, -1.0)
+    key, y = jax.random.PRNGKey(3), jnp.ones((5, 1))
+    h = lambda zp, z, t, yy, u: z
+    calls = {
+        "particle_filter_sequence": lambda m: ps.smc.particle_filter_sequence(key, m, y, num_particles=8),
+        "paris_sequence": lambda m: ps.smc.paris_sequence(key, m, y, additive_functional=h, num_particles=8),
+        "ppg_sequence": lambda m: ps.smc.ppg_sequence(key, m, y, additive_functional=h, num_particles=8,
+                                                      num_iters=2),
+        "conditional_smc_sequence": lambda m: ps.smc.conditional_smc_sequence(key, m, y, reference=jnp.zeros((5, 1)),
+                                                                              num_particles=8),
+        "smoother_sequence": lambda m: ps.smc.smoother_sequence(key, m, y, num_particles=8),
+        "backward_sample_sequence": lambda m: ps.smc.backward_sample_sequence(key, m, None),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match="sigma"):
+            call(bad)
+    traced = jax.eval_shape(lambda s: ps.smc.particle_filter_sequence(
+        key, eqx.tree_at(lambda m: m.sigma, model, s), y, num_particles=8).log_likelihood, -1.0)
+    assert traced.shape == ()

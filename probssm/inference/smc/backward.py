@@ -206,8 +206,10 @@ def backward_sample_sequence(key, model, filter_result, inputs=None, *, num_samp
     Returns:
         (M, T, d) trajectories.
 
-    No input checks: usable inside the caller's jit / vmap.
+    Only the model is checked (see `probssm.inference.smc.common`): usable inside the caller's
+    jit / vmap.
     """
+    C.check_model(model)
     use_bound = resolve_method(model, method)
     particles, log_weights = filter_result.particles, filter_result.log_weights
     num_timesteps = log_weights.shape[0]

@@ -15,6 +15,10 @@ Conventions every engine shares:
 * Steps at and beyond a sequence's ``length`` (the padding of a ragged batch) are missing;
   the log-likelihood estimate is then that of the first ``length`` steps (statistically
   exact), and filtered quantities there are predictions.
+* The single-sequence cores (``*_sequence``) check only the model: its parameter values when
+  they are concrete (a model made by ``eqx.tree_at`` with a bad value raises a ValueError
+  naming the field). Under the caller's jit / vmap, where they are traced, that check is
+  skipped. The data are not checked there.
 """
 from __future__ import annotations
 

@@ -62,8 +62,10 @@ def conditional_smc_sequence(key, model, emissions, inputs=None, *, reference, n
     Returns:
         `CSMCResult`: reference (T, d) the new path, filter the conditional particle system.
 
-    No input checks: usable inside the caller's jit / vmap.
+    Only the model is checked (see `probssm.inference.smc.common`): usable inside the caller's
+    jit / vmap.
     """
+    C.check_model(model)
     ys, inputs = C.prepare_sequence(model, emissions, inputs, length)
     proposal = C.pad_proposal(proposal, length)
     num_timesteps = ys.shape[0]

@@ -182,9 +182,10 @@ def particle_filter_sequence(key, model, emissions, inputs=None, *, num_particle
         log_weights (T, N), ess (T,), ancestors (T, N), resampled (T,) (last step only
         without history).
 
-    No input checks: usable inside the caller's jit / vmap / grad (grad flows through the
-    weights, not through resampling).
+    Only the model is checked (see `probssm.inference.smc.common`): usable inside the caller's
+    jit / vmap / grad (grad flows through the weights, not through resampling).
     """
+    C.check_model(model)
     ys, inputs = C.prepare_sequence(model, emissions, inputs, length)
     proposal = C.pad_proposal(proposal, length)
     auxiliary = C.pad_proposal(auxiliary, length)

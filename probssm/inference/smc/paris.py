@@ -206,8 +206,10 @@ def paris_sequence(key, model, emissions, inputs=None, *, additive_functional, n
     Returns:
         `PaRISResult`: estimate (pytree like h's output), log_likelihood (), final state.
 
-    No input checks: usable inside the caller's jit / vmap / grad.
+    Only the model is checked (see `probssm.inference.smc.common`): usable inside the caller's
+    jit / vmap / grad.
     """
+    C.check_model(model)
     use_bound = resolve_backward(model, backward)
     functional = mask_functional(additive_functional, length)
     ys, inputs = C.prepare_sequence(model, emissions, inputs, length)

@@ -93,8 +93,10 @@ def ppg_sequence(key, model, emissions, inputs=None, *, additive_functional, num
     Returns:
         `PPGResult`.
 
-    No input checks: usable inside the caller's jit / vmap / grad.
+    Only the model is checked (see `probssm.inference.smc.common`): usable inside the caller's
+    jit / vmap / grad.
     """
+    C.check_model(model)
     use_bound = resolve_backward(model, backward)
     functional = mask_functional(additive_functional, length)
     ys, inputs = C.prepare_sequence(model, emissions, inputs, length)

@@ -155,8 +155,12 @@ def smoother_sequence(key, model, emissions, inputs=None, *, num_particles: int,
     Args are those of `smoother` for one sequence (emissions (T, D), inputs None or (T, ...)
     rows, ``length`` the true length of a padded sequence, possibly traced); ``num_samples``
     None means ``num_particles``. All but key, model, emissions, inputs, ess_threshold and
-    length are static. No input checks: usable inside the caller's jit / vmap.
+    length are static.
+
+    Only the model is checked (see `probssm.inference.smc.common`): usable inside the caller's
+    jit / vmap.
     """
+    C.check_model(model)
     method = "ffbsm" if method == "marginal" else method
     num_states = _num_states(model)
     ys, us = C.prepare_sequence(model, emissions, inputs, None)
