@@ -16,6 +16,7 @@ import pytest
 from jax.scipy.stats import multivariate_normal as mvn
 
 import probssm as ps
+from probssm.core.optim import line_search
 from reference import one_mode
 
 T, D, K = 8, 2, 2
@@ -184,6 +185,17 @@ def test_jit_and_padded_batch_equal_single_sequences(recurrent_laplace):
     ref = f(short)
     np.testing.assert_allclose(b.elbo[1], ref.elbo, rtol=1e-10)
     np.testing.assert_allclose(b.means[1], ref.means, atol=1e-10)
+
+
+def test_line_search_takes_the_longest_step_among_rounding_ties():
+    # x = 0, dx = 1: the points tried are the step sizes themselves. Near an optimum all steps tie
+    # up to rounding; the longest must win (a plain argmax would follow the noise, and the Newton
+    # iterates above would then differ between the batched and the single compilation)
+    x, dx = jnp.zeros(()), jnp.ones(())
+    assert line_search(lambda s: -1e-20 * (s - 1.0) ** 2 + 1e-16 * (s == 0.5), x, dx) == 1.0
+    assert line_search(lambda s: -((s - 0.5) ** 2), x, dx) == 0.5  # a real gain is taken
+    assert line_search(lambda s: jnp.where(s > 0.3, jnp.nan, -((s - 0.5) ** 2)), x, dx) == 0.25
+    assert line_search(lambda s: jnp.nan * s, x, dx) == 0.0  # nothing finite: keep x
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,11 +1,31 @@
 """Optax loops compiled as one scan: a fixed number of steps on a loss (inner loops of M-steps and
-filters), and the maximum-likelihood loop over a model's learnable arrays (`maximize`)."""
+filters), the maximum-likelihood loop over a model's learnable arrays (`maximize`), and the line
+search of damped Newton steps (`line_search`)."""
 import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
 
 from probssm.core import params as P, progress as prog
+
+
+LINE_SEARCH_STEPS = tuple(2.0 ** -i for i in range(10)) + (0.0,)  # step sizes tried (0: keep x)
+
+
+def line_search(objective, x, dx):
+    """``x + s dx`` for the step ``s`` in `LINE_SEARCH_STEPS` with the highest finite ``objective``
+    (to maximise; x itself when no step is finite).
+
+    Values within rounding of the best count as tied, and the longest tied step wins. Near the
+    optimum every step ties with keeping x, and a plain argmax would pick among them by rounding
+    noise: Newton would stop short of the optimum at a point that differs between compilations
+    (under vmap, or with other XLA flags). The full step is the right one there."""
+    steps = jnp.asarray(LINE_SEARCH_STEPS, x.dtype)
+    vals = jax.vmap(lambda s: objective(x + s * dx))(steps)
+    vals = jnp.where(jnp.isfinite(vals), vals, -jnp.inf)
+    best = jnp.max(vals)
+    tied = jnp.isfinite(vals) & (vals >= best - 100 * jnp.finfo(vals.dtype).eps * (1.0 + jnp.abs(best)))
+    return x + jnp.where(jnp.any(tied), steps[jnp.argmax(tied)], 0.0) * dx
 
 
 def descend(loss, params, optimizer, num_steps: int):

@@ -31,6 +31,7 @@ from jax.flatten_util import ravel_pytree
 
 from probssm.core import checks, progress as prog
 from probssm.core.linalg import psd_solve, symmetrize
+from probssm.core.optim import line_search
 from probssm.core.switching import AbstractSwitchingSSM, path_system
 from probssm.inference import kalman
 from probssm.inference.switching.laplace import laplace_params
@@ -46,7 +47,6 @@ _EMISSIONS = ("emission_matrices", "emission_offsets", "emission_covs")
 _RFIELDS = ("initial_probs", "initial_means", "initial_covs", "dynamics_matrices", "dynamics_offsets",
             "dynamics_covs", "emission_matrices", "emission_offsets", "emission_covs", "recurrence_weights",
             "recurrence_biases")
-_LINE_STEPS = tuple(2.0 ** -i for i in range(10)) + (0.0,)  # Newton step sizes tried (0: keep)
 
 
 def _regression(w, Ex_in, Exx_in, Eyx, Eyy, Ey):
@@ -154,10 +154,7 @@ def _poisson_emission_updates(model, g, Ex, Exx, ys, valid, num_steps: int = 3):
             gr = jax.grad(objective)(theta)
             Hs = symmetrize(-jax.hessian(objective)(theta))
             dx = psd_solve(Hs + 1e-9 * jnp.eye(theta.shape[0], dtype=theta.dtype), gr)
-            cand = jnp.asarray(_LINE_STEPS, theta.dtype)
-            vals = jax.vmap(lambda s_: objective(theta + s_ * dx))(cand)
-            vals = jnp.where(jnp.isfinite(vals), vals, -jnp.inf)
-            return theta + cand[jnp.argmax(vals)] * dx, None
+            return line_search(objective, theta, dx), None
 
         theta, _ = lax.scan(step, jnp.concatenate([c, d0[None]]), None, length=num_steps)
         return theta[:-1], theta[-1]
@@ -537,10 +534,7 @@ def _recurrence_m_step(model, xi, xhat, covs, valid, penalty, num_steps):
         g = jax.grad(objective)(theta)
         evals, evecs = jnp.linalg.eigh(symmetrize(-jax.hessian(objective)(theta)))
         dx = evecs @ ((evecs.T @ g) / jnp.maximum(evals, penalty))
-        cand = jnp.asarray(_LINE_STEPS, theta.dtype)
-        vals = jax.vmap(lambda s: objective(theta + s * dx))(cand)
-        vals = jnp.where(jnp.isfinite(vals), vals, -jnp.inf)
-        return theta + cand[jnp.argmax(vals)] * dx, None
+        return line_search(objective, theta, dx), None
 
     theta, _ = lax.scan(step, theta0, None, length=num_steps)
     W, r = unravel(theta)

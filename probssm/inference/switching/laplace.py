@@ -53,6 +53,7 @@ from jax import lax
 from probssm.core import checks
 from probssm.core.batching import Batch
 from probssm.core.linalg import cholesky, solve_lower, solve_upper_transposed, symmetrize
+from probssm.core.optim import line_search
 from probssm.core.protocol import DiscreteParams
 from probssm.core.switching import SwitchingParams, step_systems
 from probssm.inference import kalman
@@ -63,7 +64,6 @@ from probssm.inference.switching import slds as S
 __all__ = ["LaplaceResult", "laplace", "laplace_params", "block_tridiagonal_solve"]
 
 _LOG_2PI = math.log(2 * math.pi)
-_STEPS = tuple(2.0 ** -i for i in range(10)) + (0.0,)  # line-search step sizes (0: keep x)
 
 
 class LaplaceResult(NamedTuple):
@@ -413,10 +413,7 @@ def _newton(terms, gamma, xi, x, lt, num_steps):
         dx = _btd_solve(Dn, O, grad)
         if quadratic:
             return x + dx, None  # quadratic objective: the full step is exact
-        cand = jnp.asarray(_STEPS, x.dtype)
-        vals = jax.vmap(lambda s: objective(x + s * dx))(cand)
-        vals = jnp.where(jnp.isfinite(vals), vals, -jnp.inf)
-        return x + cand[jnp.argmax(vals)] * dx, None
+        return line_search(objective, x, dx), None
 
     x, _ = lax.scan(step, x, None, length=num_steps)
     Dn = D if quadratic else D - curvature(x)[1]
