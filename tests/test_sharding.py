@@ -175,8 +175,14 @@ def _multihost(process_id: int, num_processes: int, port: int, full: int) -> dic
 # ----------------------------------------------------------------------------------------------
 # The pytest side
 # ----------------------------------------------------------------------------------------------
+def _xla_flags(num_devices: int) -> str:
+    """This process's XLA flags (tests/conftest.py's compile settings) with ``num_devices`` CPU devices."""
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform")]
+    return " ".join(kept + [f"--xla_force_host_platform_device_count={num_devices}"])
+
+
 def _run(which: str) -> dict:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_DEVICES}", JAX_ENABLE_X64="1",
+    env = dict(os.environ, XLA_FLAGS=_xla_flags(NUM_DEVICES), JAX_ENABLE_X64="1",
                JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, __file__, which], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
@@ -244,7 +250,7 @@ def test_several_processes_with_jax_distributed(full):
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_ENABLE_X64="1",
+    env = dict(os.environ, XLA_FLAGS=_xla_flags(2), JAX_ENABLE_X64="1",
                JAX_PLATFORMS="cpu")
     procs = [subprocess.Popen([sys.executable, __file__, "multihost", str(i), "2", str(port), str(full)], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
