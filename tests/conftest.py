@@ -5,12 +5,16 @@ import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 
-# Most of the suite's time is XLA compilation, and on the CPU XLA's fusion emitters (its default)
-# compile our scan-heavy engines slowly. With its classic emitters a bootstrap particle filter
-# compiles in 2.4-2.9 s instead of 3.4-4.5 s (jaxlib 0.10.2, one core); results agree to the
-# suite's tolerances. XLA aborts on a flag it does not know, so the flag is set only on the jaxlib
-# minor version it was measured on.
-# PROBSSM_TEST_FAST_COMPILE=0 turns it off.
+# Most of the suite's time is XLA compilation, and on the CPU most of that is LLVM optimising the
+# generated code (measured with perf: 63% of a particle filter's compile). Two flags cut it:
+# XLA's classic CPU emitters instead of its fusion emitters (a bootstrap particle filter compiles
+# in 2.4-2.9 s instead of 3.4-4.5 s) and LLVM optimisation level 1 instead of 3 (the particle
+# files test_switching_pg, test_hmc_smc and test_conformance_particles on one core: 236-240 s at
+# level 3, 173-183 s at level 2, 163 s at level 1; the particle filter runs as fast). Level 0
+# compiles faster still but runs 6x slower and breaks bit-level agreement between a vmapped and a
+# plain program, which the suite checks. Results agree to the suite's tolerances (jaxlib 0.10.2).
+# XLA aborts on a flag it does not know, so the flags are set only on the jaxlib minor version
+# they were measured on. PROBSSM_TEST_FAST_COMPILE=0 turns them off.
 def _jaxlib_minor_version():
     from importlib.metadata import version
 
@@ -20,6 +24,8 @@ def _jaxlib_minor_version():
 if os.environ.get("PROBSSM_TEST_FAST_COMPILE", "1") != "0" and _jaxlib_minor_version() == (0, 10):
     if "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]:
         os.environ["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
+    if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+        os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=1"
 
 # A persistent compilation cache (keyed by the compiled program, the compile options and the
 # backend, so a hit is the same executable) lets repeated runs, the xdist workers, the sharding
