@@ -84,8 +84,11 @@
 # Wall time of a whole fit (300 steps, compilation included; per record: gas furnace T = 148,
 # drive 250, actuator 512, ballbeam and dryer 500), measured in the run above: free-form 46, 87,
 # 183, 185 and 204 s; collapsed 47, 74, 125, 123 and 122 s; PRSSM 18, 27, 43, 41 and 37 s; neural
-# PPG 57, 89, 185, 182 and 160 s; EM 6-8 s. Per Adam step (the whole fit over 300) free-form VI
-# takes 154-678 ms: each step moves 16 chains by 5 SGHMC steps.
+# PPG 57, 89, 185, 182 and 160 s; EM 6-8 s. One step once compiled (a 150-step fit run twice,
+# the second call timed over its 266 rounds; every round moves the chains by 5 SGHMC steps and
+# takes one gradient in theta, and they cost the same; one process per core): free-form VI (16
+# chains) 80, 150, 392, 383 and 372 ms; collapsed (4 chains) 73, 108, 243, 201 and 178 ms;
+# compilation about 10-20 s.
 #
 # Inputs: row t of the input array holds u_{t-1}, the control that drives the step into x_t (the
 # convention of `GPSSM` and `LinearGaussianSSM`); no direct feed-through. Settings are in
