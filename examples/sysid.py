@@ -128,9 +128,6 @@ SETTINGS = dict(
     free_form=dict(num_iters=int(os.environ.get("SYSID_ITERS", 300)), num_chains=16, sghmc_steps=5, num_warmup=500,
                    num_samples=16, step_size=float(os.environ.get("SYSID_STEP", 0.005)), friction=20.0,
                    learning_rate=float(os.environ.get("SYSID_LR", 3e-3))),
-    collapsed=dict(num_iters=int(os.environ.get("SYSID_ITERS", 300)), num_chains=4, sghmc_steps=5, num_warmup=500,
-                   num_samples=64, step_size=float(os.environ.get("SYSID_STEP", 0.005)), friction=20.0,
-                   learning_rate=float(os.environ.get("SYSID_LR", 3e-3))),
     prssm=dict(num_iters=int(os.environ.get("SYSID_PRSSM_ITERS", 300)), num_chains=4, num_samples=16,
                learning_rate=float(os.environ.get("SYSID_LR", 3e-3))),
     neural=dict(num_iters=int(os.environ.get("SYSID_NEURAL_ITERS", 300)), num_particles=100,
@@ -143,6 +140,7 @@ RECORDS = os.environ.get("SYSID_RECORDS", ",".join(ps.datasets.SYSID_NAMES)).spl
 FIXED = tuple(os.environ.get("SYSID_FIXED", "initial_cov,transition_noise,emission_noise,mean_weights,mean_offset").split(","))
 # the same choice for the neural SSM: its linear part (network.weights, network.offset) is the GPSSM's mean function
 NEURAL_FIXED = tuple({"mean_weights": "network.weights", "mean_offset": "network.offset"}.get(f, f) for f in FIXED)
+SETTINGS["collapsed"] = dict(SETTINGS["free_form"], num_chains=4, num_samples=64)   # the same sampler, 4 chains
 LABELS = {"free_form": "GPSSM free-form VI", "collapsed": "GPSSM collapsed VI", "prssm": "GPSSM PRSSM", "neural": "neural SSM (PPG)"}
 
 
